@@ -1,0 +1,195 @@
+"""The coordinator's storage schema (SQLAlchemy 2.0): SQLite by default, PostgreSQL by URL.
+
+Times are naive UTC ``datetime``s everywhere. Probabilities are stored as seven float columns
+(``p_angry`` … ``p_neutral`` in :data:`affectedge.labels.EMOTIONS` order) so aggregates are
+plain SQL sums on any backend.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from affectedge.labels import EMOTIONS
+
+PROB_COLUMNS = tuple(f"p_{name}" for name in EMOTIONS)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Classroom(Base):
+    __tablename__ = "classrooms"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    course_id: Mapped[str] = mapped_column(String(64), default="")
+    instructor: Mapped[str | None] = mapped_column(String(64), nullable=True)  # users.username
+
+
+class Agent(Base):
+    __tablename__ = "agents"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    classroom_id: Mapped[str] = mapped_column(String(64), index=True)
+    state: Mapped[str] = mapped_column(String(16), default="UNKNOWN")  # ONLINE / OFFLINE / DEGRADED
+    last_seen: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    version: Mapped[str] = mapped_column(String(64), default="")
+    backend: Mapped[str] = mapped_column(String(32), default="")
+    model_version: Mapped[str] = mapped_column(String(64), default="")
+    cameras: Mapped[list] = mapped_column(JSON, default=list)
+    spool_depth: Mapped[int] = mapped_column(Integer, default=0)
+    detail: Mapped[str] = mapped_column(Text, default="")
+    provisioned_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class ClassSession(Base):
+    """A class meeting: observations attach to the open session of their classroom."""
+
+    __tablename__ = "sessions"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    classroom_id: Mapped[str] = mapped_column(String(64), index=True)
+    course_id: Mapped[str] = mapped_column(String(64), default="")
+    instructor: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Observation(Base):
+    """One per-track label over one window, as published by an edge agent (raw; retention applies)."""
+
+    __tablename__ = "observations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    classroom_id: Mapped[str] = mapped_column(String(64))
+    session_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    agent_id: Mapped[str] = mapped_column(String(64))
+    camera_id: Mapped[str] = mapped_column(String(64))
+    track_id: Mapped[int] = mapped_column(Integer)
+    window_start: Mapped[datetime] = mapped_column(DateTime)
+    window_end: Mapped[datetime] = mapped_column(DateTime)
+    label: Mapped[int] = mapped_column(Integer)  # index into EMOTIONS
+    confidence: Mapped[float] = mapped_column(Float)
+    quality: Mapped[float] = mapped_column(Float, default=0.0)
+    p_angry: Mapped[float] = mapped_column(Float)
+    p_disgust: Mapped[float] = mapped_column(Float)
+    p_fear: Mapped[float] = mapped_column(Float)
+    p_happy: Mapped[float] = mapped_column(Float)
+    p_sad: Mapped[float] = mapped_column(Float)
+    p_surprise: Mapped[float] = mapped_column(Float)
+    p_neutral: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_obs_classroom_end", "classroom_id", "window_end"),)
+
+
+class CameraSample(Base):
+    """Faces present per camera per publishing period (from CameraSummary)."""
+
+    __tablename__ = "camera_samples"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    classroom_id: Mapped[str] = mapped_column(String(64))
+    agent_id: Mapped[str] = mapped_column(String(64))
+    camera_id: Mapped[str] = mapped_column(String(64))
+    ts: Mapped[datetime] = mapped_column(DateTime)
+    faces_present: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (Index("ix_cam_classroom_ts", "classroom_id", "ts"),)
+
+
+class Aggregate(Base):
+    """A stored ClassroomState snapshot (kept longer than raw observations)."""
+
+    __tablename__ = "aggregates"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    classroom_id: Mapped[str] = mapped_column(String(64))
+    session_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    window_end: Mapped[datetime] = mapped_column(DateTime)
+    window_seconds: Mapped[int] = mapped_column(Integer)
+    faces_present: Mapped[int] = mapped_column(Integer)
+    learners: Mapped[int] = mapped_column(Integer)
+    agents_online: Mapped[int] = mapped_column(Integer)
+    distribution: Mapped[list] = mapped_column(JSON)  # 7 floats
+    states: Mapped[dict] = mapped_column(JSON)  # {"engaged": 0.4, ...}
+    observations: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (Index("ix_agg_classroom_end", "classroom_id", "window_end"),)
+
+
+class Signal(Base):
+    __tablename__ = "signals"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    classroom_id: Mapped[str] = mapped_column(String(64), index=True)
+    session_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    course_id: Mapped[str] = mapped_column(String(64), default="")
+    kind: Mapped[str] = mapped_column(String(32))  # SignalKind name, e.g. "SLOW_DOWN"
+    strength: Mapped[float] = mapped_column(Float)
+    reason: Mapped[str] = mapped_column(Text)
+    evidence: Mapped[dict] = mapped_column(JSON)  # Evidence as protobuf JSON (MessageToDict)
+    created_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    status: Mapped[str] = mapped_column(String(16), default="open")  # open / acknowledged / dismissed
+    handled_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    handled_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))  # "admin" | "instructor"
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class Delivery(Base):
+    """One signal to one outlet (webhook URL or xAPI LRS); status 'dead' is the dead-letter table."""
+
+    __tablename__ = "deliveries"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    signal_id: Mapped[str] = mapped_column(String(64), ForeignKey("signals.id"), index=True)
+    target: Mapped[str] = mapped_column(String(500))
+    kind: Mapped[str] = mapped_column(String(16))  # "webhook" | "xapi"
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending / delivered / dead
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Setting(Base):
+    """Admin-editable settings (policy thresholds, retention) that override the config file."""
+
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[dict] = mapped_column(JSON)
+
+
+def connect(url: str) -> sessionmaker:
+    """Engine + session factory for ``url``; creates the schema if it is missing."""
+    engine = create_engine(url, future=True, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    Base.metadata.create_all(engine)
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    # WAL lets the dashboard read while ingest writes; NORMAL sync is safe with WAL.
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+__all__ = ["PROB_COLUMNS", "Engine", "connect"]
