@@ -1,0 +1,82 @@
+"""The emotion model as the edge runs it: encoder per face, BiLSTM head per window.
+
+Reads ``models/manifest.json`` (written by ``model_export export``), checks the class order and
+the files' sha256, and opens ``encoder.onnx`` and ``head.onnx`` on ONNX Runtime or TensorRT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from affectedge.labels import EMOTIONS
+from edge_agent.inference import Session, open_session
+
+log = logging.getLogger(__name__)
+
+
+class ModelError(RuntimeError):
+    """The shipped model files are missing, corrupt or do not match this software."""
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(models_dir: Path) -> dict:
+    path = models_dir / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{path} is missing: point model.dir at the shipped models/ folder") from None
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path} is not valid JSON ({exc}); reinstall the model files") from None
+    if tuple(manifest.get("classes", ())) != EMOTIONS:
+        raise ModelError(f"{path} lists classes {manifest.get('classes')}; this software expects {list(EMOTIONS)}")
+    return manifest
+
+
+@dataclass
+class EmotionModel:
+    encoder: Session
+    head: Session
+    window: int
+    embed_dim: int
+    version: str
+
+    @property
+    def backend(self) -> str:
+        return self.encoder.backend
+
+    @classmethod
+    def load(cls, models_dir: Path, backend: str = "auto", threads: int | None = None,
+             verify: bool = True) -> EmotionModel:
+        manifest = read_manifest(models_dir)
+        sessions = {}
+        for name in ("encoder", "head"):
+            entry = manifest["files"][name]
+            path = models_dir / entry["file"]
+            if verify and path.exists() and sha256(path) != entry["sha256"]:
+                raise ModelError(f"{path} does not match the sha256 in manifest.json; reinstall the model files")
+            sessions[name] = open_session(path, backend, threads)
+        log.info("model %s on %s (window %d)", manifest["version"], sessions["encoder"].backend, manifest["window"])
+        return cls(sessions["encoder"], sessions["head"], int(manifest["window"]),
+                   int(manifest["embed_dim"]), manifest["version"])
+
+    def embed(self, faces: np.ndarray) -> np.ndarray:
+        """(N, 48, 48) uint8 aligned faces -> (N, D) float32 embeddings."""
+        x = faces.astype(np.float32)[..., None] * np.float32(1 / 255)
+        return self.encoder.run({"face": x})[0]
+
+    def classify(self, windows: np.ndarray) -> np.ndarray:
+        """(N, T, D) embeddings -> (N, 7) probabilities in EMOTIONS order."""
+        return self.head.run({"embeddings": np.ascontiguousarray(windows, dtype=np.float32)})[0]

@@ -1,0 +1,81 @@
+"""One interface over the two inference engines the edge runs: ONNX Runtime and TensorRT.
+
+``open_session(onnx_path, backend)`` returns an object with ``run(inputs) -> list[np.ndarray]``
+and ``input_names``. ``auto`` picks TensorRT when a serialized engine built for *this* GPU sits
+next to the ONNX file (``<name>.<gpu-tag>.engine``, see ``model_export build``) and falls back to
+ONNX Runtime, logging why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
+class Session(Protocol):
+    backend: str
+    input_names: list[str]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+class OrtSession:
+    """ONNX Runtime on CPU, sized for a shared lab PC (threads capped, no spinning)."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or min(2, os.cpu_count() or 1)
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # spinning threads burn a core while idle between frames; a lab PC has other work to do
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self._session.get_inputs()]
+        self.output_names = [o.name for o in self._session.get_outputs()]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self._session.run(self.output_names, inputs)
+
+
+def engine_path(onnx_path: Path) -> Path | None:
+    """The TensorRT engine built for this machine's GPU next to ``onnx_path``, if any."""
+    from edge_agent import tensorrt_runtime
+
+    tag = tensorrt_runtime.gpu_tag()
+    if tag is None:
+        return None
+    candidate = onnx_path.with_name(f"{onnx_path.stem}.{tag}.engine")
+    return candidate if candidate.exists() else None
+
+
+def open_session(onnx_path: Path, backend: str = "auto", threads: int | None = None) -> Session:
+    """Open ``onnx_path`` (or its TensorRT engine) on the requested backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if not onnx_path.exists():
+        raise FileNotFoundError(f"model file {onnx_path} is missing: run `model_export export` or reinstall")
+    if backend in ("auto", "tensorrt"):
+        from edge_agent import tensorrt_runtime
+
+        why = tensorrt_runtime.unavailable_reason()
+        engine = None if why else engine_path(onnx_path)
+        if engine is not None:
+            return tensorrt_runtime.TrtSession(engine)
+        why = why or f"no engine for this GPU next to {onnx_path.name} (run `model_export build --fp16`)"
+        if backend == "tensorrt":
+            raise RuntimeError(f"TensorRT backend requested but {why}")
+        log.info("using ONNX Runtime for %s: %s", onnx_path.name, why)
+    return OrtSession(onnx_path, threads)

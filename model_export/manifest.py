@@ -1,0 +1,45 @@
+"""``models/manifest.json``: what the edge needs to know about the shipped model files.
+
+Written by ``export`` (files, shapes, opset, source), extended by ``evaluate`` (val metrics) and
+``build``/``quantize``; read by :mod:`edge_agent.emotion_model`. Keys are merged, never dropped,
+so each command can update its own part.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from affectedge.labels import EMOTIONS
+from edge_agent.emotion_model import sha256
+from edge_agent.faces.align import SIZE
+
+
+def path_of(models_dir: Path) -> Path:
+    return models_dir / "manifest.json"
+
+
+def read(models_dir: Path) -> dict:
+    path = path_of(models_dir)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def update(models_dir: Path, **sections) -> dict:
+    """Merge ``sections`` into the manifest (dict values merged one level deep) and write it."""
+    manifest = read(models_dir)
+    manifest.setdefault("classes", list(EMOTIONS))
+    manifest.setdefault("input", {"size": SIZE, "channels": 1, "layout": "NHWC", "dtype": "float32",
+                                  "normalisation": "pixel / 255 (the encoder rescales to [-1, 1] itself)",
+                                  "alignment": "5-point similarity transform (edge_agent/faces/align.py)"})
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(manifest.get(key), dict):
+            manifest[key].update(value)
+        else:
+            manifest[key] = value
+    path_of(models_dir).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def file_entry(path: Path, models_dir: Path, **extra) -> dict:
+    return {"file": str(path.relative_to(models_dir)), "sha256": sha256(path),
+            "bytes": path.stat().st_size, **extra}

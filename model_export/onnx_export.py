@@ -1,0 +1,93 @@
+"""Keras -> ONNX with tf2onnx: encoder, temporal head and the fused clip model.
+
+The edge runs the encoder once per face per frame and the head over cached embeddings, so the
+two are exported separately; the fused clip model exists for offline evaluation and for users
+who want one graph. Batch is dynamic everywhere.
+
+Keras' exact GELU lowers to TensorFlow's ``Erfc``, which has no ONNX operator; tf2onnx leaves it
+unconverted, and :func:`_lower_erfc` rewrites each one as ``1 - Erf(x)`` (exact, ONNX has Erf).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import onnx
+import tensorflow as tf
+import tf2onnx
+from onnx import helper, numpy_helper
+
+from model_export.model import INPUT_SIZE, build_clip_model
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class Exported:
+    name: str
+    path: Path
+    inputs: dict[str, list]
+    outputs: dict[str, list]
+
+
+def _lower_erfc(model: onnx.ModelProto) -> onnx.ModelProto:
+    graph = model.graph
+    if not any(node.op_type == "Erfc" for node in graph.node):
+        return model
+    graph.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), "erfc_one"))
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "Erfc":
+            nodes.append(node)
+            continue
+        erf = f"{node.output[0]}_erf"
+        nodes.append(helper.make_node("Erf", [node.input[0]], [erf], name=f"{node.name}_erf"))
+        nodes.append(helper.make_node("Sub", ["erfc_one", erf], [node.output[0]], name=f"{node.name}_1m"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
+def _shape(value_info) -> list:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def convert(model: keras.Model, input_name: str, input_shape: tuple, output_name: str,
+            path: Path, opset: int = OPSET) -> Exported:
+    """Convert one Keras model with a single input and output; runs ``onnx.checker``."""
+    spec = [tf.TensorSpec((None, *input_shape), tf.float32, name=input_name)]
+
+    @tf.function(input_signature=spec)
+    def forward(x):
+        return {output_name: model(x, training=False)}
+
+    proto, _ = tf2onnx.convert.from_function(forward, input_signature=spec, opset=opset)
+    proto = _lower_erfc(proto)
+    for value in (*proto.graph.input, *proto.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "N"
+    onnx.checker.check_model(proto, full_check=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(path))
+    return Exported(
+        path.stem, path,
+        {i.name: _shape(i) for i in proto.graph.input},
+        {o.name: _shape(o) for o in proto.graph.output},
+    )
+
+
+def export_all(encoder: keras.Model, head: keras.Model, out_dir: Path, opset: int = OPSET) -> list[Exported]:
+    """encoder.onnx ``(N,48,48,1)->(N,D)``, head.onnx ``(N,T,D)->(N,7)``, clip.onnx ``(N,T,48,48,1)->(N,7)``."""
+    window, dim = head.input_shape[1], head.input_shape[2]
+    clip = build_clip_model(encoder, head, window)
+    face = (INPUT_SIZE, INPUT_SIZE, 1)
+    return [
+        convert(encoder, "face", face, "embedding", out_dir / "encoder.onnx", opset),
+        convert(head, "embeddings", (window, dim), "probs", out_dir / "head.onnx", opset),
+        convert(clip, "clip", (window, *face), "probs", out_dir / "clip.onnx", opset),
+    ]
