@@ -1,0 +1,273 @@
+"""At-least-once delivery of adaptation signals to outside systems (webhooks, an xAPI LRS).
+
+The one retry implementation both outlets share. Every signal an outlet wants to send becomes a
+:class:`coordinator.db.Delivery` row per target *before* the first attempt, so the table, not
+memory, is the queue: a coordinator restarted mid-retry resumes every ``pending`` row, and rows
+whose attempts ran out stay behind as ``dead`` with the last error (the dead-letter table an admin
+inspects, or re-queues by setting ``status='pending', attempts=0``; a running coordinator picks
+such rows up within a minute).
+
+Each target gets its own sender thread and HTTP session, so one slow or unreachable LMS never
+delays another. The payload is rebuilt from the stored :class:`coordinator.db.Signal` row on every
+attempt, which makes retries byte-identical (the xAPI statement id is derived from the signal id,
+so an LRS that already stored a statement whose response was lost drops the duplicate).
+
+Retry schedule after attempt *n* (1-based): ``backoff_s * 2**(n-1)``, stretched by a random
+factor in [1, 1.5) so that many deliveries failing together do not retry in lock-step, capped at
+one hour. An HTTP 4xx answer other than 408/425/429 means the receiver rejects this payload for
+good; retrying cannot help, so the delivery goes ``dead`` at once.
+
+HTTP goes through ``requests``: a ``Session`` per target keeps the TLS connection alive between
+deliveries and gives connect and read timeouts and clear exceptions, which ``urllib`` does not.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, ClassVar
+from urllib.parse import urlsplit
+
+import requests
+from sqlalchemy import func, or_, select
+
+from affectedge.v1 import affectedge_pb2 as pb
+from coordinator import db
+from coordinator.store import signal_message, utcnow
+
+if TYPE_CHECKING:
+    from coordinator.service import Coordinator
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 3600.0
+#: 4xx answers that mean "not now" rather than "never"
+RETRYABLE_CLIENT_ERRORS = frozenset({408, 425, 429})
+#: how many due deliveries a sender reads per query
+BATCH = 50
+USER_AGENT = "affectedge-coordinator"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One receiver: ``url`` is also the value stored in ``Delivery.target``."""
+
+    url: str
+    max_attempts: int
+    backoff_s: float
+    timeout_s: float
+
+
+class DeliveryError(Exception):
+    """One attempt failed; ``permanent`` when retrying the same payload cannot succeed."""
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+def safe_url(url: str) -> str:
+    """``url`` without credentials or query string, fit for logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def retry_delay(attempts: int, backoff_s: float) -> float:
+    """Seconds to wait after ``attempts`` failed attempts (exponential, jittered, capped)."""
+    delay = backoff_s * 2 ** (attempts - 1) * random.uniform(1.0, 1.5)
+    return min(delay, MAX_BACKOFF_S)
+
+
+def post(http: requests.Session, url: str, body: bytes, headers: dict, timeout_s: float) -> None:
+    """POST ``body``; raise :class:`DeliveryError` unless the answer is 2xx."""
+    try:
+        response = http.post(url, data=body, headers=headers, timeout=timeout_s)
+    except requests.RequestException as exc:
+        raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
+    if response.ok:
+        return
+    text = response.text[:300].strip()
+    permanent = 400 <= response.status_code < 500 and response.status_code not in RETRYABLE_CLIENT_ERRORS
+    raise DeliveryError(f"HTTP {response.status_code}: {text}", permanent=permanent)
+
+
+class Outbox(ABC):
+    """Base of the outlets: subclasses say which targets want a signal and how to send it."""
+
+    #: ``Delivery.kind`` of this outlet's rows
+    kind: ClassVar[str]
+
+    def __init__(self, coordinator: Coordinator, targets: Sequence[Target]):
+        self.coordinator = coordinator
+        self.sessions = coordinator.sessions
+        self.targets = {t.url: t for t in targets}
+        self._stop = threading.Event()
+        self._wake = {url: threading.Event() for url in self.targets}
+        self._threads: list[threading.Thread] = []
+        self._subscription = None
+
+    # -- what subclasses provide ------------------------------------------------------------
+
+    def targets_for(self, signal: pb.AdaptationSignal) -> list[Target]:
+        """The targets that want ``signal`` (all of them unless a subclass filters)."""
+        return list(self.targets.values())
+
+    @abstractmethod
+    def send(self, http: requests.Session, target: Target, delivery_id: int,
+             signal: pb.AdaptationSignal) -> None:
+        """Deliver ``signal`` to ``target`` once; raise :class:`DeliveryError` on failure."""
+
+    def http_session(self, target: Target) -> requests.Session:
+        """The HTTP session a target's sender uses (subclasses add authentication)."""
+        http = requests.Session()
+        http.headers["User-Agent"] = USER_AGENT
+        return http
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin taking signals from the hub and sending; nothing at all when no target is configured."""
+        if not self.targets:
+            return
+        self._stop.clear()
+        self._warn_orphans()
+        self._subscription = self.coordinator.hub.subscribe()
+        self._spawn(self._intake, f"{self.kind}-intake")
+        for target in self.targets.values():
+            self._spawn(self._sender, f"{self.kind}-{safe_url(target.url)}", target)
+
+    def stop(self) -> None:
+        """Stop taking and sending; unsent deliveries stay ``pending`` for the next start."""
+        self._stop.set()
+        for event in self._wake.values():
+            event.set()
+        if self._subscription is not None:
+            self.coordinator.hub.unsubscribe(self._subscription)
+        for thread in self._threads:
+            thread.join(max((t.timeout_s for t in self.targets.values()), default=0) + 5)
+        self._threads.clear()
+
+    def _spawn(self, fn, name: str, *args) -> None:
+        thread = threading.Thread(target=fn, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _warn_orphans(self) -> None:
+        """Pending rows for a target no longer configured would wait forever: say so."""
+        with self.sessions() as s:
+            rows = s.execute(
+                select(db.Delivery.target, func.count())
+                .where(db.Delivery.kind == self.kind, db.Delivery.status == "pending")
+                .group_by(db.Delivery.target)
+            ).all()
+        for url, count in rows:
+            if url not in self.targets:
+                log.warning("%d pending %s deliveries to %s, which is no longer configured; they stay "
+                            "pending until it is configured again", count, self.kind, safe_url(url))
+
+    # -- intake: hub -> delivery rows -----------------------------------------------------
+
+    def _intake(self) -> None:
+        assert self._subscription is not None
+        while not self._stop.is_set():
+            try:
+                item = self._subscription.queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if isinstance(item, pb.AdaptationSignal):
+                self.enqueue(item)
+
+    def enqueue(self, signal: pb.AdaptationSignal) -> None:
+        """Record one pending delivery per interested target and wake their senders.
+
+        Idempotent: a signal seen twice (announced again after a leader change) gets no second row.
+        """
+        targets = self.targets_for(signal)
+        if not targets:
+            return
+        with self.sessions.begin() as s:
+            known = set(s.scalars(select(db.Delivery.target).where(
+                db.Delivery.signal_id == signal.id, db.Delivery.kind == self.kind)))
+            targets = [t for t in targets if t.url not in known]
+            for target in targets:
+                s.add(db.Delivery(signal_id=signal.id, target=target.url, kind=self.kind,
+                                  status="pending", attempts=0, next_attempt_at=utcnow()))
+        for target in targets:
+            self._wake[target.url].set()
+
+    # -- senders: delivery rows -> HTTP ---------------------------------------------------
+
+    def _sender(self, target: Target) -> None:
+        http = self.http_session(target)
+        wake = self._wake[target.url]
+        try:
+            while not self._stop.is_set():
+                wake.clear()
+                for delivery_id in self._due(target):
+                    if self._stop.is_set():
+                        return
+                    self._attempt(http, target, delivery_id)
+                wake.wait(self._idle_seconds(target))
+        finally:
+            http.close()
+
+    def _due(self, target: Target) -> list[int]:
+        with self.sessions() as s:
+            return list(s.scalars(
+                select(db.Delivery.id)
+                .where(db.Delivery.kind == self.kind, db.Delivery.target == target.url,
+                       db.Delivery.status == "pending",
+                       or_(db.Delivery.next_attempt_at.is_(None), db.Delivery.next_attempt_at <= utcnow()))
+                .order_by(db.Delivery.next_attempt_at, db.Delivery.id)
+                .limit(BATCH)
+            ))
+
+    def _idle_seconds(self, target: Target) -> float:
+        """Sleep until the earliest pending retry is due (at most a minute; new rows wake us)."""
+        with self.sessions() as s:
+            earliest = s.scalar(
+                select(func.min(db.Delivery.next_attempt_at))
+                .where(db.Delivery.kind == self.kind, db.Delivery.target == target.url,
+                       db.Delivery.status == "pending")
+            )
+        if earliest is None:
+            return 60.0
+        return min(max((earliest - utcnow()).total_seconds(), 0.0), 60.0)
+
+    def _attempt(self, http: requests.Session, target: Target, delivery_id: int) -> None:
+        with self.sessions() as s:
+            delivery = s.get(db.Delivery, delivery_id)
+            row = s.get(db.Signal, delivery.signal_id)
+            delivery.attempts += 1
+            try:
+                if row is None:
+                    raise DeliveryError(f"signal {delivery.signal_id} is not in the database (yet)")
+                self.send(http, target, delivery.id, signal_message(row))
+            except DeliveryError as exc:
+                self._failed(delivery, target, exc)
+            else:
+                delivery.status, delivery.last_error, delivery.next_attempt_at = "delivered", "", None
+                log.log(logging.INFO if delivery.attempts > 1 else logging.DEBUG,
+                        "%s delivery %d of signal %s to %s succeeded on attempt %d", self.kind,
+                        delivery.id, delivery.signal_id, safe_url(target.url), delivery.attempts)
+            s.commit()
+
+    def _failed(self, delivery: db.Delivery, target: Target, exc: DeliveryError) -> None:
+        delivery.last_error = str(exc)[:1000]
+        if exc.permanent or delivery.attempts >= target.max_attempts:
+            delivery.status, delivery.next_attempt_at = "dead", None
+            log.warning("%s delivery %d of signal %s to %s is dead after %d attempt(s): %s", self.kind,
+                        delivery.id, delivery.signal_id, safe_url(target.url), delivery.attempts, exc)
+            return
+        delay = retry_delay(delivery.attempts, target.backoff_s)
+        delivery.next_attempt_at = utcnow() + timedelta(seconds=delay)
+        log.info("%s delivery %d to %s failed (attempt %d/%d, retry in %.1f s): %s", self.kind,
+                 delivery.id, safe_url(target.url), delivery.attempts, target.max_attempts, delay, exc)

@@ -1,0 +1,62 @@
+"""What the webhook and xAPI tests share: a coordinator's real parts and a stored signal."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from affectedge.settings import parse
+from affectedge.v1 import affectedge_pb2 as pb
+from coordinator import db
+from coordinator.config import CoordinatorConfig
+from coordinator.hub import Hub
+from coordinator.store import Store, utcnow
+
+
+@dataclass
+class Parts:
+    """The three things an outlet takes from the Coordinator: config, database, hub."""
+
+    config: CoordinatorConfig
+    sessions: sessionmaker
+    hub: Hub = field(default_factory=Hub)
+
+
+def parts(tmp_path: Path, **config) -> Parts:
+    config.setdefault("database", {"url": f"sqlite:///{tmp_path / 'coordinator.db'}"})
+    return Parts(parse(config, CoordinatorConfig, "test config"), db.connect(config["database"]["url"]))
+
+
+def publish_signal(p: Parts, classroom: str = "room-1", course: str = "course-7") -> pb.AdaptationSignal:
+    """Store a signal and publish it, as the policy engine does."""
+    signal = pb.AdaptationSignal(
+        id=str(uuid.uuid4()), classroom_id=classroom, session_id="session-1", course_id=course,
+        kind=pb.SLOW_DOWN, strength=0.8, reason="confusion above 40% for 3 min",
+        evidence=pb.Evidence(rule="confusion", distribution=[0.05, 0.0, 0.1, 0.1, 0.25, 0.1, 0.4],
+                             observed=0.45, threshold=0.4, sustained_seconds=180, learners=12),
+    )
+    signal.created_at.FromDatetime(utcnow().replace(microsecond=0))
+    Store(p.sessions).add_signal(signal)
+    p.hub.publish(signal)
+    return signal
+
+
+def deliveries(p: Parts, kind: str) -> list[db.Delivery]:
+    with p.sessions() as s:
+        return list(s.scalars(select(db.Delivery).where(db.Delivery.kind == kind).order_by(db.Delivery.id)))
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}: last saw {result!r}")

@@ -1,0 +1,222 @@
+"""Webhooks against a real HTTP receiver on 127.0.0.1: signatures, filters, retries, dead letters, restarts."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from conftest import free_port
+from outlets import Parts, deliveries, parts, publish_signal, wait_until
+
+from affectedge.codec import decode
+from affectedge.v1 import affectedge_pb2 as pb
+from coordinator.outbox import MAX_BACKOFF_S, retry_delay
+from coordinator.webhooks import (
+    DELIVERY_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    WebhookDispatcher,
+    sign,
+    verify_signature,
+)
+
+SECRET = "s3cret-for-room-1"
+
+
+@dataclass
+class Received:
+    headers: dict
+    body: bytes
+
+
+@dataclass
+class Receiver:
+    """An LMS endpoint: answers ``statuses`` in turn (then 200) and records every request."""
+
+    statuses: list[int] = field(default_factory=list)
+    always: int | None = None
+    requests: list[Received] = field(default_factory=list)
+    server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hooks/affectedge?token=not-logged"
+
+    def serve(self, port: int = 0) -> Receiver:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.requests.append(Received(dict(self.headers), body))
+                status = receiver.always or (receiver.statuses.pop(0) if receiver.statuses else 200)
+                self.send_response(status)
+                self.end_headers()
+                self.wfile.write(b"receiver says %d" % status)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver().serve()
+    yield r
+    r.close()
+
+
+def dispatcher_for(p: Parts) -> WebhookDispatcher:
+    dispatcher = WebhookDispatcher(p)
+    dispatcher.start()
+    return dispatcher
+
+
+def hook(url: str, **extra) -> dict:
+    return {"url": url, "secret": SECRET, "backoff_s": 0.05, **extra}
+
+
+def test_signed_json_reaches_matching_webhooks_only(tmp_path):
+    everything, room2_only = Receiver().serve(), Receiver().serve()
+    p = parts(tmp_path, webhooks=[hook(everything.url), {**hook(room2_only.url), "secret": "other",
+                                                          "classrooms": ["room-2"]}])
+    dispatcher = dispatcher_for(p)
+    try:
+        first = publish_signal(p, classroom="room-1")
+        second = publish_signal(p, classroom="room-2")
+        wait_until(lambda: len(everything.requests) == 2 and len(room2_only.requests) == 1, what="deliveries")
+    finally:
+        dispatcher.stop()
+        everything.close()
+        room2_only.close()
+
+    got = everything.requests[0]
+    assert verify_signature(SECRET, got.headers[TIMESTAMP_HEADER], got.body, got.headers[SIGNATURE_HEADER])
+    # the documented wire format, computed independently: HMAC-SHA256 over "<timestamp>.<body>"
+    expected = hmac.new(SECRET.encode(), f"{got.headers[TIMESTAMP_HEADER]}.".encode() + got.body, hashlib.sha256)
+    assert got.headers[SIGNATURE_HEADER] == f"sha256={expected.hexdigest()}"
+    assert got.headers["Content-Type"] == "application/json; proto=affectedge.v1.AdaptationSignal"
+    assert decode(got.body, pb.AdaptationSignal, got.headers["Content-Type"]) == first
+    # the filtered webhook saw only room-2's signal, signed with its own secret
+    other = room2_only.requests[0]
+    assert decode(other.body, pb.AdaptationSignal) == second
+    assert verify_signature("other", other.headers[TIMESTAMP_HEADER], other.body, other.headers[SIGNATURE_HEADER])
+    rows = deliveries(p, "webhook")
+    assert [(r.status, r.attempts) for r in rows] == [("delivered", 1)] * 3
+    assert {r.headers[DELIVERY_HEADER] for r in everything.requests} == {
+        str(r.id) for r in rows if r.target == everything.url}
+
+
+def test_verify_signature_rejects_tampering_wrong_secret_and_replays():
+    body, ts = b'{"id": "x"}', str(int(time.time()))
+    header = sign(SECRET, ts, body)
+    assert verify_signature(SECRET, ts, body, header)
+    assert not verify_signature(SECRET, ts, body + b" ", header)
+    assert not verify_signature("wrong", ts, body, header)
+    assert not verify_signature(SECRET, str(int(ts) + 1), body, header)  # timestamp is signed too
+    assert not verify_signature(SECRET, ts, body, header, now=int(ts) + 301)  # a replay 5 min later
+    assert verify_signature(SECRET, ts, body, header, now=int(ts) + 299)
+    assert not verify_signature(SECRET, "not-a-number", body, header)
+    assert not verify_signature(SECRET, ts, body, "")
+
+
+def test_failures_are_retried_until_the_receiver_accepts(tmp_path, receiver):
+    receiver.statuses = [503, 500]
+    p = parts(tmp_path, webhooks=[hook(receiver.url, max_attempts=5)])
+    dispatcher = dispatcher_for(p)
+    try:
+        signal = publish_signal(p)
+        row = wait_until(lambda: [r for r in deliveries(p, "webhook") if r.status == "delivered"],
+                         what="delivery after retries")[0]
+    finally:
+        dispatcher.stop()
+    assert (row.attempts, row.last_error, len(receiver.requests)) == (3, "", 3)
+    # every retry carries the same delivery id and byte-identical body
+    assert {r.headers[DELIVERY_HEADER] for r in receiver.requests} == {str(row.id)}
+    assert {r.body for r in receiver.requests} == {receiver.requests[0].body}
+    assert decode(receiver.requests[0].body, pb.AdaptationSignal) == signal
+
+
+def test_a_receiver_that_keeps_failing_ends_in_the_dead_letter_table(tmp_path, receiver):
+    receiver.always = 500
+    p = parts(tmp_path, webhooks=[hook(receiver.url, max_attempts=3)])
+    dispatcher = dispatcher_for(p)
+    try:
+        publish_signal(p)
+        row = wait_until(lambda: [r for r in deliveries(p, "webhook") if r.status == "dead"], what="dead")[0]
+    finally:
+        dispatcher.stop()
+    assert row.attempts == 3 and len(receiver.requests) == 3
+    assert row.last_error == "HTTP 500: receiver says 500"
+    assert row.next_attempt_at is None
+
+
+def test_a_rejected_payload_is_not_retried(tmp_path, receiver):
+    receiver.always = 400
+    p = parts(tmp_path, webhooks=[hook(receiver.url, max_attempts=5)])
+    dispatcher = dispatcher_for(p)
+    try:
+        publish_signal(p)
+        row = wait_until(lambda: [r for r in deliveries(p, "webhook") if r.status == "dead"], what="dead")[0]
+    finally:
+        dispatcher.stop()
+    assert (row.attempts, len(receiver.requests)) == (1, 1)
+    assert row.last_error.startswith("HTTP 400")
+
+
+def test_pending_deliveries_survive_a_restart(tmp_path):
+    port = free_port()  # nothing listens here yet: every attempt is refused
+    url = f"http://127.0.0.1:{port}/hook"
+    config = {"webhooks": [hook(url, max_attempts=50, backoff_s=0.1)]}
+    p = parts(tmp_path, **config)
+    dispatcher = dispatcher_for(p)
+    try:
+        publish_signal(p)
+        wait_until(lambda: deliveries(p, "webhook") and deliveries(p, "webhook")[0].attempts >= 1,
+                   what="a failed attempt")
+    finally:
+        dispatcher.stop()
+    before = deliveries(p, "webhook")[0]
+    assert before.status == "pending" and "Connection" in before.last_error
+
+    receiver = Receiver().serve(port)
+    restarted = parts(tmp_path, **config)  # a new process: fresh hub, same database
+    dispatcher = dispatcher_for(restarted)
+    try:
+        wait_until(lambda: deliveries(restarted, "webhook")[0].status == "delivered", what="resumed delivery")
+    finally:
+        dispatcher.stop()
+        receiver.close()
+    assert len(deliveries(restarted, "webhook")) == 1
+    assert [r.headers[DELIVERY_HEADER] for r in receiver.requests] == [str(before.id)]
+
+
+def test_a_signal_announced_twice_is_delivered_once(tmp_path):
+    p = parts(tmp_path, webhooks=[hook("http://127.0.0.1:9/a"), hook("http://127.0.0.1:9/b")])
+    signal = publish_signal(p)
+    dispatcher = WebhookDispatcher(p)  # not started: enqueue is what the intake thread calls
+    dispatcher.enqueue(signal)
+    dispatcher.enqueue(signal)
+    assert sorted(r.target for r in deliveries(p, "webhook")) == ["http://127.0.0.1:9/a", "http://127.0.0.1:9/b"]
+
+
+def test_retry_delay_grows_exponentially_with_bounded_jitter():
+    for attempts in range(1, 8):
+        nominal = 2.0 * 2 ** (attempts - 1)
+        delays = [retry_delay(attempts, 2.0) for _ in range(200)]
+        assert all(nominal <= d < 1.5 * nominal for d in delays)
+        assert len(set(delays)) > 1  # jittered, not lock-step
+    assert retry_delay(30, 2.0) == MAX_BACKOFF_S
