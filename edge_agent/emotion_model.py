@@ -59,11 +59,15 @@ class EmotionModel:
 
     @classmethod
     def load(cls, models_dir: Path, backend: str = "auto", threads: int | None = None,
-             verify: bool = True) -> EmotionModel:
+             verify: bool = True, int8: bool = False) -> EmotionModel:
+        """``int8`` picks the statically quantized encoder (``model_export quantize``) for CPUs."""
         manifest = read_manifest(models_dir)
         sessions = {}
         for name in ("encoder", "head"):
-            entry = manifest["files"][name]
+            key = "encoder_int8" if name == "encoder" and int8 else name
+            if key not in manifest["files"]:
+                raise ModelError(f"manifest.json lists no {key} model: run `model_export quantize` first")
+            entry = manifest["files"][key]
             path = models_dir / entry["file"]
             if verify and path.exists() and sha256(path) != entry["sha256"]:
                 raise ModelError(f"{path} does not match the sha256 in manifest.json; reinstall the model files")

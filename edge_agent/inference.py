@@ -17,6 +17,10 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+# ONNX Runtime keeps a telemetry device id and event store under ~/.cache unless this is set before
+# it is imported; the edge must write nothing outside its spool and send nothing but labels.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
 

@@ -52,12 +52,12 @@ def perturb(faces: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig = TR
         out[i] = face
     out /= 255.0
     n = len(faces)
-    contrast = 1 + rng.uniform(-cfg.contrast, cfg.contrast, size=(n, 1, 1))
-    brightness = rng.uniform(-cfg.brightness, cfg.brightness, size=(n, 1, 1))
+    contrast = (1 + rng.uniform(-cfg.contrast, cfg.contrast, size=(n, 1, 1))).astype(np.float32)
+    brightness = rng.uniform(-cfg.brightness, cfg.brightness, size=(n, 1, 1)).astype(np.float32)
     mean = out.mean(axis=(1, 2), keepdims=True)
     out = (out - mean) * contrast + mean + brightness
     noisy = rng.random(n) < cfg.noise
-    out[noisy] += rng.normal(0, rng.uniform(0.01, 0.04), size=out[noisy].shape)
+    out[noisy] += rng.normal(0, rng.uniform(0.01, 0.04), size=out[noisy].shape).astype(np.float32)
     for i in np.flatnonzero(rng.random(n) < cfg.occlude):
         h, w = rng.integers(8, 20, size=2)
         y, x = rng.integers(0, SIZE - h), rng.integers(0, SIZE - w)

@@ -108,11 +108,12 @@ def train_encoder(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, verbos
     else:
         history.unlink(missing_ok=True)
         steps = int(np.ceil(len(train) / cfg.batch_size))
+        warmup = min(cfg.warmup_epochs, cfg.epochs - 1) * steps
         schedule = keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=cfg.learning_rate / 100,
             warmup_target=cfg.learning_rate,
-            warmup_steps=cfg.warmup_epochs * steps,
-            decay_steps=(cfg.epochs - cfg.warmup_epochs) * steps,
+            warmup_steps=warmup,
+            decay_steps=cfg.epochs * steps - warmup,
         )
         model = build_frame_classifier(build_encoder(model_cfg))
         model.compile(
@@ -151,8 +152,12 @@ def train_head(cfg: TrainConfig, model_cfg: ModelConfig, verbose: int = 1) -> Pa
     val = load_cached(Path(cfg.data), "val", run / "cache")
     rng = np.random.default_rng(cfg.seed)
     log.info("embedding %d jittered views of the training faces", clips.VIEWS)
-    train_bank = clips.embedding_bank(encoder, train.images, rng)
-    val_bank = clips.embedding_bank(encoder, val.images, rng)
+
+    def embed(faces: np.ndarray) -> np.ndarray:
+        return encoder.predict(faces[..., None].astype(np.float32) / 255.0, batch_size=1024, verbose=0)
+
+    train_bank = clips.embedding_bank(embed, train.images, rng)
+    val_bank = clips.embedding_bank(embed, val.images, rng)
     head = build_head(model_cfg)
     head.compile(
         optimizer=keras.optimizers.AdamW(1e-3, weight_decay=1e-4),
@@ -161,8 +166,8 @@ def train_head(cfg: TrainConfig, model_cfg: ModelConfig, verbose: int = 1) -> Pa
     )
     weights = class_weights(train.class_counts(), cfg.class_weight_power)
     head.fit(
-        clips.ClipBatches(train_bank, train.labels, model_cfg.window, cfg.batch_size, weights, cfg.seed),
-        validation_data=clips.ClipBatches(val_bank, val.labels, model_cfg.window, 512, None, 0),
+        ClipBatches(train_bank, train.labels, model_cfg.window, cfg.batch_size, weights, cfg.seed),
+        validation_data=ClipBatches(val_bank, val.labels, model_cfg.window, 512, None, 0),
         epochs=cfg.head_epochs,
         verbose=verbose,
         callbacks=[
@@ -172,3 +177,35 @@ def train_head(cfg: TrainConfig, model_cfg: ModelConfig, verbose: int = 1) -> Pa
         ],
     )
     return run / "head.keras"
+
+
+class ClipBatches(keras.utils.PyDataset):
+    """Batches of (clip embeddings (B, T, D), one-hot label[, class weight])."""
+
+    def __init__(self, bank: np.ndarray, labels: np.ndarray, window: int, batch_size: int,
+                 weights: np.ndarray | None, seed: int):
+        super().__init__()
+        self.bank, self.labels, self.window = bank, labels, window
+        self.batch_size, self.weights, self.seed, self.epoch = batch_size, weights, seed, 0
+
+    def __len__(self) -> int:
+        return int(np.ceil(len(self.labels) / self.batch_size))
+
+    def __getitem__(self, index: int):
+        # validation clips are the same every epoch (seeded by batch only); training clips change
+        rng = np.random.default_rng((self.seed, self.epoch if self.weights is not None else 0, index))
+        start = index * self.batch_size
+        idx = np.arange(start, min(start + self.batch_size, len(self.labels)))
+        if self.weights is not None:
+            idx = rng.integers(len(self.labels), size=len(idx))
+        x = np.empty((len(idx), self.window, self.bank.shape[2]), np.float32)
+        for row, i in enumerate(idx):
+            faces, views = clips.clip_indices(len(self.labels), self.labels, i, self.window, rng, self.bank.shape[1])
+            x[row] = self.bank[faces, views]
+        y = keras.utils.to_categorical(self.labels[idx], len(EMOTIONS))
+        if self.weights is None:
+            return x, y
+        return x, y, self.weights[self.labels[idx]]
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1

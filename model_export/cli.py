@@ -1,0 +1,204 @@
+"""``model_export``: train, evaluate, export, quantize, build and benchmark the emotion model.
+
+Heavy libraries (TensorFlow, TensorRT) are imported inside the commands that need them, so
+``--help`` is instant and ``evaluate``/``quantize``/``bench`` run without TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODELS = ROOT / "models"
+DEFAULT_DATA = ROOT / "data"
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+
+def _existing(path: Path, what: str, hint: str) -> Path:
+    if not path.exists():
+        raise UsageError(f"{what} {path} does not exist: {hint}")
+    return path
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from model_export.model import ModelConfig
+    from model_export.train import TrainConfig, train_encoder, train_head
+
+    _existing(args.data, "dataset", "unpack ../shared/datasets/fer2013/*.tar.gz into data/ or pass --data")
+    cfg = TrainConfig(data=str(args.data), run_dir=str(args.run), epochs=args.epochs,
+                      head_epochs=args.head_epochs, batch_size=args.batch_size,
+                      learning_rate=args.lr, seed=args.seed)
+    model_cfg = ModelConfig(window=args.window)
+    verbose = 1 if sys.stdout.isatty() else 2  # a progress bar on a terminal, one line per epoch in logs
+    if args.stage in ("all", "encoder"):
+        train_encoder(cfg, model_cfg, resume=args.resume, verbose=verbose)
+    if args.stage in ("all", "head"):
+        train_head(cfg, model_cfg, verbose=verbose)
+    print(f"run directory: {args.run}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from model_export import evaluate
+
+    _existing(args.data, "data folder", "pass a folder with one sub-folder per class")
+    _existing(args.model / "manifest.json", "model manifest", "pass --model with an exported models/ folder")
+    evaluate.run(args.data, args.model, detect=args.detect, json_out=args.json, plots_dir=args.plots,
+                 run_dir=args.run, clip=args.clips)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import keras
+
+    from model_export import manifest
+    from model_export.datasets import load_class_folders
+    from model_export.model import ModelConfig  # noqa: F401  (registers the custom layers)
+    from model_export.onnx_export import OPSET, export_all, parity
+
+    best = _existing(args.run / "encoder_best.keras", "checkpoint", "train first: model_export train --run RUN")
+    head_file = _existing(args.run / "head.keras", "head checkpoint", "run: model_export train --stage head")
+    encoder = keras.models.load_model(best).get_layer("encoder")
+    head = keras.models.load_model(head_file)
+    exported = export_all(encoder, head, args.out, args.opset)
+    config = json.loads((args.run / "config.json").read_text())
+    faces = load_class_folders(args.data, limit_per_class=32).images if args.data.exists() else None
+    checks = parity(encoder, head, args.out, faces) if faces is not None else {}
+    version = args.version or f"vit-bilstm-{args.run.name}"
+    manifest.update(
+        args.out,
+        version=version,
+        window=int(head.input_shape[1]),
+        embed_dim=int(head.input_shape[2]),
+        architecture=config["model"],
+        training=config["train"],
+        source_checkpoint=str(best.relative_to(ROOT) if best.is_relative_to(ROOT) else best),
+        files={e.name: manifest.file_entry(e.path, args.out, inputs=e.inputs, outputs=e.outputs, opset=OPSET)
+               for e in exported},
+        parity=checks,
+    )
+    for e in exported:
+        print(f"{e.path}  inputs {e.inputs}  outputs {e.outputs}")
+    if checks:
+        print("parity with Keras on real faces: " + json.dumps(checks))
+        if max(checks["head_max_abs_prob_diff"], checks["clip_max_abs_prob_diff"]) > 1e-4:
+            raise UsageError("ONNX differs from Keras by more than 1e-4; do not ship this export")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from model_export import quantize
+
+    _existing(args.calib, "calibration folder", "pass --calib with class folders of real faces (e.g. data/val)")
+    quantize.run(args.models, args.calib, args.data, args.calib_size)
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from model_export import trt_build
+
+    why = trt_build.unavailable_reason()
+    if why:
+        raise UsageError(f"cannot build TensorRT engines: {why}. The CPU path (ONNX Runtime) needs no engine.")
+    trt_build.run(args)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from model_export import bench
+
+    bench.run(args.backend, args.models, args.run, args.json, args.seconds)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="model_export",
+        description="Train, evaluate, export (ONNX), quantize, build (TensorRT) and benchmark the "
+                    "ViT-BiLSTM emotion model. Run `model_export COMMAND --help` for each command.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train the encoder on frames, then the BiLSTM head on clips")
+    t.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                   help="DATA with train/ and val/ class folders, or a fer2013.csv / fer2013new.csv (default: data/)")
+    t.add_argument("--run", type=Path, default=ROOT / "runs" / "latest", help="run directory (checkpoints, history)")
+    t.add_argument("--stage", choices=["all", "encoder", "head"], default="all")
+    t.add_argument("--epochs", type=int, default=36, help="encoder epochs (default 36)")
+    t.add_argument("--head-epochs", type=int, default=12)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule, warm-up)")
+    t.add_argument("--window", type=int, default=8, help="frames per window T")
+    t.add_argument("--seed", type=int, default=1337)
+    t.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint in --run")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="accuracy, P/R/F1, confusion, ROC-AUC (+ plots) of the shipped model")
+    e.add_argument("--data", type=Path, required=True, help="folder of class folders (any subset of the 7 classes)")
+    e.add_argument("--model", type=Path, default=DEFAULT_MODELS, help="models folder (default: the shipped one)")
+    e.add_argument("--detect", action="store_true", help="run MTCNN alignment first (uncropped photos)")
+    e.add_argument("--json", type=Path, help="write the full report as JSON")
+    e.add_argument("--plots", type=Path, help="write PNG plots into this folder")
+    e.add_argument("--run", type=Path, help="training run directory: adds learning curves to --plots")
+    e.add_argument("--clips", action="store_true", help="clip mode: temporal head vs per-frame average")
+    e.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("export", help="Keras run -> ONNX encoder/head/clip + manifest, with parity checks")
+    x.add_argument("--run", type=Path, default=ROOT / "runs" / "latest")
+    x.add_argument("--out", type=Path, default=DEFAULT_MODELS)
+    x.add_argument("--data", type=Path, default=DEFAULT_DATA / "val", help="real faces for the parity check")
+    x.add_argument("--opset", type=int, default=17)
+    x.add_argument("--version", help="model version string (default: vit-bilstm-<run name>)")
+    x.set_defaults(func=cmd_export)
+
+    q = sub.add_parser("quantize", help="ONNX Runtime static INT8 (QDQ) encoder, calibrated on real faces")
+    q.add_argument("--models", type=Path, default=DEFAULT_MODELS)
+    q.add_argument("--calib", type=Path, default=DEFAULT_DATA / "val")
+    q.add_argument("--calib-size", type=int, default=512, help="faces used for calibration")
+    q.add_argument("--data", type=Path, default=DEFAULT_DATA / "val", help="faces for the accuracy comparison")
+    q.set_defaults(func=cmd_quantize)
+
+    b = sub.add_parser("build", help="TensorRT engines for this GPU (NVIDIA only)")
+    b.add_argument("--models", type=Path, default=DEFAULT_MODELS)
+    b.add_argument("--fp16", action="store_true", help="allow FP16 kernels")
+    b.add_argument("--int8", action="store_true", help="INT8 with entropy calibration (needs --calib)")
+    b.add_argument("--calib", type=Path, default=DEFAULT_DATA / "val", help="real faces for INT8 calibration")
+    b.add_argument("--max-batch", type=int, default=32)
+    b.add_argument("--workspace", type=int, default=1024, help="builder workspace in MB")
+    b.add_argument("--timing-cache", type=Path, help="reuse/update a TensorRT timing cache file")
+    b.set_defaults(func=cmd_build)
+
+    n = sub.add_parser("bench", help="latency p50/p95 and throughput of encoder, head and MTCNN")
+    n.add_argument("--backend", choices=["onnxruntime", "onnxruntime-int8", "tensorrt", "keras"],
+                   default="onnxruntime")
+    n.add_argument("--models", type=Path, default=DEFAULT_MODELS)
+    n.add_argument("--run", type=Path, default=ROOT / "runs" / "latest", help="Keras run (for --backend keras)")
+    n.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
+    n.add_argument("--json", type=Path)
+    n.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from edge_agent.emotion_model import ModelError
+    from model_export.datasets import DatasetError
+
+    try:
+        return args.func(args)
+    except (UsageError, DatasetError, ModelError, FileNotFoundError) as exc:
+        print(f"model_export {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"model_export {args.command}: interrupted", file=sys.stderr)
+        return 130

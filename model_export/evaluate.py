@@ -1,0 +1,173 @@
+"""``model_export evaluate``: accuracy, macro P/R/F1, per-class report, confusion matrix, ROC-AUC, plots.
+
+The default subject is the shipped model in ``models/`` run through ONNX Runtime, exactly as the
+edge runs it: encoder per face, then the BiLSTM head. A still photo is a static window (the same
+embedding T times). Clip mode synthesises webcam-like clips (:mod:`model_export.clips`) and
+compares the temporal head with the average of the per-frame predictions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
+
+from affectedge.labels import EMOTIONS
+from edge_agent.emotion_model import EmotionModel
+from model_export import clips
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Predictor:
+    """The shipped model on ONNX Runtime, batched."""
+
+    model: EmotionModel
+    batch: int = 256
+
+    def embed(self, faces: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.model.embed(faces[i:i + self.batch])
+                               for i in range(0, len(faces), self.batch)])
+
+    def classify(self, windows: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.model.classify(windows[i:i + self.batch])
+                               for i in range(0, len(windows), self.batch)])
+
+    def still(self, faces: np.ndarray) -> np.ndarray:
+        """(N, 48, 48) uint8 -> (N, 7): each photo as a static window."""
+        emb = self.embed(faces)
+        return self.classify(np.repeat(emb[:, None, :], self.model.window, axis=1))
+
+
+def metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
+    """All the numbers of the report, over the classes present in ``labels`` (predictions stay 7-way)."""
+    present = sorted(set(labels.tolist()))
+    predicted = probs.argmax(axis=1)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=present, zero_division=0
+    )
+    auc = {}
+    for k in present:
+        positives = labels == k
+        if 0 < positives.sum() < len(labels):
+            auc[EMOTIONS[k]] = float(roc_auc_score(positives, probs[:, k]))
+    per_class = {
+        EMOTIONS[k]: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+        for k, p, r, f, s in zip(present, precision, recall, f1, support, strict=True)
+    }
+    return {
+        "n": len(labels),
+        "accuracy": float((predicted == labels).mean()),
+        "macro_precision": float(precision.mean()),
+        "macro_recall": float(recall.mean()),
+        "macro_f1": float(f1.mean()),
+        "classes_present": [EMOTIONS[k] for k in present],
+        "per_class": per_class,
+        "confusion": confusion_matrix(labels, predicted, labels=range(len(EMOTIONS))).tolist(),
+        "confusion_labels": list(EMOTIONS),
+        "auc": {"per_class": auc, "macro": float(np.mean(list(auc.values()))) if auc else None},
+    }
+
+
+def clip_mode(predictor: Predictor, faces: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
+    """Temporal head on synthesised clips vs. the mean of its per-frame (static) predictions."""
+    rng = np.random.default_rng(seed)
+    window = predictor.model.window
+    views = clips.VIEWS
+    bank = clips.embedding_bank(predictor.embed, faces, rng, views)
+    sequences = np.empty((len(labels), window, bank.shape[2]), np.float32)
+    for i in range(len(labels)):
+        idx, v = clips.clip_indices(len(labels), labels, i, window, rng, views)
+        sequences[i] = bank[idx, v]
+    temporal = predictor.classify(sequences)
+    per_frame = predictor.classify(np.repeat(sequences.reshape(-1, 1, sequences.shape[2]), window, axis=1))
+    averaged = per_frame.reshape(len(labels), window, -1).mean(axis=1)
+    return {
+        "clips": len(labels),
+        "window": window,
+        "temporal_head_accuracy": float((temporal.argmax(1) == labels).mean()),
+        "per_frame_average_accuracy": float((averaged.argmax(1) == labels).mean()),
+        "transition_probability": clips.TRANSITION,
+        "dropped_frame_probability": clips.DROP_FRAME,
+    }
+
+
+def load_faces(data: Path, detect: bool, models_dir: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    """Faces + labels from a class-folder tree; with ``detect``, MTCNN-align uncropped photos first.
+
+    Returns (faces, labels, images without a detectable face — left out of the metrics).
+    """
+    from model_export.datasets import IMAGE_SUFFIXES, load_class_folders
+
+    if not detect:
+        faces = load_class_folders(data)
+        return faces.images, faces.labels, 0
+    import cv2
+
+    from affectedge.labels import canonical
+    from edge_agent.faces.align import align_face
+    from edge_agent.faces.mtcnn import FaceDetector
+
+    detector = FaceDetector(models_dir / "mtcnn", backend="onnxruntime")
+    images, labels, missed = [], [], 0
+    for folder in sorted(p for p in data.iterdir() if p.is_dir() and canonical(p.name)):
+        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            frame = cv2.imread(str(path))
+            found = detector.detect(frame, max_faces=1) if frame is not None else []
+            if not found:
+                missed += 1
+                continue
+            images.append(align_face(frame, found[0].landmarks))
+            labels.append(EMOTIONS.index(canonical(folder.name)))
+    if not images:
+        raise ValueError(f"no face was detected in any image under {data}")
+    return np.stack(images), np.asarray(labels), missed
+
+
+def print_report(report: dict) -> None:
+    print(f"n={report['n']}  accuracy={report['accuracy']:.4f}  macro-F1={report['macro_f1']:.4f}  "
+          f"macro-P={report['macro_precision']:.4f}  macro-R={report['macro_recall']:.4f}  "
+          f"macro-AUC={report['auc']['macro']:.4f}")
+    print(f"{'class':<10}{'precision':>10}{'recall':>10}{'f1':>10}{'auc':>10}{'support':>10}")
+    for name, row in report["per_class"].items():
+        auc = report["auc"]["per_class"].get(name, float("nan"))
+        print(f"{name:<10}{row['precision']:>10.3f}{row['recall']:>10.3f}{row['f1']:>10.3f}{auc:>10.3f}"
+              f"{row['support']:>10}")
+    if "clip_mode" in report:
+        c = report["clip_mode"]
+        print(f"clip mode ({c['clips']} clips of {c['window']} frames): temporal head "
+              f"{c['temporal_head_accuracy']:.4f} vs per-frame average {c['per_frame_average_accuracy']:.4f}")
+    if "no_face" in report:
+        print(f"images without a detectable face (left out): {report['no_face']}")
+
+
+def run(data: Path, models_dir: Path, detect: bool = False, json_out: Path | None = None,
+        plots_dir: Path | None = None, run_dir: Path | None = None, clip: bool = False,
+        backend: str = "onnxruntime") -> dict:
+    """Evaluate the model in ``models_dir`` on ``data``; print, and optionally write JSON and plots."""
+    from model_export import plots
+
+    faces, labels, missed = load_faces(data, detect, models_dir)
+    predictor = Predictor(EmotionModel.load(models_dir, backend=backend))
+    probs = predictor.still(faces)
+    report = {"model_version": predictor.model.version, "data": str(data), **metrics(labels, probs)}
+    if detect:
+        report["no_face"] = missed
+    if clip:
+        report["clip_mode"] = clip_mode(predictor, faces, labels)
+    print_report(report)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+    if plots_dir:
+        written = [plots.confusion(report, plots_dir), plots.roc(labels, probs, report, plots_dir),
+                   plots.f1_bars(report, plots_dir)]
+        if run_dir and (curves := plots.learning_curves(run_dir, plots_dir)):
+            written.append(curves)
+        print("plots: " + ", ".join(str(p) for p in written))
+    return report

@@ -1,0 +1,174 @@
+"""``model_export build``: one TensorRT engine per ONNX model, for the GPU of this machine.
+
+Engines are specific to a GPU model and TensorRT version, so each file is named
+``<model>.<gpu-tag>.engine`` next to its ONNX source (the edge's ``auto`` backend looks for exactly
+that name) and ``engines.<gpu-tag>.json`` records TensorRT version, GPU, compute capability,
+precision, optimisation profiles and the sha256 of each source ONNX. After building, every
+engine is checked against ONNX Runtime on real faces and a table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from edge_agent.emotion_model import sha256
+from edge_agent.tensorrt_runtime import TrtSession, gpu_tag, unavailable_reason
+from model_export.datasets import load_class_folders
+
+__all__ = ["run", "unavailable_reason"]
+
+#: Smallest / typical / largest spatial size for P-Net's dynamic H and W (an image-pyramid level).
+PNET_HW = (12, 240, 1280)
+
+
+def _profile_shapes(shape: list, max_batch: int) -> tuple[tuple, tuple, tuple]:
+    """min/opt/max for one input: dim 0 is the batch, other dynamic dims are P-Net's H and W."""
+    lo, opt, hi = [], [], []
+    for axis, dim in enumerate(shape):
+        if isinstance(dim, int) and dim > 0:
+            lo.append(dim), opt.append(dim), hi.append(dim)
+        elif axis == 0:
+            lo.append(1), opt.append(min(8, max_batch)), hi.append(max_batch)
+        else:
+            lo.append(PNET_HW[0]), opt.append(PNET_HW[1]), hi.append(PNET_HW[2])
+    return tuple(lo), tuple(opt), tuple(hi)
+
+
+def _calibrator(faces: np.ndarray, cache_file: Path):
+    """INT8 entropy calibrator over real aligned faces (encoder input layout)."""
+    import pycuda.driver as cuda
+    import tensorrt as trt
+
+    class FaceCalibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self):
+            super().__init__()
+            self.batches = [faces[i:i + 32] for i in range(0, len(faces) - 31, 32)]
+            self.device = cuda.mem_alloc(32 * 48 * 48 * 4)
+
+        def get_batch_size(self):
+            return 32
+
+        def get_batch(self, names):
+            if not self.batches:
+                return None
+            batch = self.batches.pop()[..., None].astype(np.float32) / 255.0
+            cuda.memcpy_htod(self.device, np.ascontiguousarray(batch))
+            return [int(self.device)]
+
+        def read_calibration_cache(self):
+            return cache_file.read_bytes() if cache_file.exists() else None
+
+        def write_calibration_cache(self, cache):
+            cache_file.write_bytes(bytes(cache))
+
+    return FaceCalibrator()
+
+
+def build_engine(onnx_path: Path, out: Path, args: argparse.Namespace, calib_faces: np.ndarray | None) -> dict:
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT cannot parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, args.workspace << 20)
+    precision = "fp32"
+    if args.fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+        precision = "fp16"
+    if args.int8 and calib_faces is not None:
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.int8_calibrator = _calibrator(calib_faces, out.with_suffix(".calib"))
+        precision = "int8+fp16" if args.fp16 else "int8"
+    cache_bytes = args.timing_cache.read_bytes() if args.timing_cache and args.timing_cache.exists() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    profile = builder.create_optimization_profile()
+    profiles = {}
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shapes = _profile_shapes(list(tensor.shape), args.max_batch)
+        profile.set_shape(tensor.name, *shapes)
+        profiles[tensor.name] = {"min": shapes[0], "opt": shapes[1], "max": shapes[2]}
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build an engine for {onnx_path}")
+    out.write_bytes(bytes(serialized))
+    if args.timing_cache:
+        args.timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return {"engine": out.name, "source": onnx_path.name, "source_sha256": sha256(onnx_path),
+            "precision": precision, "profiles": profiles}
+
+
+def validate(onnx_path: Path, engine: Path, inputs: dict[str, np.ndarray]) -> dict:
+    """Same inputs through ONNX Runtime and the engine: max |Δ| and top-1 agreement of the first output."""
+    from edge_agent.inference import OrtSession
+
+    ref = OrtSession(onnx_path).run(inputs)[0]
+    got = TrtSession(engine).run(inputs)[0].astype(np.float32)
+    agreement = float((ref.reshape(len(ref), -1).argmax(1) == got.reshape(len(got), -1).argmax(1)).mean())
+    return {"max_abs_diff": float(np.abs(ref - got).max()), "top1_agreement": agreement}
+
+
+def _real_inputs(onnx_path: Path, faces: np.ndarray, window: int, models: Path) -> dict[str, np.ndarray]:
+    """Inputs built from real faces for any of the shipped graphs, in that graph's own layout."""
+    import cv2
+    import onnx
+
+    from edge_agent.inference import OrtSession
+
+    faces = faces[: 8 * window]
+    if onnx_path.stem == "head":
+        emb = OrtSession(models / "encoder.onnx").run({"face": faces[..., None].astype(np.float32) / 255})[0]
+        return {"embeddings": emb.reshape(8, window, -1)}
+    graph_input = onnx.load(str(onnx_path)).graph.input[0]
+    dims = [d.dim_value or 0 for d in graph_input.type.tensor_type.shape.dim]
+    if dims[-1] == 1:  # the encoder: (N, 48, 48, 1) in [0, 1]
+        return {graph_input.name: faces[..., None].astype(np.float32) / 255}
+    channels_last = dims[-1] == 3
+    h, w = (dims[1], dims[2]) if channels_last else (dims[2], dims[3])
+    h, w = h or 96, w or 96  # P-Net's dynamic H, W: a 96x96 pyramid level
+    colour = np.stack([cv2.cvtColor(cv2.resize(f, (w, h)), cv2.COLOR_GRAY2BGR) for f in faces[:16]])
+    x = (colour.astype(np.float32) - 127.5) / 128.0
+    return {graph_input.name: x if channels_last else x.transpose(0, 3, 1, 2).copy()}
+
+
+def run(args: argparse.Namespace) -> dict:
+    import pycuda.driver as cuda
+    import tensorrt as trt
+
+    tag = gpu_tag()
+    models: Path = args.models
+    manifest = json.loads((models / "manifest.json").read_text())
+    faces = load_class_folders(args.calib, limit_per_class=64).images
+    window = int(manifest["window"])
+    sources = {"encoder": models / "encoder.onnx", "head": models / "head.onnx"}
+    sources.update({n: models / "mtcnn" / f"{n}.onnx" for n in ("pnet", "rnet", "onet")})
+    device = cuda.Device(0)
+    record = {"tensorrt": trt.__version__, "gpu": device.name(), "compute_capability": ".".join(
+        map(str, device.compute_capability())), "engines": {}}
+    table = []
+    for name, onnx_path in sources.items():
+        if not onnx_path.exists():
+            continue
+        engine = onnx_path.with_name(f"{onnx_path.stem}.{tag}.engine")
+        print(f"building {engine.name} ...", flush=True)
+        entry = build_engine(onnx_path, engine, args, faces if name == "encoder" else None)
+        entry["validation"] = validate(onnx_path, engine, _real_inputs(onnx_path, faces, window, models))
+        record["engines"][name] = entry
+        table.append((name, entry["precision"], entry["validation"]["max_abs_diff"],
+                      entry["validation"]["top1_agreement"]))
+    (models / f"engines.{tag}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"{'model':<10}{'precision':<12}{'max |Δ|':>12}{'top-1 agree':>14}")
+    for name, precision, diff, agree in table:
+        print(f"{name:<10}{precision:<12}{diff:>12.2e}{agree:>14.2%}")
+    return record

@@ -1,0 +1,95 @@
+"""The wire contract: generated code is current, no field can carry pixels, labels line up."""
+
+from __future__ import annotations
+
+import filecmp
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from google.protobuf.descriptor import FieldDescriptor
+
+from affectedge import codec, topics
+from affectedge.labels import EMOTIONS, canonical
+from affectedge.v1 import affectedge_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_generated_code_matches_proto(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'proto'}", f"--python_out={tmp_path}",
+         f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", str(ROOT / "proto/affectedge/v1/affectedge.proto")],
+        check=True,
+    )
+    for name in ("affectedge_pb2.py", "affectedge_pb2.pyi", "affectedge_pb2_grpc.py"):
+        assert filecmp.cmp(tmp_path / "affectedge/v1" / name, ROOT / "proto/affectedge/v1" / name, shallow=False), (
+            f"{name} is stale: run `make proto`"
+        )
+
+
+def _fields(descriptor, seen=None):
+    seen = seen or set()
+    if descriptor.full_name in seen:
+        return
+    seen.add(descriptor.full_name)
+    for field in descriptor.fields:
+        yield descriptor.full_name, field
+        if field.message_type is not None:
+            yield from _fields(field.message_type, seen)
+
+
+def test_no_message_can_carry_pixels_or_embeddings() -> None:
+    for message in (pb.ObservationBatch, pb.AgentStatus, pb.ClassroomState, pb.AdaptationSignal):
+        for owner, field in _fields(message.DESCRIPTOR):
+            assert field.type != FieldDescriptor.TYPE_BYTES, f"{owner}.{field.name} is bytes"
+            if field.is_repeated and field.type == FieldDescriptor.TYPE_FLOAT:
+                assert field.name in ("probabilities", "distribution"), f"{owner}.{field.name} is a float vector"
+
+
+def test_repeated_floats_are_capped_at_seven_by_validation() -> None:
+    batch = pb.ObservationBatch(agent_id="a1", classroom_id="room-1")
+    obs = batch.observations.add(camera_id="cam0", label=pb.HAPPY)
+    obs.probabilities.extend([0.1] * 128)  # an embedding smuggled as probabilities
+    with pytest.raises(codec.WireError, match="exactly 7"):
+        codec.decode(codec.encode(batch), pb.ObservationBatch)
+
+
+def test_emotion_enum_matches_label_order() -> None:
+    for i, name in enumerate(EMOTIONS):
+        assert pb.Emotion.Name(codec.label_of(i)) == name.upper()
+    assert len(pb.Emotion.keys()) == len(EMOTIONS) + 1
+
+
+def test_codec_round_trips_protobuf_and_json() -> None:
+    batch = pb.ObservationBatch(agent_id="lab-pc-1", classroom_id="room-1", seq=7)
+    batch.observations.add(camera_id="cam0", track_id=3, label=pb.SAD, probabilities=[0, 0, 0, 0, 1, 0, 0])
+    for fmt in ("protobuf", "json"):
+        payload = codec.encode(batch, fmt)
+        back = codec.decode(payload, pb.ObservationBatch, codec.content_type(batch, fmt))
+        assert back == batch
+    with pytest.raises(codec.WireError):
+        codec.decode(b"\xff\x00garbage", pb.ObservationBatch)
+    with pytest.raises(codec.WireError, match="agent_id"):
+        codec.decode(codec.encode(pb.ObservationBatch(agent_id="a/b", classroom_id="r")), pb.ObservationBatch)
+
+
+def test_topics_round_trip_and_reject_wildcards() -> None:
+    topic = topics.observations("room-1", "lab-pc-1")
+    assert topic == "affectedge/v1/room-1/lab-pc-1/observations"
+    assert topics.parse(topic) == ("room-1", "lab-pc-1", "observations")
+    assert topics.parse("affectedge/v1/room-1/lab-pc-1/frames") is None
+    assert topics.parse("other/v1/a/b/status") is None
+    with pytest.raises(ValueError, match="valid id"):
+        topics.status("room/1", "a")
+    with pytest.raises(ValueError):
+        topics.observations("room-1", "+")
+    assert topics.shared(topics.ALL, "coordinators") == "$share/coordinators/affectedge/v1/+/+/+"
+
+
+def test_label_synonyms() -> None:
+    assert canonical("Happiness") == "happy"
+    assert canonical(" ANGER ") == "angry"
+    assert canonical("surprised") == "surprise"
+    assert canonical("contempt") is None

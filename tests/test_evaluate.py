@@ -1,0 +1,76 @@
+"""``model_export evaluate`` and the CLI's error handling (ONNX Runtime only, no TensorFlow)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from affectedge.labels import EMOTIONS
+from model_export.evaluate import metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_metrics_by_hand() -> None:
+    labels = np.array([0, 0, 3, 3])
+    probs = np.full((4, 7), 0.01)
+    probs[0, 0] = probs[1, 3] = probs[2, 3] = probs[3, 3] = 0.9  # one angry face called happy
+    report = metrics(labels, probs)
+    assert report["n"] == 4 and report["accuracy"] == 0.75
+    assert report["classes_present"] == ["angry", "happy"]
+    assert report["per_class"]["angry"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3),
+                                            "support": 2}
+    assert report["per_class"]["happy"]["precision"] == pytest.approx(2 / 3)
+    assert report["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    assert report["confusion"][0][3] == 1 and len(report["confusion"]) == 7
+    assert report["auc"]["per_class"]["happy"] == 0.75  # positives 0.9, 0.9 vs negatives 0.01, 0.9
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "model_export", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def test_evaluate_on_a_subset_of_classes_writes_json_and_plots(tmp_path: Path, fer_val: Path) -> None:
+    data = tmp_path / "two_classes"
+    for name in ("happy", "surprise"):
+        (data / name).mkdir(parents=True)
+        for path in sorted((fer_val / name).iterdir())[:40]:
+            shutil.copy(path, data / name / path.name)
+    result = _cli("evaluate", "--data", str(data), "--json", str(tmp_path / "r.json"),
+                  "--plots", str(tmp_path / "plots"), "--clips")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    for key in ("n", "accuracy", "macro_f1", "macro_precision", "macro_recall", "per_class", "confusion", "auc"):
+        assert key in report
+    assert report["n"] == 80 and set(report["per_class"]) == {"happy", "surprise"}
+    assert len(report["confusion"]) == len(EMOTIONS)
+    assert 0 <= report["clip_mode"]["temporal_head_accuracy"] <= 1
+    for plot in ("confusion_matrix.png", "roc_curves.png", "per_class_f1.png"):
+        assert (tmp_path / "plots" / plot).stat().st_size > 5000
+    assert "tensorflow" not in result.stderr.lower()
+
+
+def test_evaluate_bad_folder_is_one_line_exit_2(tmp_path: Path) -> None:
+    result = _cli("evaluate", "--data", str(tmp_path / "missing"))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+
+
+def test_build_without_tensorrt_says_what_is_missing() -> None:
+    pytest.importorskip("onnxruntime")
+    from edge_agent.tensorrt_runtime import unavailable_reason
+
+    if unavailable_reason() is None:
+        pytest.skip("TensorRT and a GPU are present here")
+    result = _cli("build", "--fp16")
+    assert result.returncode == 2
+    line = result.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert "CPU path" in line and ("tensorrt" in line.lower() or "GPU" in line)

@@ -1,0 +1,68 @@
+"""Keras model, training loop with resume, and ONNX export parity (needs TensorFlow: slow)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+pytest.importorskip("tf2onnx")
+
+from model_export.datasets import load_class_folders  # noqa: E402
+from model_export.model import ModelConfig, build_encoder, build_head  # noqa: E402
+from model_export.onnx_export import export_all, parity  # noqa: E402
+from model_export.train import TrainConfig, train_encoder, train_head  # noqa: E402
+
+TINY = ModelConfig(stem_filters=(8, 8, 16), embed_dim=16, depth=1, heads=2, mlp_dim=16, window=4, lstm_units=8)
+
+
+def test_default_encoder_is_small_and_shapes_are_right() -> None:
+    cfg = ModelConfig()
+    encoder = build_encoder(cfg)
+    assert encoder.count_params() <= 5_000_000
+    assert encoder.output_shape == (None, cfg.embed_dim)
+    assert build_head(cfg).output_shape == (None, 7)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory, fer_val: Path) -> Path:
+    """A 2-split class-folder set of real FER faces, 6 per class."""
+    root = tmp_path_factory.mktemp("tiny")
+    for split in ("train", "val"):
+        for folder in fer_val.iterdir():
+            target = root / split / folder.name
+            target.mkdir(parents=True)
+            for path in sorted(folder.iterdir())[:6]:
+                shutil.copy(path, target / path.name)
+    return root
+
+
+@pytest.mark.slow
+def test_train_resume_head_and_export_parity(tiny_data: Path, tmp_path: Path, fer_val: Path) -> None:
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(tiny_data), run_dir=str(run), epochs=1, head_epochs=1, batch_size=16)
+    train_encoder(cfg, TINY, resume=False, verbose=0)
+    cfg.epochs = 2
+    train_encoder(cfg, TINY, resume=True, verbose=0)
+    with (run / "history.csv").open() as handle:
+        assert [row["epoch"] for row in csv.DictReader(handle)] == ["0", "1"]  # resumed, not restarted
+    train_head(cfg, TINY, verbose=0)
+    assert json.loads((run / "config.json").read_text())["model"]["window"] == 4
+
+    encoder = keras.models.load_model(run / "encoder_best.keras").get_layer("encoder")
+    head = keras.models.load_model(run / "head.keras")
+    exported = export_all(encoder, head, tmp_path / "onnx")
+    assert {e.name for e in exported} == {"encoder", "head", "clip"}
+    assert exported[0].inputs == {"face": ["N", 48, 48, 1]}
+    assert exported[1].inputs == {"embeddings": ["N", 4, 16]}
+    faces = load_class_folders(fer_val, limit_per_class=8).images
+    checks = parity(encoder, head, tmp_path / "onnx", faces)
+    assert checks["encoder_max_abs_diff"] <= 1e-4
+    assert checks["head_max_abs_prob_diff"] <= 1e-4 and checks["clip_max_abs_prob_diff"] <= 1e-4
+    assert checks["head_top1_agreement"] == 1.0 and checks["clip_top1_agreement"] == 1.0
+    assert np.isfinite(list(checks.values())).all()
