@@ -1,0 +1,353 @@
+"""``coordinator bench``: ingest throughput and publish-to-signal latency through a real broker.
+
+It runs a real ``coordinator serve`` in a child process (so it has its own interpreter and core)
+against a real MQTT broker (``--broker spawn`` starts a private Mosquitto) and measures:
+
+1. **drain**: simulated agents publish a backlog of QoS 1 ObservationBatches while the
+   coordinator is stopped (its persistent session queues them in the broker), then it starts and
+   the bench times how fast the observations land in the database. Publishers cannot be the
+   bottleneck here, so this is the coordinator's ingest capacity.
+2. **live**: agents publish at ``--rate`` batches/s each while probe batches of confused faces go
+   to fresh classrooms; the time from publishing a probe to receiving its SLOW_DOWN signal on the
+   gRPC stream is the publish-to-signal latency (it includes up to one policy tick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import grpc
+import paho.mqtt.client as mqtt
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import func, select
+
+from affectedge import codec, topics
+from affectedge.labels import EMOTIONS
+from affectedge.v1 import affectedge_pb2 as pb
+from affectedge.v1 import affectedge_pb2_grpc as pb_grpc
+from coordinator import db
+
+CALM = (0.0, 0.0, 0.0, 0.7, 0.0, 0.0, 0.3)  # happy / neutral: engaged, nothing to signal
+CONFUSED = (0.0, 0.0, 0.9, 0.0, 0.0, 0.1, 0.0)  # fear / surprise: confusion ~0.6
+PROBE_RULES = """
+[[rule]]
+name = "bench-probe"
+signal = "SLOW_DOWN"
+states = ["confused"]
+above = 0.5
+clear = 0.3
+window_s = 10
+min_duration_s = 0
+cooldown_s = 0
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_batch(
+    agent_id: str, classroom_id: str, tracks: int, distribution=CALM, seq: int = 0, camera_id: str = "cam0"
+) -> pb.ObservationBatch:
+    """A batch of ``tracks`` one-second observations ending now, all with ``distribution``."""
+    batch = pb.ObservationBatch(agent_id=agent_id, classroom_id=classroom_id, model_version="bench", seq=seq)
+    label = codec.label_of(max(range(len(EMOTIONS)), key=lambda i: distribution[i]))
+    for track in range(tracks):
+        obs = batch.observations.add(
+            camera_id=camera_id, track_id=track + 1, label=label, confidence=max(distribution), frames=10
+        )
+        obs.probabilities.extend(distribution)
+        obs.quality.score = 0.9
+    batch.summaries.add(camera_id=camera_id, faces_present=tracks, frames_processed=10).distribution.extend(
+        distribution
+    )
+    stamp(batch, time.time())
+    return batch
+
+
+def stamp(batch: pb.ObservationBatch, now: float) -> None:
+    """Re-time a batch to end at ``now`` (cheaper than building a new one)."""
+    end, start = Timestamp(), Timestamp()
+    end.FromNanoseconds(int(now * 1e9))
+    start.FromNanoseconds(int((now - 1) * 1e9))
+    batch.sent_at.CopyFrom(end)
+    for obs in batch.observations:
+        obs.window_start.CopyFrom(start)
+        obs.window_end.CopyFrom(end)
+    for summary in batch.summaries:
+        summary.timestamp.CopyFrom(end)
+
+
+def mqtt_client(url: str, client_id: str) -> mqtt.Client:
+    """A connected MQTT v5 publisher (loop running) for ``url``."""
+    parts = urlsplit(url)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.connect(parts.hostname or "127.0.0.1", parts.port or 1883)
+    client.loop_start()
+    return client
+
+
+def publish(client: mqtt.Client, batch: pb.ObservationBatch) -> mqtt.MQTTMessageInfo:
+    return client.publish(
+        topics.observations(batch.classroom_id, batch.agent_id), codec.encode(batch), qos=1
+    )
+
+
+@contextlib.contextmanager
+def spawned_mosquitto(workdir: Path) -> Iterator[str]:
+    """A private Mosquitto on a free loopback port; yields its URL."""
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(binary).exists():
+        raise SystemExit("error: mosquitto is not installed: apt-get install mosquitto, or pass --broker URL")
+    port = free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\nmax_inflight_messages 0\n"
+    )
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port)
+        yield f"mqtt://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"error: nothing listening on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+@dataclass
+class Server:
+    """A ``coordinator serve`` child process and what the bench needs to talk to it."""
+
+    config: Path
+    grpc_port: int
+    token: str
+    log: Path
+    process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "coordinator", "serve", "--config", str(self.config), "--log-level", "WARNING"],
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"error: the coordinator exited at start; see {self.log}")
+            with contextlib.suppress(grpc.RpcError):
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    channel.close()
+                    return
+            time.sleep(0.1)
+        raise SystemExit(f"error: the coordinator did not become healthy in 30 s; see {self.log}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(30)
+
+
+def _count(sessions) -> int:
+    with sessions() as s:
+        return s.scalar(select(func.count()).select_from(db.Observation))
+
+
+def _publish_all(client: mqtt.Client, batches: list[pb.ObservationBatch], rounds: int) -> float:
+    """Publish every batch ``rounds`` times as fast as possible; returns seconds taken."""
+    started = time.perf_counter()
+    last = None
+    seq = 0
+    for _ in range(rounds):
+        for batch in batches:
+            seq += 1
+            batch.seq = seq
+            stamp(batch, time.time())
+            last = publish(client, batch)
+    if last is not None:
+        last.wait_for_publish(120)
+    return time.perf_counter() - started
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="affectedge-bench-"))
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, workdir, True)
+        url = stack.enter_context(spawned_mosquitto(workdir)) if args.broker == "spawn" else args.broker
+        token = secrets.token_urlsafe(16)
+        server = _configure(workdir, url, token, args.tick)
+        stack.callback(server.stop)
+        sessions = db.connect(f"sqlite:///{workdir / 'bench.db'}")
+        rooms = [f"bench-room-{i // 4}" for i in range(args.agents)]
+        batches = [make_batch(f"bench-agent-{i}", rooms[i], args.tracks) for i in range(args.agents)]
+        publisher = mqtt_client(url, f"bench-publisher-{os.getpid()}")
+        stack.callback(publisher.loop_stop)
+
+        # 1. drain: backlog published while the coordinator is down, then timed as it lands
+        server.start()  # creates the persistent session and its subscriptions
+        server.stop()
+        rounds = max(1, int(args.seconds * args.rate))
+        publish_s = _publish_all(publisher, batches, rounds)
+        total = rounds * args.agents * args.tracks
+        server.start()
+        first = done = None
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            count = _count(sessions)
+            if count and first is None:
+                first = (time.perf_counter(), count)
+            if count >= total:
+                done = time.perf_counter()
+                break
+            time.sleep(0.05)
+        drained = _count(sessions)
+        drain_rate = (drained - first[1]) / (done - first[0]) if first and done and done > first[0] else 0.0
+
+        # 2. live: paced load plus probes, latency measured on the gRPC stream
+        latencies, probes = _live(publisher, server, batches, args)
+        live_stored = _count(sessions) - drained
+        return {
+            "agents": args.agents,
+            "tracks_per_batch": args.tracks,
+            "rate_hz": args.rate,
+            "seconds": args.seconds,
+            "tick_seconds": args.tick,
+            "backlog_observations": total,
+            "backlog_publish_obs_per_s": round(total / publish_s),
+            "drained_observations": drained,
+            "ingest_obs_per_s": round(drain_rate),
+            "live_offered_obs_per_s": args.agents * args.tracks * args.rate,
+            "live_stored_observations": live_stored,
+            "signals_received": len(latencies),
+            "probes_sent": probes,
+            "latency_p50_ms": round(1000 * statistics.median(latencies), 1) if latencies else None,
+            "latency_p95_ms": round(1000 * _percentile(latencies, 0.95), 1) if latencies else None,
+        }
+
+
+def _configure(workdir: Path, url: str, token: str, tick: float) -> Server:
+    rules = workdir / "rules.toml"
+    rules.write_text(PROBE_RULES)
+    grpc_port = free_port()
+    config = workdir / "coordinator.toml"
+    config.write_text(
+        f'state_dir = "{workdir}"\n'
+        f'[mqtt]\nurl = "{url}"\nclient_id = "bench-coordinator"\n'
+        f'[database]\nurl = "sqlite:///{workdir / "bench.db"}"\n'
+        f"[aggregate]\ntick_seconds = {tick}\n"
+        f'[policy]\nrules = "{rules}"\n'
+        f'[grpc]\nport = {grpc_port}\ntokens = ["{token}"]\n'
+        f"[web]\nport = {free_port()}\n"
+    )
+    return Server(config, grpc_port, token, workdir / "coordinator.log")
+
+
+def _live(
+    publisher: mqtt.Client, server: Server, batches: list, args: argparse.Namespace
+) -> tuple[list[float], int]:
+    """Paced load with probes; (latency of each probe whose signal arrived, probes sent)."""
+    received: dict[str, float] = {}
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    stub = pb_grpc.CoordinatorStub(channel)
+    stream = stub.StreamAdaptations(
+        pb.StreamAdaptationsRequest(), metadata=[("authorization", f"Bearer {server.token}")]
+    )
+    ready = threading.Event()
+
+    def listen() -> None:
+        ready.set()
+        with contextlib.suppress(grpc.RpcError):
+            for signal_ in stream:
+                received.setdefault(signal_.classroom_id, time.perf_counter())
+
+    threading.Thread(target=listen, daemon=True).start()
+    ready.wait()
+    time.sleep(0.5)  # let the stream subscribe before the first probe
+    sent: dict[str, float] = {}
+    period = 1.0 / args.rate
+    started = time.perf_counter()
+    seq = 10**9  # clear of the drain phase's sequence numbers
+    tick = 0
+    while time.perf_counter() - started < args.seconds:
+        for batch in batches:
+            seq += 1
+            batch.seq = seq
+            stamp(batch, time.time())
+            publish(publisher, batch)
+        if tick % max(1, round(args.rate / args.probes)) == 0:
+            room = f"probe-{len(sent)}"
+            probe = make_batch(f"probe-agent-{len(sent)}", room, 5, CONFUSED, seq=1)
+            sent[room] = time.perf_counter()
+            publish(publisher, probe)
+        tick += 1
+        time.sleep(max(0.0, started + tick * period - time.perf_counter()))
+    time.sleep(2 * args.tick + 1)  # the last probes' signals
+    stream.cancel()
+    channel.close()
+    return [received[room] - t for room, t in sent.items() if room in received], len(sent)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _print_table(result: dict) -> None:
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    result = run_bench(args)
+    _print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="measure ingest throughput and publish-to-signal latency through a real broker"
+    )
+    parser.add_argument("--agents", type=int, default=40, help="simulated edge agents (4 per classroom)")
+    parser.add_argument("--seconds", type=float, default=10, help="length of the backlog and of the live phase")
+    parser.add_argument("--tracks", type=int, default=50, help="observations per batch (faces per agent)")
+    parser.add_argument("--rate", type=float, default=10, help="batches per second per agent")
+    parser.add_argument("--probes", type=float, default=2, help="latency probes per second in the live phase")
+    parser.add_argument("--tick", type=float, default=1.0, help="the coordinator's tick_seconds")
+    parser.add_argument("--broker", default="spawn", help="mqtt://host:port, or 'spawn' for a private Mosquitto")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.set_defaults(func=_run)

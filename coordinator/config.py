@@ -1,0 +1,194 @@
+"""The coordinator's configuration: one TOML file, validated section by section.
+
+Every key has a default so an empty file runs a localhost demo; ``deploy/coordinator.example.toml``
+shows each key with a comment. Paths that must exist (TLS files, rules) are checked here, at load
+time, so a typo is a one-line :class:`~affectedge.settings.ConfigError` (exit status 2) instead of a
+failure minutes later when the first client connects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+
+from affectedge.settings import ConfigError, Section, load
+from affectedge.topics import ID_PATTERN
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Positive = Annotated[float, Field(gt=0)]
+
+
+def _existing_file(value: str) -> str:
+    if value and not Path(value).is_file():
+        raise ValueError(f"file {value!r} does not exist")
+    return value
+
+
+class MqttConfig(Section):
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str = ""
+    password: str = ""
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    client_id: str = "affectedge-coordinator"
+    # "" = a plain subscription (one instance only; brokers without shared subscriptions)
+    shared_group: str = "coordinators"
+    # "5", or "3.1.1" for brokers without MQTT 5 such as the embedded one of `make demo`
+    # (3.1.1 persistent sessions use clean_session = false)
+    protocol: Literal["5", "3.1.1"] = "5"
+    qos: Annotated[int, Field(ge=0, le=2)] = 1
+    # persistent session: QoS 1 messages published while the coordinator is down wait in the broker
+    clean_start: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError("use mqtt://host:port or mqtts://host:port")
+        return value
+
+    @field_validator("client_id", "shared_group")
+    @classmethod
+    def _id(cls, value: str, info) -> str:
+        if not (value == "" and info.field_name == "shared_group") and not ID_PATTERN.match(value):
+            raise ValueError("use 1-64 letters, digits, '_' or '-'")
+        return value
+
+    _files = field_validator("tls_ca", "tls_cert", "tls_key")(_existing_file)
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+
+class DatabaseConfig(Section):
+    url: str = "sqlite:///affectedge-coordinator.db"
+    retention_days: Annotated[float, Field(gt=0)] = 30
+    aggregate_retention_days: Annotated[float, Field(gt=0)] = 365
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("sqlite://", "postgresql")):
+            raise ValueError("use sqlite:///path.db or postgresql+psycopg://user:pass@host/db")
+        return value
+
+
+class AggregateConfig(Section):
+    windows: tuple[Annotated[int, Field(ge=1, le=86400)], ...] = (10, 60, 300)
+    default_window: int = 60
+    k_anonymity: Annotated[int, Field(ge=1)] = 3
+    tick_seconds: Positive = 1.0
+    agent_offline_after_s: Positive = 30
+    # a classroom's open session is closed after this long without observations
+    session_idle_minutes: Positive = 15
+
+    @model_validator(mode="after")
+    def _default_is_a_window(self) -> AggregateConfig:
+        if not self.windows:
+            raise ValueError("windows must list at least one window length in seconds")
+        if self.default_window not in self.windows:
+            raise ValueError(f"default_window {self.default_window} must be one of windows {self.windows}")
+        return self
+
+
+class PolicyConfig(Section):
+    rules: str = ""  # path to a rules TOML; "" = the shipped coordinator/rules.toml
+
+    _files = field_validator("rules")(_existing_file)
+
+
+class GrpcConfig(Section):
+    host: str = "127.0.0.1"
+    port: Port = 50051
+    tokens: tuple[str, ...] = ()  # bearer tokens; empty = auth disabled (logged as a warning)
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    _files = field_validator("tls_cert", "tls_key")(_existing_file)
+
+    @model_validator(mode="after")
+    def _pair(self) -> GrpcConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("set both tls_cert and tls_key, or neither")
+        return self
+
+
+class WebConfig(Section):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    secret_key: str = ""  # empty: generated once and kept in state_dir
+    api_tokens: tuple[str, ...] = ()
+    admin_user: str = "admin"
+    admin_password: str = ""  # empty: generated on first start, printed once to the log
+    cookie_secure: bool = False
+    login_rate: str = "5 per minute"
+
+
+class WebhookConfig(Section):
+    url: str
+    secret: str = ""
+    classrooms: tuple[str, ...] = ()  # empty = all
+    max_attempts: Annotated[int, Field(ge=1)] = 5
+    backoff_s: Positive = 2.0
+    timeout_s: Positive = 5.0
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("use an http:// or https:// URL")
+        return value
+
+
+class XapiConfig(Section):
+    endpoint: str = ""  # empty = off
+    username: str = ""
+    password: str = ""
+    max_attempts: Annotated[int, Field(ge=1)] = 5
+    backoff_s: Positive = 2.0
+
+
+class BrokerConfig(Section):
+    """Where provision-agent writes Mosquitto credentials and what it tells agents to connect to."""
+
+    passwd_file: str = ""
+    acl_file: str = ""
+    host: str = "127.0.0.1"
+    port: Port = 1883
+    tls: bool = False
+
+
+class CoordinatorConfig(Section):
+    state_dir: str = "."
+    mqtt: MqttConfig = MqttConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    aggregate: AggregateConfig = AggregateConfig()
+    policy: PolicyConfig = PolicyConfig()
+    grpc: GrpcConfig = GrpcConfig()
+    web: WebConfig = WebConfig()
+    webhooks: tuple[WebhookConfig, ...] = ()
+    xapi: XapiConfig = XapiConfig()
+    broker: BrokerConfig = BrokerConfig()
+
+
+def load_config(path: Path | str | None) -> CoordinatorConfig:
+    """Validated config from ``path`` (defaults when None); :class:`ConfigError` on any problem."""
+    return load(path, CoordinatorConfig)
+
+
+__all__ = ["ConfigError", "CoordinatorConfig", "load_config"]

@@ -1,0 +1,165 @@
+"""The gRPC API for LMSs and dashboards: ``affectedge.v1.Coordinator`` plus health and reflection.
+
+Authentication is a bearer token in the ``authorization`` metadata, checked by a server
+interceptor before any handler runs (UNAUTHENTICATED otherwise). The standard health service is
+exempt so load balancers and orchestrators can probe without a secret; reflection is not, since
+it describes the API to whoever asks. With no tokens configured auth is off, which the service
+logs as a warning at start.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import queue
+import threading
+from concurrent import futures
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from sqlalchemy import select
+
+from affectedge.v1 import affectedge_pb2 as pb
+from affectedge.v1 import affectedge_pb2_grpc as pb_grpc
+from coordinator import aggregate
+from coordinator.db import Classroom
+from coordinator.store import utcnow
+
+if TYPE_CHECKING:
+    from coordinator.service import Coordinator
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+MAX_WINDOW_S = 86400
+MAX_STREAMS = 64  # each open StreamAdaptations holds one worker thread
+
+
+class BearerAuth(grpc.ServerInterceptor):
+    """Rejects every call without ``authorization: Bearer <one of tokens>`` (health excepted)."""
+
+    def __init__(self, tokens: tuple[str, ...]):
+        self._tokens = [t.encode() for t in tokens]
+
+        def deny(_request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    def _valid(self, metadata) -> bool:
+        header = dict(metadata or ()).get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        # compare against every token in constant time: which token matched must not leak
+        matches = [hmac.compare_digest(token.encode(), t) for t in self._tokens]
+        return scheme.lower() == "bearer" and any(matches)
+
+    def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
+            return continuation(handler_call_details)
+        if self._valid(handler_call_details.invocation_metadata):
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if handler is not None and handler.response_streaming:
+            return self._deny_stream
+        return self._deny
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    def __init__(self, coordinator: Coordinator, stopping: threading.Event):
+        self.coordinator = coordinator
+        self.stopping = stopping
+
+    def StreamAdaptations(self, request: pb.StreamAdaptationsRequest, context):
+        """Every new signal matching the request's classrooms and courses, until the client leaves."""
+        classrooms, courses = set(request.classroom_ids), set(request.course_ids)
+        hub = self.coordinator.hub
+        subscription = hub.subscribe()
+        try:
+            while context.is_active() and not self.stopping.is_set():
+                try:
+                    item = subscription.queue.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if not isinstance(item, pb.AdaptationSignal):
+                    continue
+                if classrooms and item.classroom_id not in classrooms:
+                    continue
+                if courses and item.course_id not in courses:
+                    continue
+                yield item
+        finally:
+            hub.unsubscribe(subscription)
+
+    def GetClassroomState(self, request: pb.GetClassroomStateRequest, context) -> pb.ClassroomState:
+        config = self.coordinator.config.aggregate
+        window = request.window_seconds or config.default_window
+        if window > MAX_WINDOW_S:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"window_seconds must be at most {MAX_WINDOW_S}")
+        with self.coordinator.sessions() as db:
+            if db.get(Classroom, request.classroom_id) is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"no classroom {request.classroom_id!r}")
+            return aggregate.classroom_state(
+                db, request.classroom_id, window, utcnow(), config.k_anonymity, config.agent_offline_after_s
+            )
+
+    def ListClassrooms(self, request: pb.ListClassroomsRequest, context) -> pb.ListClassroomsResponse:
+        offline_after = self.coordinator.config.aggregate.agent_offline_after_s
+        now = utcnow()
+        response = pb.ListClassroomsResponse()
+        with self.coordinator.sessions() as db:
+            for room in db.scalars(select(Classroom).order_by(Classroom.id)):
+                session = aggregate.open_session(db, room.id)
+                response.classrooms.add(
+                    classroom_id=room.id,
+                    name=room.name,
+                    course_id=room.course_id,
+                    session_id=session.id if session else "",
+                    agents_online=aggregate.agents_online(db, room.id, now, offline_after),
+                )
+        return response
+
+
+class GrpcServer:
+    def __init__(self, coordinator: Coordinator):
+        self.config = coordinator.config.grpc
+        self._stopping = threading.Event()
+        interceptors = [BearerAuth(self.config.tokens)] if self.config.tokens else []
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=MAX_STREAMS + 8, thread_name_prefix="grpc"),
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=MAX_STREAMS + 8,
+        )
+        pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator, self._stopping), self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        address = f"{self.config.host}:{self.config.port}"
+        if self.config.tls_cert:
+            key, cert = Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes()
+            bind = partial(self.server.add_secure_port, address, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            bind = partial(self.server.add_insecure_port, address)
+        try:
+            self.port = bind()
+        except RuntimeError:
+            raise OSError(f"cannot listen on {address} for gRPC (in use?): change [grpc] host/port") from None
+        if not self.config.tokens:
+            log.warning("gRPC auth is disabled: set [grpc] tokens to require a bearer token")
+
+    def start(self) -> None:
+        self.server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "gRPC listening on %s:%d (%s)", self.config.host, self.port, "TLS" if self.config.tls_cert else "plaintext"
+        )
+
+    def stop(self, grace: float = 2.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self._stopping.set()
+        self.server.stop(grace).wait()

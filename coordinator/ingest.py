@@ -1,0 +1,271 @@
+"""MQTT ingest: edge agents' label batches and status messages into the database.
+
+Delivery guarantees, and why each setting is there:
+
+* **MQTT v5 persistent session** (``clean_start = false`` + a session expiry): while the
+  coordinator is down the broker queues the QoS 1 batches agents publish, and delivers them when
+  it reconnects under the same client id.
+* **Ack after commit** (paho ``manual_ack``): a batch is acknowledged to the broker only once its
+  rows are committed, so a crash between receipt and commit means redelivery, not loss. A batch
+  the broker redelivers after a lost ack is recognised by its per-agent ``seq`` and skipped.
+* **Shared subscription** for observations (``$share/<group>/...``): several coordinators with the
+  same group split the batches between them. Statuses use a plain subscription on every instance
+  instead: they are few, retained, and brokers never hand retained messages to shared subscribers,
+  so a fresh coordinator would otherwise not know which agents are online.
+
+Messages are queued by paho's network thread and written by one writer thread in batches (one
+transaction, ``executemany`` per table), which is what lets one instance keep up with thousands of
+observations per second. Bad payloads are counted and logged at most every few seconds; they are
+acknowledged (redelivering them cannot fix them) and never stop ingest.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from affectedge import codec, topics
+from affectedge.v1 import affectedge_pb2 as pb
+from coordinator.config import MqttConfig
+from coordinator.store import Received, Store, utcnow
+
+log = logging.getLogger(__name__)
+
+OBSERVATION_FILTER = f"{topics.PREFIX}/+/+/{topics.OBSERVATIONS}"
+STATUS_FILTER = f"{topics.PREFIX}/+/+/{topics.STATUS}"
+SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our queue through a week-long outage
+RECEIVE_MAXIMUM = 2000  # unacknowledged QoS 1 messages the broker may have in flight to us
+MAX_BATCH = 1000  # MQTT messages per database transaction
+DEDUP_PER_AGENT = 256  # recent sequence numbers remembered per agent
+
+
+@dataclass
+class Counters:
+    """What ingest has seen; read by the dashboard's health view and the bench."""
+
+    messages: int = 0
+    observations: int = 0
+    statuses: int = 0
+    duplicates: int = 0
+    malformed: int = 0
+    unauthorised: int = 0
+    db_errors: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+
+class RateLimitedLog:
+    """At most one warning per ``every`` seconds per kind, saying how many were not logged."""
+
+    def __init__(self, every: float = 10.0):
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def warning(self, kind: str, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -self.every) < self.every:
+            self._skipped[kind] = self._skipped.get(kind, 0) + 1
+            return
+        skipped = self._skipped.pop(kind, 0)
+        self._last[kind] = now
+        suffix = f" ({skipped} more like it not logged)" if skipped else ""
+        log.warning(message + suffix, *args)
+
+
+@dataclass(frozen=True)
+class _Message:
+    mid: int
+    qos: int
+    topic: str
+    payload: bytes
+    content_type: str | None
+
+
+class Ingest:
+    def __init__(self, config: MqttConfig, store: Store):
+        self.config = config
+        self.store = store
+        self.counters = Counters()
+        self.connected = threading.Event()
+        self._queue: queue.Queue[_Message] = queue.Queue()
+        self._accepting = threading.Event()
+        self._stop = threading.Event()
+        self._seen: dict[str, OrderedDict[int, None]] = {}
+        self._bad = RateLimitedLog()
+        self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
+        self.client = self._client()
+
+    def _client(self) -> mqtt.Client:
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.config.client_id,
+            protocol=mqtt.MQTTv5 if self.config.protocol == "5" else mqtt.MQTTv311,
+            clean_session=None if self.config.protocol == "5" else self.config.clean_start,
+            manual_ack=True,
+        )
+        if self.config.username:
+            client.username_pw_set(self.config.username, self.config.password or None)
+        if self.config.tls:
+            client.tls_set(
+                ca_certs=self.config.tls_ca or None,
+                certfile=self.config.tls_cert or None,
+                keyfile=self.config.tls_key or None,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        client.reconnect_delay_set(1, 30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def start(self) -> None:
+        self._accepting.set()
+        self._writer.start()
+        if self.config.protocol == "5":
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = SESSION_EXPIRY_S
+            properties.ReceiveMaximum = RECEIVE_MAXIMUM
+            self.client.connect_async(self.config.host, self.config.port, keepalive=30,
+                                      clean_start=self.config.clean_start, properties=properties)
+        else:
+            self.client.connect_async(self.config.host, self.config.port, keepalive=30)
+        self.client.loop_start()
+        log.info("ingest connecting to %s as %s", self.config.url, self.config.client_id)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking messages, commit and acknowledge what was taken, then disconnect.
+
+        Messages arriving after this point are left unacknowledged, so the broker delivers them
+        again on the next start instead of them being lost with this process.
+        """
+        self._accepting.clear()
+        self._stop.set()
+        self._writer.join(timeout)
+        self.client.disconnect()
+        self.client.loop_stop()
+        log.info("ingest stopped: %s", self.counters.snapshot())
+
+    def _on_connect(self, client, _userdata, flags, reason_code, _properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker %s refused the connection: %s", self.config.url, reason_code)
+            return
+        group = self.config.shared_group
+        shared = topics.shared(OBSERVATION_FILTER, group) if group else OBSERVATION_FILTER
+        client.subscribe([(shared, self.config.qos), (STATUS_FILTER, self.config.qos)])
+        self.connected.set()
+        log.info(
+            "ingest connected to %s (%s session), subscribed to %s and %s",
+            self.config.url,
+            "resumed" if flags.session_present else "new",
+            shared,
+            STATUS_FILTER,
+        )
+
+    def _on_disconnect(self, _client, _userdata, _flags, reason_code, _properties) -> None:
+        self.connected.clear()
+        if self._accepting.is_set():
+            log.warning("lost the broker at %s (%s); reconnecting", self.config.url, reason_code)
+
+    def _on_message(self, _client, _userdata, msg: mqtt.MQTTMessage) -> None:
+        if not self._accepting.is_set():
+            return
+        content_type = getattr(msg.properties, "ContentType", None) if msg.properties else None
+        self._queue.put(_Message(msg.mid, msg.qos, msg.topic, msg.payload, content_type))
+
+    def _write_loop(self) -> None:
+        while not (self._stop.is_set() and self._queue.empty()):
+            try:
+                first = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            messages = [first]
+            while len(messages) < MAX_BATCH:
+                try:
+                    messages.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._commit(messages)
+
+    def _commit(self, messages: list[_Message]) -> None:
+        received, statuses = self._decode(messages)
+        while True:
+            try:
+                written = self.store.write(received, statuses)
+                break
+            except Exception as exc:  # the database is down or locked: keep the batch, retry
+                self.counters.add(db_errors=1)
+                self._bad.warning("db", "cannot store %d messages (%s); retrying", len(messages), exc)
+                if self._stop.wait(1.0):
+                    return  # unacknowledged: the broker redelivers them after restart
+        self.counters.add(messages=len(messages), observations=written, statuses=len(statuses))
+        for m in messages:
+            if m.qos:
+                self.client.ack(m.mid, m.qos)
+
+    def _decode(self, messages: list[_Message]) -> tuple[list[Received], list[tuple[pb.AgentStatus, datetime]]]:
+        now = utcnow()
+        received: list[Received] = []
+        statuses = []
+        for m in messages:
+            topic = topics.parse(m.topic)
+            if topic is None:
+                self._malformed(m.topic, "not an AffectEdge topic")
+                continue
+            cls = pb.ObservationBatch if topic.kind == topics.OBSERVATIONS else pb.AgentStatus
+            try:
+                message = codec.decode(m.payload, cls, m.content_type)
+            except codec.WireError as exc:
+                self._malformed(m.topic, str(exc))
+                continue
+            if (message.agent_id, message.classroom_id) != (topic.agent, topic.classroom):
+                self.counters.add(unauthorised=1)
+                self._bad.warning(
+                    "unauthorised",
+                    "dropped a message on %s claiming agent %r in classroom %r: ids must match the topic",
+                    m.topic,
+                    message.agent_id,
+                    message.classroom_id,
+                )
+                continue
+            if isinstance(message, pb.AgentStatus):
+                statuses.append((message, now))
+            elif self._duplicate(message):
+                self.counters.add(duplicates=1)
+            else:
+                received.append(Received(message, now))
+        return received, statuses
+
+    def _malformed(self, topic: str, why: str) -> None:
+        self.counters.add(malformed=1)
+        self._bad.warning("malformed", "dropped a malformed message on %s: %s", topic[:200], why[:300])
+
+    def _duplicate(self, batch: pb.ObservationBatch) -> bool:
+        """True if this agent's batch ``seq`` was already stored (a redelivery)."""
+        if not batch.seq:
+            return False
+        seen = self._seen.setdefault(batch.agent_id, OrderedDict())
+        if batch.seq in seen:
+            return True
+        seen[batch.seq] = None
+        if len(seen) > DEDUP_PER_AGENT:
+            seen.popitem(last=False)
+        return False

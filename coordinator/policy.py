@@ -1,0 +1,231 @@
+"""The policy engine: sustained learning states in a classroom become adaptation signals.
+
+Rules live in a TOML file (``coordinator/rules.toml`` is the shipped, commented default). Per
+classroom and rule the engine keeps two facts between ticks: since when the trigger condition has
+held, and whether the rule has fired and not yet cleared (hysteresis). Cooldown is *not* kept in
+memory: it is read from the stored signals, so it survives a restart and a change of the instance
+that evaluates policy. Admin overrides of a rule's threshold come from the ``settings`` table
+(``policy.<rule>.threshold``, a number); the clear level moves with it, keeping the hysteresis gap.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+
+from affectedge import settings
+from affectedge.topics import ID_PATTERN
+from affectedge.v1 import affectedge_pb2 as pb
+from coordinator import states
+
+DEFAULT_RULES = Path(__file__).with_name("rules.toml")
+Share = Annotated[float, Field(ge=0, le=1)]
+Seconds = Annotated[float, Field(ge=0)]
+DEFAULT_HYSTERESIS = 0.1
+
+
+class Rule(settings.Section):
+    name: str
+    signal: str
+    states: tuple[str, ...]
+    above: Share | None = None
+    below: Share | None = None
+    clear: Share | None = None
+    window_s: Annotated[int, Field(ge=1, le=86400)] = 60
+    min_duration_s: Seconds = 0
+    cooldown_s: Seconds = 600
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not ID_PATTERN.match(value):
+            raise ValueError("use 1-64 letters, digits, '_' or '-'")
+        return value
+
+    @field_validator("signal")
+    @classmethod
+    def _signal(cls, value: str) -> str:
+        kinds = [v.name for v in pb.SignalKind.DESCRIPTOR.values if v.number]
+        if value not in kinds:
+            raise ValueError(f"use one of {', '.join(kinds)}")
+        return value
+
+    @field_validator("states")
+    @classmethod
+    def _states(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or any(s not in states.STATES for s in value):
+            raise ValueError(f"list one or more of {', '.join(states.STATES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _levels(self) -> Rule:
+        if (self.above is None) == (self.below is None):
+            raise ValueError(f"rule {self.name!r}: set exactly one of `above` or `below`")
+        if self.clear is not None and not self._clear_is_inside(self.trigger, self.clear):
+            side = "below `above`" if self.rising else "above `below`"
+            raise ValueError(f"rule {self.name!r}: `clear` must be {side} (hysteresis)")
+        return self
+
+    @property
+    def rising(self) -> bool:
+        return self.above is not None
+
+    @property
+    def trigger(self) -> float:
+        return self.above if self.above is not None else self.below  # type: ignore[return-value]
+
+    def _clear_is_inside(self, trigger: float, clear: float) -> bool:
+        return clear < trigger if self.rising else clear > trigger
+
+    def levels(self, override: float | None) -> tuple[float, float]:
+        """(trigger, clear) with an admin override of the trigger applied."""
+        default_clear = self.trigger - DEFAULT_HYSTERESIS if self.rising else self.trigger + DEFAULT_HYSTERESIS
+        gap = (self.clear if self.clear is not None else default_clear) - self.trigger
+        trigger = self.trigger if override is None else override
+        return trigger, min(1.0, max(0.0, trigger + gap))
+
+
+class RulesFile(settings.Section):
+    rule: tuple[Rule, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique(self) -> RulesFile:
+        names = [r.name for r in self.rule]
+        if len(names) != len(set(names)):
+            raise ValueError("rule names must be unique")
+        return self
+
+
+def load_rules(path: str | Path = "") -> tuple[Rule, ...]:
+    """Rules from ``path`` ("" = the shipped default); ConfigError on any problem."""
+    return settings.load(Path(path) if path else DEFAULT_RULES, RulesFile).rule
+
+
+def threshold_key(rule: str) -> str:
+    return f"policy.{rule}.threshold"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{round(seconds)} s"
+    return f"{round(seconds / 60)} min"
+
+
+def reason(rule: Rule, threshold: float, sustained_s: float) -> str:
+    """Plain words, e.g. "confusion above 40% for 3 min"."""
+    what = " + ".join(states.NOUNS[s] for s in rule.states)
+    side = "above" if rule.rising else "below"
+    return f"{what} {side} {round(threshold * 100)}% for {_duration(sustained_s)}"
+
+
+def strength(rule: Rule, observed: float, threshold: float) -> float:
+    """0.5 at the threshold, rising linearly to 1.0 at the far end of the 0..1 scale."""
+    margin = observed - threshold if rule.rising else threshold - observed
+    headroom = (1.0 - threshold) if rule.rising else threshold
+    return min(1.0, max(0.0, 0.5 + 0.5 * (margin / headroom if headroom > 0 else 1.0)))
+
+
+def observed_value(rule: Rule, state: pb.ClassroomState) -> float | None:
+    """The rule's number for a window, or None when there is nothing to judge (or below k)."""
+    if state.suppressed or state.observations == 0:
+        return None
+    scores = states.from_messages(state.states)
+    return sum(scores.get(s, 0.0) for s in rule.states)
+
+
+@dataclass
+class _Track:
+    since: datetime | None = None  # when the trigger condition started holding
+    active: bool = False  # fired and not yet cleared
+
+
+#: (classroom_id, rule name, since) -> when that rule last fired there after ``since``, or None
+LastFired = Callable[[str, str, datetime], datetime | None]
+
+
+class PolicyEngine:
+    def __init__(self, rules: tuple[Rule, ...], last_fired: LastFired):
+        self.rules = rules
+        self.last_fired = last_fired
+        self._tracks: dict[tuple[str, str], _Track] = {}
+
+    @property
+    def windows(self) -> set[int]:
+        return {r.window_s for r in self.rules}
+
+    def reset(self) -> None:
+        """Forget all tracking (this instance stopped evaluating policy)."""
+        self._tracks.clear()
+
+    def forget_except(self, classroom_ids: set[str]) -> None:
+        """Drop tracking of classrooms that are no longer active."""
+        for key in [k for k in self._tracks if k[0] not in classroom_ids]:
+            del self._tracks[key]
+
+    def evaluate(
+        self,
+        classroom_id: str,
+        now: datetime,
+        windows: dict[int, pb.ClassroomState],
+        overrides: dict[str, float],
+    ) -> list[pb.AdaptationSignal]:
+        """New signals for one classroom given its states over each rule's window."""
+        fired = []
+        for rule in self.rules:
+            state = windows[rule.window_s]
+            track = self._tracks.setdefault((classroom_id, rule.name), _Track())
+            value = observed_value(rule, state)
+            threshold, clear = rule.levels(overrides.get(rule.name))
+            if value is None:
+                track.since, track.active = None, False
+                continue
+            if track.active:
+                if (value < clear) if rule.rising else (value > clear):
+                    track.since, track.active = None, False
+                continue
+            if not ((value >= threshold) if rule.rising else (value <= threshold)):
+                track.since = None
+                continue
+            track.since = track.since or now
+            sustained = (now - track.since).total_seconds()
+            if sustained < rule.min_duration_s:
+                continue
+            if rule.cooldown_s and self.last_fired(
+                classroom_id, rule.name, now - timedelta(seconds=rule.cooldown_s)
+            ):
+                continue
+            track.active = True
+            fired.append(self._signal(rule, state, now, value, threshold, sustained))
+        return fired
+
+    @staticmethod
+    def _signal(
+        rule: Rule, state: pb.ClassroomState, now: datetime, value: float, threshold: float, sustained: float
+    ) -> pb.AdaptationSignal:
+        signal = pb.AdaptationSignal(
+            id=uuid.uuid4().hex,
+            classroom_id=state.classroom_id,
+            session_id=state.session_id,
+            course_id=state.course_id,
+            kind=pb.SignalKind.Value(rule.signal),
+            strength=strength(rule, value, threshold),
+            reason=reason(rule, threshold, sustained),
+        )
+        evidence = signal.evidence
+        evidence.rule = rule.name
+        evidence.window_start.CopyFrom(state.window_start)
+        evidence.window_end.CopyFrom(state.window_end)
+        evidence.distribution.extend(state.distribution)
+        evidence.states.extend(state.states)
+        evidence.observed = value
+        evidence.threshold = threshold
+        evidence.sustained_seconds = round(sustained)
+        evidence.learners = state.learners
+        signal.created_at.FromDatetime(now)
+        return signal

@@ -1,0 +1,48 @@
+"""Deleting raw data past its retention, keeping the (smaller, anonymised) aggregates longer.
+
+Raw observations and camera samples are per-track and per-camera, so they are the privacy-
+sensitive part and are kept ``database.retention_days``; stored :class:`Aggregate` snapshots are
+k-anonymised and kept ``database.aggregate_retention_days``. An admin may override either in the
+``settings`` table (``retention.days`` / ``retention.aggregate_days``, a number of days).
+Deletes run in chunks so a large purge never holds the database's write lock for long.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import sessionmaker
+
+from coordinator.db import Aggregate, CameraSample, Observation
+
+log = logging.getLogger(__name__)
+
+RAW_KEY = "retention.days"
+AGGREGATE_KEY = "retention.aggregate_days"
+CHUNK = 5000
+
+
+def _purge(sessions: sessionmaker, table, column, before: datetime) -> int:
+    total = 0
+    while True:
+        with sessions.begin() as db:
+            ids = db.scalars(select(table.id).where(column < before).limit(CHUNK)).all()
+            if not ids:
+                return total
+            db.execute(delete(table).where(table.id.in_(ids)))
+        total += len(ids)
+
+
+def purge(sessions: sessionmaker, now: datetime, raw_days: float, aggregate_days: float) -> dict[str, int]:
+    """Delete what is past retention; rows deleted per table."""
+    raw_before = now - timedelta(days=raw_days)
+    deleted = {
+        "observations": _purge(sessions, Observation, Observation.window_end, raw_before),
+        "camera_samples": _purge(sessions, CameraSample, CameraSample.ts, raw_before),
+        "aggregates": _purge(sessions, Aggregate, Aggregate.window_end, now - timedelta(days=aggregate_days)),
+    }
+    if any(deleted.values()):
+        log.info("retention: deleted %s (raw before %s)", deleted, raw_before.isoformat(timespec="seconds"))
+    return deleted

@@ -1,0 +1,233 @@
+"""The running coordinator: ingest, the aggregation/policy ticker, gRPC, the web app and outlets.
+
+Several instances may run against one broker and one database (PostgreSQL, or SQLite on one host).
+MQTT shared subscriptions split the observation stream between them by message, so no instance
+sees all of any classroom's data; what keeps the signals right and unique is this division:
+
+* **ingest** runs everywhere and writes to the shared database;
+* **aggregates are computed from the database**, so every instance sees the whole classroom;
+* **policy, stored snapshots, idle-session closing and retention run on one instance**: the
+  holder of a lease row renewed every tick (:meth:`coordinator.store.Store.lead`). If it dies,
+  another takes over when the lease expires; cooldowns are read from the stored signals, so the
+  successor does not repeat a signal the old leader just sent;
+* **every instance announces every signal** on its own hub (the leader as it fires them, the others
+  by reading new rows each tick) so a gRPC stream or dashboard on any instance sees all of them;
+* **outlets (webhooks, xAPI) run on the leader only**, which is what makes each signal's delivery
+  rows be written once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from sqlalchemy import insert
+from werkzeug.serving import make_server
+
+from affectedge.v1 import affectedge_pb2 as pb
+from coordinator import aggregate, db, retention
+from coordinator.config import CoordinatorConfig
+from coordinator.grpc_api import GrpcServer
+from coordinator.hub import Hub
+from coordinator.ingest import Ingest
+from coordinator.policy import PolicyEngine, load_rules, threshold_key
+from coordinator.store import Store, utcnow
+from coordinator.web import create_app
+from coordinator.webhooks import WebhookDispatcher
+from coordinator.xapi import XapiForwarder
+
+log = logging.getLogger(__name__)
+
+#: a window of w seconds is recomputed at most every w / REFRESH_DIVISOR seconds (and every tick
+#: for short ones), which bounds how many rows long windows rescan each second
+REFRESH_DIVISOR = 30
+RETENTION_EVERY = timedelta(hours=1)
+SIGNAL_FEED_MARGIN = timedelta(seconds=10)  # re-read signals this far back (commit lag, clock skew)
+
+
+class Outlet(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig):
+        self.config = config
+        self.instance_id = f"{config.mqtt.client_id}-{uuid.uuid4().hex[:8]}"
+        self.sessions = db.connect(config.database.url)
+        self.hub = Hub()
+        self.store = Store(self.sessions)
+        self.policy = PolicyEngine(load_rules(config.policy.rules), self.store.last_signal_at)
+        self.ingest = Ingest(config.mqtt, self.store)
+        self.grpc = GrpcServer(self)
+        self.web = self._web_server()
+        self.is_leader = False
+        self.live_window = min(config.aggregate.windows)
+        self._outlets: list[Outlet] = []
+        # signals already out before this start are not news: remember them without announcing
+        self._feed_from = utcnow()
+        self._announced = {
+            s.id: s.created_at.ToDatetime() for s in self.store.signals_since(self._feed_from - SIGNAL_FEED_MARGIN)
+        }
+        self._cache: dict[tuple[str, int], pb.ClassroomState] = {}
+        self._last_tick: datetime | None = None
+        self._last_retention = datetime.min
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick_loop, name="coordinator-ticker", daemon=True)
+
+    def _web_server(self):
+        web = self.config.web
+        try:
+            return make_server(web.host, web.port, create_app(self), threaded=True)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {web.host}:{web.port} for the web app ({exc.strerror}): "
+                          "change [web] host/port") from None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.grpc.start()
+        threading.Thread(target=self.web.serve_forever, name="web", daemon=True).start()
+        log.info("web app on http://%s:%d", self.config.web.host, self.web.server_port)
+        self.ingest.start()
+        self._ticker.start()
+        log.info("coordinator %s started", self.instance_id)
+
+    def stop(self) -> None:
+        """Stop taking work, finish what was taken, hand the policy lease over."""
+        self._stop.set()
+        self._ticker.join(10)
+        self.ingest.stop()
+        self.grpc.stop()
+        self.web.shutdown()
+        self._set_leader(False)
+        self.store.resign(self.instance_id)
+        log.info("coordinator %s stopped", self.instance_id)
+
+    def _outlets_configured(self) -> list[Outlet]:
+        outlets: list[Outlet] = []
+        if self.config.webhooks:
+            outlets.append(WebhookDispatcher(self))
+        if self.config.xapi.endpoint:
+            outlets.append(XapiForwarder(self))
+        return outlets
+
+    def _set_leader(self, leader: bool) -> None:
+        if leader == self.is_leader:
+            return
+        self.is_leader = leader
+        if leader:
+            log.info("%s now evaluates policy (lease taken)", self.instance_id)
+            self._outlets = self._outlets_configured()
+            for outlet in self._outlets:
+                outlet.start()
+        else:
+            log.info("%s no longer evaluates policy", self.instance_id)
+            self.policy.reset()
+            for outlet in self._outlets:
+                outlet.stop()
+            self._outlets = []
+
+    # -- the ticker ---------------------------------------------------------------------------
+
+    def _tick_loop(self) -> None:
+        """Tick at a fixed rate (a slow tick shortens the next wait; a late one skips, never bursts)."""
+        interval = self.config.aggregate.tick_seconds
+        due = time.monotonic() + interval
+        while not self._stop.wait(max(0.0, due - time.monotonic())):
+            try:
+                self.tick(utcnow())
+            except Exception:  # a database hiccup must not end aggregation for good
+                log.exception("coordinator tick failed; retrying next tick")
+            due = max(due + interval, time.monotonic())
+
+    def tick(self, now: datetime) -> None:
+        """One step: the signal feed, the lease, live states, then (leader only) sessions, snapshots,
+        policy and retention. The feed runs first so an instance that takes the lease over has
+        already seen the old leader's signals and its outlets do not deliver them a second time."""
+        self._feed(now)
+        lease_s = max(5.0, 5 * self.config.aggregate.tick_seconds)
+        self._set_leader(self.store.lead(self.instance_id, now, lease_s))
+        windows = set(self.config.aggregate.windows) | self.policy.windows
+        with self.sessions() as session:
+            active = aggregate.active_classrooms(session, now - timedelta(seconds=max(windows)))
+            self._cache = {key: s for key, s in self._cache.items() if key[0] in active}
+            for classroom_id in active:
+                self.hub.publish(self._state(session, classroom_id, self.live_window, now))
+        if self.is_leader:
+            self._lead(now, active)
+        self._last_tick = now
+
+    def _state(self, session, classroom_id: str, window: int, now: datetime, fresh: bool = False):
+        """The classroom's state over ``window``, recomputed only when it has moved far enough."""
+        cached = self._cache.get((classroom_id, window))
+        refresh = max(self.config.aggregate.tick_seconds, window / REFRESH_DIVISOR)
+        stale = cached is None or (now - cached.window_end.ToDatetime()).total_seconds() >= refresh * 0.999
+        if fresh or stale:
+            agg = self.config.aggregate
+            cached = aggregate.classroom_state(
+                session, classroom_id, window, now, agg.k_anonymity, agg.agent_offline_after_s
+            )
+            self._cache[(classroom_id, window)] = cached
+        return cached
+
+    def _lead(self, now: datetime, active: list[str]) -> None:
+        idle_s = self.config.aggregate.session_idle_minutes * 60
+        for session_id in self.store.close_idle_sessions(now, idle_s):
+            log.info("closed session %s after %.0f min without observations", session_id, idle_s / 60)
+        overrides = self._threshold_overrides()
+        snapshots, fired = [], []
+        with self.sessions() as session:
+            for classroom_id in active:
+                for window in self.config.aggregate.windows:
+                    if self._last_tick and int(_epoch(now) // window) != int(_epoch(self._last_tick) // window):
+                        snap = self._state(session, classroom_id, window, now, fresh=True)
+                        snapshots.append(aggregate.to_aggregate_row(snap))
+                states = {w: self._state(session, classroom_id, w, now) for w in self.policy.windows}
+                fired.extend(self.policy.evaluate(classroom_id, now, states, overrides))
+        self.policy.forget_except(set(active))
+        if snapshots:
+            with self.sessions.begin() as session:
+                session.execute(insert(db.Aggregate), snapshots)
+        for signal in fired:
+            self.store.add_signal(signal)
+            log.info("signal %s %s in %s: %s", signal.id, pb.SignalKind.Name(signal.kind),
+                     signal.classroom_id, signal.reason)
+            self._announce(signal)
+        if now - self._last_retention >= RETENTION_EVERY:
+            self._last_retention = now
+            raw = self.store.setting(retention.RAW_KEY) or self.config.database.retention_days
+            kept = self.store.setting(retention.AGGREGATE_KEY) or self.config.database.aggregate_retention_days
+            retention.purge(self.sessions, now, float(raw), float(kept))
+
+    def _threshold_overrides(self) -> dict[str, float]:
+        overrides = {}
+        for rule in self.policy.rules:
+            value = self.store.setting(threshold_key(rule.name))
+            if isinstance(value, int | float) and 0 <= value <= 1:
+                overrides[rule.name] = float(value)
+            elif value is not None:
+                log.warning("ignoring setting %s = %r: it must be a number from 0 to 1",
+                            threshold_key(rule.name), value)
+        return overrides
+
+    def _feed(self, now: datetime) -> None:
+        """Announce signals other instances stored (and forget ones too old to be re-read)."""
+        for signal in self.store.signals_since(self._feed_from - SIGNAL_FEED_MARGIN):
+            self._announce(signal)
+        self._feed_from = now
+        horizon = now - 2 * SIGNAL_FEED_MARGIN
+        self._announced = {k: t for k, t in self._announced.items() if t >= horizon}
+
+    def _announce(self, signal: pb.AdaptationSignal) -> None:
+        if signal.id not in self._announced:
+            self._announced[signal.id] = signal.created_at.ToDatetime()
+            self.hub.publish(signal)
+
+
+def _epoch(value: datetime) -> float:
+    return (value - datetime(1970, 1, 1)).total_seconds()

@@ -1,0 +1,118 @@
+"""The instructor dashboard and REST API, served by the coordinator (``create_app(coordinator)``).
+
+Plain server-rendered pages with a little vanilla JavaScript; the only third-party browser code is
+the vendored Chart.js in ``static/vendor``. Nothing is fetched from a CDN, and the Content Security
+Policy allows only this origin, so the dashboard works on an offline campus network.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from datetime import timedelta
+from pathlib import Path
+
+from flask import Flask, g, render_template, request
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+from flask_wtf.csrf import CSRFError, CSRFProtect
+from werkzeug.exceptions import HTTPException
+
+from coordinator import users
+from coordinator.web import access
+
+log = logging.getLogger(__name__)
+
+SECRET_FILE = "web-secret-key"
+CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+
+
+def secret_key(configured: str, state_dir: str) -> str:
+    """The configured key, else one generated on first start and kept (mode 0600) in state_dir.
+
+    Keeping it means sessions survive a restart; generating it means no demo ships a known key.
+    """
+    if configured:
+        return configured
+    path = Path(state_dir) / SECRET_FILE
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(key)
+    log.info("generated the dashboard session key in %s", path)
+    return key
+
+
+def create_app(coordinator) -> Flask:
+    """The Flask app for ``coordinator`` (its config, database sessions and hub)."""
+    from coordinator.web import admin, api, auth, history, live
+
+    config = coordinator.config
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=secret_key(config.web.secret_key, config.state_dir),
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=config.web.cookie_secure,
+        SESSION_COOKIE_NAME=access.SESSION_COOKIE,
+        PERMANENT_SESSION_LIFETIME=timedelta(hours=12),
+        WTF_CSRF_TIME_LIMIT=None,  # the token lives as long as the login session
+        WTF_CSRF_SSL_STRICT=config.web.cookie_secure,
+        MAX_CONTENT_LENGTH=1 << 20,
+    )
+    app.extensions["affectedge.coordinator"] = coordinator
+    csrf = CSRFProtect(app)
+    for blueprint in (auth.bp, live.bp, history.bp, admin.bp):
+        app.register_blueprint(blueprint)
+    app.register_blueprint(api.bp)
+    csrf.exempt(api.bp)  # api.bp enforces CSRF itself for cookie logins; bearer tokens need none
+
+    limiter = Limiter(get_remote_address, app=app, storage_uri="memory://", headers_enabled=True)
+    app.view_functions["auth.login"] = limiter.limit(config.web.login_rate, methods=["POST"])(
+        app.view_functions["auth.login"]
+    )
+
+    @app.teardown_request
+    def _close_db(_exc) -> None:
+        session = g.pop("db", None)
+        if session is not None:
+            session.close()
+
+    @app.after_request
+    def _security_headers(response):
+        response.headers.setdefault("Content-Security-Policy", CSP)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "same-origin"
+        if request.endpoint and request.endpoint != "static":
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    @app.errorhandler(CSRFError)
+    def _csrf_error(exc: CSRFError):
+        return _error(400, "The form expired or was not sent from this dashboard: reload the page and try again.")
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        if exc.code == 429:
+            return _error(429, f"Too many login attempts from here (limit {exc.description}): wait, then try again.")
+        return _error(exc.code or 500, exc.description or exc.name)
+
+    @app.context_processor
+    def _globals() -> dict:
+        return {"viewer": access.viewer(), "k": config.aggregate.k_anonymity}
+
+    users.ensure_admin(coordinator.sessions, config.web.admin_user, config.web.admin_password)
+    return app
+
+
+def _error(code: int, message: str):
+    if request.path.startswith("/api/") or request.accept_mimetypes.best == "application/json":
+        return {"error": message, "status": code}, code
+    return render_template("error.html", code=code, message=message), code

@@ -1,0 +1,124 @@
+"""Who is asking, and what they may see: session logins, API bearer tokens, classroom ownership.
+
+Every view that touches a classroom goes through :func:`classroom_or_403`, so the rule
+"an instructor sees only the classrooms assigned to them" lives in exactly one place.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from functools import wraps
+
+from flask import abort, current_app, g, redirect, request, session, url_for
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from werkzeug.exceptions import Forbidden
+
+from coordinator import db
+
+SESSION_COOKIE = "affectedge_session"
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """The caller: a dashboard user, or an API token (which sees everything, like an admin)."""
+
+    name: str
+    role: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def coordinator():
+    return current_app.extensions["affectedge.coordinator"]
+
+
+def dbs() -> Session:
+    """One SQLAlchemy session per request, closed by the app's teardown hook."""
+    if "db" not in g:
+        g.db = coordinator().sessions()
+    return g.db
+
+
+def _session_viewer() -> Viewer | None:
+    user_id = session.get("user_id")
+    if user_id is None:
+        return None
+    user = dbs().get(db.User, user_id)
+    if user is None or not user.active:
+        session.clear()
+        return None
+    return Viewer(user.username, user.role)
+
+
+def token_viewer() -> Viewer | None:
+    """The API caller named by an ``Authorization: Bearer`` header (None without one; 401 if wrong)."""
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer "):
+        return None
+    token = header.removeprefix("Bearer ").strip().encode()
+    for known in coordinator().config.web.api_tokens:
+        if token and hmac.compare_digest(token, known.encode()):
+            return Viewer("api-token", "admin")
+    abort(401, description="the bearer token is not valid: use one listed in web.api_tokens")
+
+
+def viewer() -> Viewer | None:
+    """The logged-in user (the API blueprint may have set an API token viewer before)."""
+    if "viewer" not in g:
+        g.viewer = _session_viewer()
+    return g.viewer
+
+
+def login_required(view):
+    @wraps(view)
+    def wrapper(*args, **kwargs):
+        if viewer() is None:
+            return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
+        return view(*args, **kwargs)
+
+    return wrapper
+
+
+def admin_required(view):
+    @wraps(view)
+    def wrapper(*args, **kwargs):
+        who = viewer()
+        if who is None:
+            return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
+        if not who.is_admin:
+            raise Forbidden("this page is for administrators; ask one if you need a change here")
+        return view(*args, **kwargs)
+
+    return wrapper
+
+
+def visible_classrooms(session_: Session, who: Viewer) -> list[db.Classroom]:
+    query = select(db.Classroom).order_by(db.Classroom.id)
+    if not who.is_admin:
+        query = query.where(db.Classroom.instructor == who.name)
+    return list(session_.scalars(query))
+
+
+def classroom_or_403(classroom_id: str) -> db.Classroom:
+    """The classroom if the viewer may see it; 404 if unknown, 403 if it is someone else's."""
+    room = dbs().get(db.Classroom, classroom_id)
+    if room is None:
+        abort(404, description=f"there is no classroom {classroom_id!r}")
+    who = viewer()
+    if who is None or not (who.is_admin or room.instructor == who.name):
+        raise Forbidden(
+            f"classroom {classroom_id!r} is not assigned to you; ask an administrator to assign it "
+            "if you teach there"
+        )
+    return room
+
+
+def visible_classroom_ids(who: Viewer) -> set[str] | None:
+    """Ids the viewer may see, or None for "all" (admins and API tokens)."""
+    if who.is_admin:
+        return None
+    return {room.id for room in visible_classrooms(dbs(), who)}

@@ -1,0 +1,136 @@
+"""REST JSON API under /api/v1: classrooms, their state, signals and acknowledging them.
+
+Callers authenticate with ``Authorization: Bearer <token>`` (a token from ``web.api_tokens``,
+which sees every classroom) or with a dashboard login cookie (which sees what that user sees).
+A cookie-authenticated POST must carry the page's CSRF token in ``X-CSRFToken``, since a browser
+would attach the cookie to a forged cross-site request too; a bearer token cannot be forged so.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from flask import Blueprint, g, request
+from flask_wtf.csrf import validate_csrf
+from werkzeug.exceptions import BadRequest, Conflict, NotFound, Unauthorized
+from wtforms.validators import ValidationError
+
+from coordinator import aggregate, db
+from coordinator.store import utcnow
+from coordinator.web import access, openapi, present, signals
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+MAX_LIMIT = 1000
+
+
+@bp.before_request
+def _authenticate() -> None:
+    if request.endpoint == "api.openapi_document":
+        return
+    token = access.token_viewer()
+    if token is not None:
+        g.viewer = token
+        return
+    if access.viewer() is None:
+        raise Unauthorized("log in to the dashboard or send Authorization: Bearer <token> (web.api_tokens)")
+    if request.method == "POST":
+        try:
+            validate_csrf(request.headers.get("X-CSRFToken", ""))
+        except ValidationError as exc:
+            raise BadRequest(f"CSRF check failed ({exc}): send the page's token in X-CSRFToken") from None
+
+
+@bp.get("/openapi.json")
+def openapi_document():
+    return openapi.document()
+
+
+@bp.get("/classrooms")
+def classrooms():
+    session = access.dbs()
+    now = utcnow()
+    offline_after = access.coordinator().config.aggregate.agent_offline_after_s
+    result = []
+    for room in access.visible_classrooms(session, access.viewer()):
+        open_session = aggregate.open_session(session, room.id)
+        result.append(
+            {
+                "id": room.id,
+                "name": room.name,
+                "course_id": room.course_id,
+                "instructor": room.instructor,
+                "session_id": open_session.id if open_session else None,
+                "agents_online": aggregate.agents_online(session, room.id, now, offline_after),
+            }
+        )
+    return {"classrooms": result}
+
+
+@bp.get("/classrooms/<classroom_id>/state")
+def classroom_state(classroom_id: str):
+    room = access.classroom_or_403(classroom_id)
+    config = access.coordinator().config.aggregate
+    window = request.args.get("window", default=config.default_window, type=int)
+    if window not in config.windows:
+        raise BadRequest(f"window must be one of {', '.join(map(str, config.windows))} seconds")
+    state = aggregate.classroom_state(
+        access.dbs(), room.id, window, utcnow(), config.k_anonymity, config.agent_offline_after_s
+    )
+    return present.state_json(state, config.k_anonymity)
+
+
+def _time_arg(name: str) -> datetime | None:
+    value = request.args.get(name)
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"{name} must be an ISO 8601 time, e.g. 2025-01-31T09:00:00Z") from None
+    return present.naive_utc(parsed)
+
+
+@bp.get("/signals")
+def list_signals():
+    status = request.args.get("status") or None
+    if status and status not in signals.STATUSES:
+        raise BadRequest(f"status must be one of {', '.join(signals.STATUSES)}")
+    limit = request.args.get("limit", default=100, type=int)
+    if not 1 <= limit <= MAX_LIMIT:
+        raise BadRequest(f"limit must be between 1 and {MAX_LIMIT}")
+    visible = access.visible_classroom_ids(access.viewer())
+    wanted = request.args.get("classroom")
+    if wanted:
+        access.classroom_or_403(wanted)
+        visible = {wanted}
+    rows = signals.find(
+        access.dbs(),
+        visible,
+        status=status,
+        kind=request.args.get("kind") or None,
+        session_id=request.args.get("session") or None,
+        since=_time_arg("since"),
+        until=_time_arg("until"),
+        limit=limit,
+    )
+    return {"signals": [present.row_json(row) for row in rows]}
+
+
+@bp.post("/signals/<signal_id>/ack")
+def ack_signal(signal_id: str):
+    """Body ``{"status": "acknowledged" | "dismissed"}``; the default is acknowledged."""
+    session = access.dbs()
+    row = session.get(db.Signal, signal_id)
+    if row is None:
+        raise NotFound(f"there is no signal {signal_id!r}")
+    access.classroom_or_403(row.classroom_id)
+    body = request.get_json(silent=True) or {}
+    status = body.get("status", "acknowledged")
+    try:
+        signals.handle(row, status, access.viewer().name, utcnow())
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    except signals.AlreadyHandled as exc:
+        raise Conflict(str(exc)) from None
+    session.commit()
+    return present.row_json(row)

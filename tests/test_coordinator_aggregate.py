@@ -1,0 +1,163 @@
+"""Window aggregates and the emotion -> learning-state mapping, on a real SQLite database."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import pytest
+from sqlalchemy import func, insert, select
+
+from affectedge.labels import EMOTIONS
+from coordinator import aggregate, db, states
+from coordinator.store import Received, Store
+
+NOW = datetime(2026, 3, 2, 10, 0, 0)
+
+
+def one_hot(name: str, p: float = 1.0) -> list[float]:
+    rest = (1.0 - p) / (len(EMOTIONS) - 1)
+    return [p if e == name else rest for e in EMOTIONS]
+
+
+@pytest.fixture
+def sessions(tmp_path):
+    return db.connect(f"sqlite:///{tmp_path / 'agg.db'}")
+
+
+def add_obs(sessions, classroom: str, rows: list[tuple]) -> None:
+    """rows: (agent, camera, track, seconds before NOW, distribution, confidence)."""
+    with sessions.begin() as s:
+        s.execute(
+            insert(db.Observation),
+            [
+                {
+                    "classroom_id": classroom,
+                    "agent_id": agent,
+                    "camera_id": camera,
+                    "track_id": track,
+                    "window_start": NOW - timedelta(seconds=ago + 1),
+                    "window_end": NOW - timedelta(seconds=ago),
+                    "label": max(range(7), key=lambda i: dist[i]),
+                    "confidence": conf,
+                    **dict(zip(db.PROB_COLUMNS, dist, strict=True)),
+                }
+                for agent, camera, track, ago, dist, conf in rows
+            ],
+        )
+
+
+def test_mapping_rows_sum_to_one_and_cover_every_emotion():
+    assert set(states.MAPPING) == set(EMOTIONS)
+    for emotion, row in states.MAPPING.items():
+        assert sum(row.values()) == pytest.approx(1.0), emotion
+        assert set(row) <= set(states.STATES)
+    scores = states.from_distribution(one_hot("fear"))
+    assert sum(scores.values()) == pytest.approx(1.0)
+    assert max(scores, key=scores.get) == "confused"
+    assert max(states.from_distribution(one_hot("angry")), key=lambda k: states.from_distribution(
+        one_hot("angry"))[k]) == "frustrated"
+    with pytest.raises(ValueError, match="7"):
+        states.from_distribution([1.0, 0.0])
+
+
+def test_state_is_confidence_weighted_counts_distinct_learners_and_latest_faces(sessions):
+    add_obs(
+        sessions,
+        "room-a",
+        [
+            ("ag1", "cam0", 1, 2, one_hot("happy"), 0.9),
+            ("ag1", "cam0", 2, 3, one_hot("happy"), 0.9),
+            ("ag1", "cam0", 1, 4, one_hot("happy"), 0.9),  # same learner again
+            ("ag2", "cam0", 1, 5, one_hot("angry"), 0.3),  # same track id, other agent: a new learner
+            ("ag1", "cam0", 3, 90, one_hot("sad"), 1.0),  # outside a 60 s window
+        ],
+    )
+    with sessions.begin() as s:
+        s.execute(
+            insert(db.CameraSample),
+            [
+                {"classroom_id": "room-a", "agent_id": "ag1", "camera_id": "cam0", "ts": NOW - timedelta(seconds=30),
+                 "faces_present": 9},
+                {"classroom_id": "room-a", "agent_id": "ag1", "camera_id": "cam0", "ts": NOW - timedelta(seconds=2),
+                 "faces_present": 4},
+                {"classroom_id": "room-a", "agent_id": "ag2", "camera_id": "cam0", "ts": NOW - timedelta(seconds=1),
+                 "faces_present": 2},
+            ],
+        )
+        s.add(db.Agent(id="ag1", classroom_id="room-a", state="ONLINE", last_seen=NOW - timedelta(seconds=5)))
+        s.add(db.Agent(id="ag2", classroom_id="room-a", state="OFFLINE", last_seen=NOW - timedelta(seconds=5)))
+    with sessions() as s:
+        state = aggregate.classroom_state(s, "room-a", 60, NOW, k=3)
+    assert state.learners == 3 and state.observations == 4 and not state.suppressed
+    assert state.faces_present == 6  # latest per camera: 4 + 2, not the older 9
+    assert state.agents_online == 1  # ag2's Last Will said OFFLINE
+    happy, angry = EMOTIONS.index("happy"), EMOTIONS.index("angry")
+    # three happy observations at confidence 0.9 against one angry at 0.3
+    assert state.distribution[happy] == pytest.approx(2.7 / 3.0)
+    assert state.distribution[angry] == pytest.approx(0.3 / 3.0)
+    assert sum(state.distribution) == pytest.approx(1.0)
+    scores = states.from_messages(state.states)
+    assert scores == pytest.approx(states.from_distribution(list(state.distribution)))
+
+
+def test_below_k_learners_is_suppressed_with_no_per_learner_detail(sessions):
+    add_obs(sessions, "room-b", [("ag1", "cam0", t, t, one_hot("sad"), 0.8) for t in (1, 2)])
+    with sessions() as s:
+        state = aggregate.classroom_state(s, "room-b", 10, NOW, k=3)
+        assert aggregate.classroom_state(s, "room-b", 10, NOW, k=2).suppressed is False
+        points = aggregate.timeline(s, "room-b", NOW - timedelta(seconds=10), NOW, 10, k=3)
+    assert state.suppressed and state.learners == 2 and state.observations == 2
+    assert list(state.distribution) == [0.0] * 7
+    assert all(ls.score == 0 for ls in state.states)
+    assert len(points) == 1 and points[0]["suppressed"] and points[0]["distribution"] == [0.0] * 7
+
+
+def test_timeline_buckets_raw_data_and_falls_back_to_stored_snapshots(sessions):
+    start = NOW - timedelta(seconds=60)
+    add_obs(
+        sessions,
+        "room-c",
+        [(f"ag{i}", "cam0", 1, 45, one_hot("happy"), 1.0) for i in range(3)]  # bucket [10, 20)
+        + [(f"ag{i}", "cam0", 1, 5, one_hot("fear"), 1.0) for i in range(3)],  # bucket [50, 60)
+    )
+    # an older hour whose raw rows are gone: only a stored 60 s snapshot remains
+    snap_end = start - timedelta(minutes=30)
+    with sessions.begin() as s:
+        s.add(db.Aggregate(classroom_id="room-c", window_end=snap_end, window_seconds=60, faces_present=5, learners=4,
+                           agents_online=1, distribution=one_hot("sad"), states={}, observations=40))
+    with sessions() as s:
+        points = aggregate.timeline(s, "room-c", start, NOW, 10, k=3)
+        old = aggregate.timeline(s, "room-c", start - timedelta(hours=1), start, 600, k=3)
+    assert [p["t"] for p in points] == [
+        (start + timedelta(seconds=10)).isoformat() + "Z",
+        (start + timedelta(seconds=50)).isoformat() + "Z",
+    ]
+    assert points[0]["distribution"][EMOTIONS.index("happy")] == pytest.approx(1.0)
+    assert points[1]["states"]["confused"] > 0.5 and points[1]["learners"] == 3
+    assert len(old) == 1 and old[0]["observations"] == 40 and old[0]["faces"] == 5
+    assert old[0]["distribution"][EMOTIONS.index("sad")] == pytest.approx(1.0)
+
+
+def test_store_writes_batches_and_attaches_them_to_one_auto_opened_session(sessions):
+    from coordinator.bench import make_batch
+
+    store = Store(sessions)
+    batches = [Received(make_batch(f"ag{i}", "room-d", 4, seq=1), NOW) for i in range(3)]
+    assert store.write(batches, []) == 12
+    assert store.write([Received(make_batch("ag9", "room-d", 2, seq=1), NOW)], []) == 2
+    with sessions() as s:
+        assert s.get(db.Classroom, "room-d") is not None
+        open_sessions = s.scalars(select(db.ClassSession).where(db.ClassSession.ended_at.is_(None))).all()
+        assert len(open_sessions) == 1
+        attached = s.scalar(select(func.count()).where(db.Observation.session_id == open_sessions[0].id))
+        assert attached == 14
+        assert s.scalar(select(func.count()).select_from(db.Agent)) == 4
+    # explicit start closes the open session and opens its successor; a second store agrees on ids
+    new_id = store.start_session("room-d", NOW, course_id="math-101")
+    assert new_id != open_sessions[0].id
+    assert Store(sessions).write([Received(make_batch("ag1", "room-d", 1, seq=2), NOW)], []) == 1
+    with sessions() as s:
+        row = s.scalars(select(db.Observation).order_by(db.Observation.id.desc())).first()
+        assert row.session_id == new_id
+        assert s.get(db.ClassSession, new_id).course_id == "math-101"
+    assert store.end_session("room-d", NOW) == 1 and store.end_session("room-d", NOW) == 0

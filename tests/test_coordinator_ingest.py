@@ -1,0 +1,112 @@
+"""MQTT ingest through a real Mosquitto into a real SQLite database."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+from sqlalchemy import func, select
+
+from affectedge import codec, topics
+from affectedge.v1 import affectedge_pb2 as pb
+from coordinator import db
+from coordinator.bench import make_batch, mqtt_client, publish
+from coordinator.config import MqttConfig
+from coordinator.ingest import Ingest
+from coordinator.store import Store
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def observations(sessions) -> int:
+    with sessions() as s:
+        return s.scalar(select(func.count()).select_from(db.Observation))
+
+
+@pytest.fixture
+def sessions(tmp_path):
+    return db.connect(f"sqlite:///{tmp_path / 'ingest.db'}")
+
+
+def start_ingest(broker, sessions, client_id: str = "coord-test") -> Ingest:
+    ingest = Ingest(MqttConfig(url=broker.url, client_id=client_id), Store(sessions))
+    ingest.start()
+    assert ingest.connected.wait(10)
+    time.sleep(0.2)  # SUBACK
+    return ingest
+
+
+def test_batches_statuses_and_bad_payloads_end_to_end(mosquitto, sessions):
+    publisher = mqtt_client(mosquitto.url, "test-agent-pub")
+    # a retained ONLINE status published before the coordinator starts still reaches it
+    status = pb.AgentStatus(agent_id="ag1", classroom_id="room-1", state=pb.AgentStatus.ONLINE, version="1.0",
+                            backend="onnxruntime")
+    publisher.publish(topics.status("room-1", "ag1"), codec.encode(status), qos=1, retain=True).wait_for_publish(5)
+    ingest = start_ingest(mosquitto, sessions)
+    try:
+        publish(publisher, make_batch("ag1", "room-1", 5, seq=1)).wait_for_publish(5)
+        # JSON (debug format) is accepted too
+        as_json = codec.encode(make_batch("ag1", "room-1", 3, seq=2), "json")
+        publisher.publish(topics.observations("room-1", "ag1"), as_json, qos=1).wait_for_publish(5)
+        # a redelivered batch (same agent, same seq) is stored once
+        publish(publisher, make_batch("ag1", "room-1", 5, seq=1)).wait_for_publish(5)
+        # garbage, a wrong-length distribution, and a payload claiming another agent than its topic
+        publisher.publish(topics.observations("room-1", "ag1"), b"\xff\x00garbage", qos=1)
+        bad = make_batch("ag1", "room-1", 1, seq=3)
+        del bad.observations[0].probabilities[3:]
+        publisher.publish(topics.observations("room-1", "ag1"), bad.SerializeToString(), qos=1)
+        publish(publisher, make_batch("ag1", "room-1", 2, seq=4)).wait_for_publish(5)  # still alive afterwards
+        spoof = make_batch("ag2", "room-1", 4, seq=1)
+        publisher.publish(topics.observations("room-1", "ag1"), codec.encode(spoof), qos=1).wait_for_publish(5)
+        wait_until(lambda: ingest.counters.unauthorised == 1 and ingest.counters.malformed == 2)
+        wait_until(lambda: observations(sessions) == 10)
+        counts = ingest.counters.snapshot()
+        assert counts["duplicates"] == 1 and counts["observations"] == 10 and counts["statuses"] >= 1
+        with sessions() as s:
+            agent = s.get(db.Agent, "ag1")
+            assert agent.state == "ONLINE" and agent.backend == "onnxruntime" and agent.last_seen is not None
+            assert s.get(db.Agent, "ag2") is None
+            assert s.scalar(select(func.count()).select_from(db.CameraSample)) == 3
+            assert s.get(db.Classroom, "room-1").name == "room-1"
+        # the Last Will / an explicit OFFLINE updates the agent
+        status.state = pb.AgentStatus.OFFLINE
+        publisher.publish(topics.status("room-1", "ag1"), codec.encode(status), qos=1, retain=True)
+
+        def offline() -> bool:
+            with sessions() as s:
+                return s.get(db.Agent, "ag1").state == "OFFLINE"
+
+        wait_until(offline)
+    finally:
+        ingest.stop()
+        publisher.loop_stop()
+
+
+def test_restart_loses_no_qos1_observation_published_while_down(mosquitto, sessions):
+    publisher = mqtt_client(mosquitto.url, "test-agent-restart")
+    first = start_ingest(mosquitto, sessions)
+    for seq in range(1, 21):
+        publish(publisher, make_batch("ag1", "room-1", 7, seq=seq))
+    wait_until(lambda: observations(sessions) == 140)
+    first.stop()
+    # down: these wait in the broker for the persistent session
+    last = None
+    for seq in range(21, 221):
+        last = publish(publisher, make_batch(f"ag{seq % 3}", "room-1", 7, seq=seq))
+    last.wait_for_publish(10)
+    second = start_ingest(mosquitto, sessions)
+    try:
+        wait_until(lambda: observations(sessions) >= 1540)
+        time.sleep(0.5)  # nothing more (no duplicates) arrives
+        assert observations(sessions) == 140 + 200 * 7
+        assert second.counters.malformed == 0
+    finally:
+        second.stop()
+        publisher.loop_stop()

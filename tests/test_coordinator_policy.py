@@ -1,0 +1,131 @@
+"""The policy engine: thresholds, minimum duration, hysteresis, cooldown (from stored signals), overrides."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from affectedge.settings import ConfigError
+from affectedge.v1 import affectedge_pb2 as pb
+from coordinator import db, policy, states
+from coordinator.store import Store
+
+T0 = datetime(2026, 3, 2, 9, 0, 0)
+RULE = policy.Rule(
+    name="confusion", signal="SLOW_DOWN", states=("confused",), above=0.4, clear=0.3,
+    window_s=60, min_duration_s=30, cooldown_s=300,
+)
+
+
+def state_with(confused: float, learners: int = 10, k: int = 3) -> pb.ClassroomState:
+    """A real ClassroomState whose confusion score is ``confused`` (rest engaged)."""
+    msg = pb.ClassroomState(classroom_id="room-1", session_id="s1", course_id="c1", window_seconds=60,
+                            learners=learners, observations=100, suppressed=learners < k)
+    msg.distribution.extend([0.0] * 7)
+    msg.states.extend(states.to_messages({"confused": confused, "engaged": 1 - confused}))
+    return msg
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    return Store(db.connect(f"sqlite:///{tmp_path / 'policy.db'}"))
+
+
+def run(engine: policy.PolicyEngine, store: Store, values: list[float], start: datetime = T0, step: int = 10,
+        overrides: dict | None = None, learners: int = 10) -> list[tuple[int, pb.AdaptationSignal]]:
+    """Feed one value per ``step`` seconds; store what fires (as the service does); (second, signal)."""
+    fired = []
+    for i, value in enumerate(values):
+        now = start + timedelta(seconds=i * step)
+        for signal in engine.evaluate("room-1", now, {60: state_with(value, learners)}, overrides or {}):
+            store.add_signal(signal)
+            fired.append((i * step, signal))
+    return fired
+
+
+def test_fires_after_min_duration_with_evidence_and_plain_reason(store):
+    engine = policy.PolicyEngine((RULE,), store.last_signal_at)
+    fired = run(engine, store, [0.2, 0.5, 0.5, 0.5, 0.6])
+    assert [t for t, _ in fired] == [40]  # above since t=10, sustained 30 s at t=40
+    signal = fired[0][1]
+    assert signal.kind == pb.SLOW_DOWN and signal.classroom_id == "room-1" and signal.session_id == "s1"
+    assert signal.reason == "confusion above 40% for 30 s"
+    ev = signal.evidence
+    assert ev.rule == "confusion"
+    assert ev.threshold == pytest.approx(0.4, abs=1e-6) and ev.observed == pytest.approx(0.6, abs=1e-6)
+    assert ev.sustained_seconds == 30 and ev.learners == 10 and len(ev.distribution) == 7
+    assert 0.5 < signal.strength < 1.0
+
+
+def test_a_dip_below_the_trigger_restarts_the_duration(store):
+    engine = policy.PolicyEngine((RULE,), store.last_signal_at)
+    assert run(engine, store, [0.5, 0.5, 0.35, 0.5, 0.5, 0.5]) == []
+    assert [t for t, _ in run(engine, store, [0.5], start=T0 + timedelta(seconds=60))] == [0]
+
+
+def test_hysteresis_one_signal_while_hovering_and_rearm_after_clear(store):
+    rule = RULE.model_copy(update={"cooldown_s": 0, "min_duration_s": 0})
+    engine = policy.PolicyEngine((rule,), store.last_signal_at)
+    # fires at 0; hovering between clear (0.3) and trigger (0.4) and back above does not re-fire;
+    # falling below 0.3 re-arms it, and the next rise fires again
+    values = [0.5, 0.35, 0.45, 0.32, 0.5, 0.25, 0.45]
+    assert [t for t, _ in run(engine, store, values)] == [0, 60]
+
+
+def test_cooldown_comes_from_stored_signals_and_survives_a_new_engine(store):
+    rule = RULE.model_copy(update={"min_duration_s": 0})
+    first = policy.PolicyEngine((rule,), store.last_signal_at)
+    assert [t for t, _ in run(first, store, [0.5])] == [0]
+    # a different instance (fresh memory, as after failover) sees the value cross again inside the cooldown
+    second = policy.PolicyEngine((rule,), store.last_signal_at)
+    assert run(second, store, [0.5, 0.2, 0.5], start=T0 + timedelta(seconds=60)) == []
+    assert [t for t, _ in run(second, store, [0.5], start=T0 + timedelta(seconds=301))] == [0]
+
+
+def test_below_k_learners_never_fires(store):
+    engine = policy.PolicyEngine((RULE.model_copy(update={"min_duration_s": 0}),), store.last_signal_at)
+    assert run(engine, store, [0.9, 0.9], learners=2) == []
+
+
+def test_admin_override_moves_threshold_and_clear_together(store):
+    rule = RULE.model_copy(update={"min_duration_s": 0, "cooldown_s": 0})
+    engine = policy.PolicyEngine((rule,), store.last_signal_at)
+    assert run(engine, store, [0.5], overrides={"confusion": 0.6}) == []
+    fired = run(engine, store, [0.65, 0.55, 0.65, 0.45, 0.65], start=T0 + timedelta(seconds=5),
+                overrides={"confusion": 0.6})
+    # clear moves to 0.5 with the trigger: 0.55 keeps it active, 0.45 re-arms it
+    assert [t for t, _ in fired] == [0, 40]
+    assert fired[0][1].evidence.threshold == pytest.approx(0.6, abs=1e-6)
+    assert RULE.levels(None) == pytest.approx((0.4, 0.3))
+
+
+def test_below_rules_and_summed_states():
+    rule = policy.Rule(name="low", signal="SWITCH_MODALITY", states=("engaged",), below=0.2, window_s=60)
+    assert rule.levels(None) == pytest.approx((0.2, 0.3))
+    assert policy.reason(rule, 0.2, 600) == "engagement below 20% for 10 min"
+    both = policy.Rule(name="tired", signal="TAKE_BREAK", states=("frustrated", "bored"), above=0.5)
+    msg = pb.ClassroomState(learners=5, observations=5)
+    msg.states.extend(states.to_messages({"frustrated": 0.3, "bored": 0.25}))
+    assert policy.observed_value(both, msg) == pytest.approx(0.55)
+    assert policy.reason(both, 0.5, 90) == "frustration + boredom above 50% for 90 s"
+
+
+def test_shipped_rules_load_and_bad_rules_are_one_line_config_errors(tmp_path: Path):
+    shipped = policy.load_rules()
+    assert {r.signal for r in shipped} == {
+        "SLOW_DOWN", "REVIEW", "OFFER_HINT", "INCREASE_CHALLENGE", "TAKE_BREAK", "SWITCH_MODALITY"
+    }
+    bad = {
+        'name = "x"\nsignal = "SLOW_DOWN"\nstates = ["confused"]\n': "exactly one of `above` or `below`",
+        'name = "x"\nsignal = "NAP"\nstates = ["confused"]\nabove = 0.4\n': "SLOW_DOWN",
+        'name = "x"\nsignal = "REVIEW"\nstates = ["sleepy"]\nabove = 0.4\n': "engaged",
+        'name = "x"\nsignal = "REVIEW"\nstates = ["bored"]\nabove = 0.4\nclear = 0.5\n': "hysteresis",
+    }
+    for body, message in bad.items():
+        path = tmp_path / "rules.toml"
+        path.write_text("[[rule]]\n" + body)
+        with pytest.raises(ConfigError, match=message) as info:
+            policy.load_rules(path)
+        assert "\n" not in str(info.value)

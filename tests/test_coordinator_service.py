@@ -1,0 +1,302 @@
+"""The whole coordinator: real Mosquitto, real SQLite, real gRPC on 127.0.0.1, and the CLI."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from sqlalchemy import func, select
+
+from affectedge.v1 import affectedge_pb2 as pb
+from affectedge.v1 import affectedge_pb2_grpc as pb_grpc
+from coordinator import db
+from coordinator.bench import CONFUSED, make_batch, mqtt_client, publish
+from coordinator.config import CoordinatorConfig
+from coordinator.service import Coordinator
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-1"
+AUTH = [("authorization", f"Bearer {TOKEN}")]
+FAST_RULES = """
+[[rule]]
+name = "fast-confusion"
+signal = "SLOW_DOWN"
+states = ["confused"]
+above = 0.5
+clear = 0.3
+window_s = 10
+min_duration_s = 0.5
+cooldown_s = 120
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def make_config(tmp_path: Path, broker_url: str, client_id: str, db_path: Path) -> CoordinatorConfig:
+    rules = tmp_path / "rules.toml"
+    rules.write_text(FAST_RULES)
+    state = tmp_path / client_id
+    state.mkdir(exist_ok=True)
+    return CoordinatorConfig.model_validate(
+        {
+            "state_dir": str(state),
+            "mqtt": {"url": broker_url, "client_id": client_id},
+            "database": {"url": f"sqlite:///{db_path}"},
+            "aggregate": {"tick_seconds": 0.2},
+            "policy": {"rules": str(rules)},
+            "grpc": {"port": free_port(), "tokens": [TOKEN]},
+            "web": {"port": free_port(), "admin_password": "test-admin-password"},
+        }
+    )
+
+
+class Stream:
+    """A StreamAdaptations call read by a background thread."""
+
+    def __init__(self, coordinator: Coordinator, **request):
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{coordinator.grpc.port}")
+        self.call = pb_grpc.CoordinatorStub(self.channel).StreamAdaptations(
+            pb.StreamAdaptationsRequest(**request), metadata=AUTH
+        )
+        self.signals: list[pb.AdaptationSignal] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for signal in self.call:
+                self.signals.append(signal)
+        except grpc.RpcError:
+            pass
+
+    def close(self) -> None:
+        self.call.cancel()
+        self.channel.close()
+
+
+@pytest.fixture
+def coordinator(tmp_path, mosquitto) -> Iterator[Coordinator]:
+    instance = Coordinator(make_config(tmp_path, mosquitto.url, "coord-a", tmp_path / "coord.db"))
+    instance.start()
+    assert instance.ingest.connected.wait(10)
+    time.sleep(0.3)
+    yield instance
+    instance.stop()
+
+
+def publish_confused(publisher, classroom: str, agents: int = 1, batches: int = 3, learners: int = 4) -> int:
+    """Confused batches from ``agents`` agents; returns observations published."""
+    last = None
+    for seq in range(1, batches + 1):
+        for a in range(agents):
+            last = publish(publisher, make_batch(f"{classroom}-ag{a}", classroom, learners, CONFUSED, seq=seq))
+    last.wait_for_publish(10)
+    return agents * batches * learners
+
+
+def test_grpc_auth_health_and_reflection(coordinator):
+    channel = grpc.insecure_channel(f"127.0.0.1:{coordinator.grpc.port}")
+    stub = pb_grpc.CoordinatorStub(channel)
+    # health needs no token (load balancers probe it)
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest(service="affectedge.v1.Coordinator")).status == 1
+    for metadata in (None, [("authorization", "Bearer wrong")], [("authorization", TOKEN)]):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ListClassrooms(pb.ListClassroomsRequest(), metadata=metadata)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as info:
+        next(iter(stub.StreamAdaptations(pb.StreamAdaptationsRequest())))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert stub.ListClassrooms(pb.ListClassroomsRequest(), metadata=AUTH).classrooms == []
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetClassroomState(pb.GetClassroomStateRequest(classroom_id="nowhere"), metadata=AUTH)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    # reflection answers with a token; it names the API
+    authed = grpc.intercept_channel(channel, _AddAuth())
+    services = ProtoReflectionDescriptorDatabase(authed).get_services()
+    assert "affectedge.v1.Coordinator" in services and "grpc.health.v1.Health" in services
+    channel.close()
+
+
+class _AddAuth(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    def _with_auth(self, details):
+        return details._replace(metadata=list(details.metadata or []) + AUTH)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_auth(details), request)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with_auth(details), requests)
+
+
+def test_signal_end_to_end_with_stream_filtering(coordinator, mosquitto):
+    with coordinator.sessions.begin() as s:
+        s.add(db.Classroom(id="room-1", name="Room 1", course_id="math"))
+    streams = {
+        "room-1": Stream(coordinator, classroom_ids=["room-1"]),
+        "room-2": Stream(coordinator, classroom_ids=["room-2"]),
+        "math": Stream(coordinator, course_ids=["math"]),
+        "bio": Stream(coordinator, course_ids=["bio"]),
+        "all": Stream(coordinator),
+    }
+    live = coordinator.hub.subscribe()
+    time.sleep(0.3)
+    publisher = mqtt_client(mosquitto.url, "test-pub-e2e")
+    try:
+        publish_confused(publisher, "room-1")
+        wait_until(lambda: streams["room-1"].signals and streams["all"].signals and streams["math"].signals)
+        time.sleep(1.0)  # more ticks: no second signal (hysteresis + cooldown), nothing leaks to other filters
+        signal = streams["room-1"].signals[0]
+        assert signal.kind == pb.SLOW_DOWN and signal.course_id == "math" and signal.session_id
+        assert signal.reason.startswith("confusion above 50% for") and signal.evidence.learners == 4
+        assert [s.id for s in streams["all"].signals] == [signal.id]
+        assert [s.id for s in streams["math"].signals] == [signal.id]
+        assert streams["room-2"].signals == [] and streams["bio"].signals == []
+        with coordinator.sessions() as s:
+            row = s.get(db.Signal, signal.id)
+            assert row.kind == "SLOW_DOWN" and row.evidence["rule"] == "fast-confusion"
+        stub = pb_grpc.CoordinatorStub(streams["all"].channel)
+        state = stub.GetClassroomState(pb.GetClassroomStateRequest(classroom_id="room-1", window_seconds=60),
+                                       metadata=AUTH)
+        assert state.learners == 4 and state.observations == 12 and not state.suppressed
+        assert state.window_seconds == 60 and state.session_id == signal.session_id
+        rooms = stub.ListClassrooms(pb.ListClassroomsRequest(), metadata=AUTH).classrooms
+        assert [(r.classroom_id, r.name, r.session_id, r.agents_online) for r in rooms] == [
+            ("room-1", "Room 1", signal.session_id, 1)
+        ]
+        # the live view gets the short-window state every tick
+        states = [item for item in list(live.queue.queue) if isinstance(item, pb.ClassroomState)]
+        assert states and all(s.window_seconds == 10 for s in states)
+    finally:
+        coordinator.hub.unsubscribe(live)
+        for stream in streams.values():
+            stream.close()
+        publisher.loop_stop()
+
+
+def test_two_instances_split_the_load_without_duplicate_or_lost_signals(tmp_path, mosquitto):
+    db_path = tmp_path / "shared.db"
+    a = Coordinator(make_config(tmp_path, mosquitto.url, "coord-a", db_path))
+    b = Coordinator(make_config(tmp_path, mosquitto.url, "coord-b", db_path))
+    for instance in (a, b):
+        instance.start()
+        assert instance.ingest.connected.wait(10)
+    time.sleep(0.3)
+    streams = [Stream(a), Stream(b)]
+    time.sleep(0.3)
+    publisher = mqtt_client(mosquitto.url, "test-pub-split")
+    rooms = ["room-a", "room-b", "room-c"]
+    try:
+        published = sum(publish_confused(publisher, room, agents=2, batches=10) for room in rooms)
+        wait_until(lambda: all(len({s.classroom_id for s in st.signals}) == 3 for st in streams))
+        time.sleep(1.0)
+        # both took part of the stream, and together stored every observation exactly once
+        assert a.ingest.counters.observations > 0 and b.ingest.counters.observations > 0
+        assert a.ingest.counters.observations + b.ingest.counters.observations == published
+        with a.sessions() as s:
+            assert s.scalar(select(func.count()).select_from(db.Observation)) == published
+            stored = s.execute(select(db.Signal.classroom_id, db.Signal.id)).all()
+            open_sessions = s.scalar(select(func.count()).where(db.ClassSession.ended_at.is_(None)))
+        assert sorted(room for room, _ in stored) == rooms  # one signal per classroom
+        assert open_sessions == 3  # one session per classroom, whoever saw it first
+        for stream in streams:  # each instance announced each signal exactly once
+            assert sorted(s.id for s in stream.signals) == sorted(i for _, i in stored)
+        assert [a.is_leader, b.is_leader].count(True) == 1
+        leader, follower = (a, b) if a.is_leader else (b, a)
+        leader.stop()
+        wait_until(lambda: follower.is_leader, timeout=10)
+    finally:
+        for stream in streams:
+            stream.close()
+        publisher.loop_stop()
+        for instance in (a, b):
+            if not instance._stop.is_set():
+                instance.stop()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "coordinator", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
+
+
+def test_cli_config_errors_are_one_line_and_exit_2(tmp_path):
+    bad_rules = tmp_path / "bad-rules.toml"
+    bad_rules.write_text('[[rule]]\nname = "x"\nsignal = "NAP"\nstates = ["confused"]\nabove = 0.4\n')
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    cases = {
+        "missing.toml": None,
+        "syntax.toml": "[grpc\nport = 1",
+        "unknown.toml": "[mqtt]\nurll = 'mqtt://x'",
+        "rules.toml": f'[policy]\nrules = "{bad_rules}"\n[database]\nurl = "sqlite:///{tmp_path}/x.db"',
+        "port.toml": f'state_dir = "{tmp_path}"\n[grpc]\nport = {busy.getsockname()[1]}\n'
+        f'[database]\nurl = "sqlite:///{tmp_path}/x.db"',
+    }
+    expected = {
+        "missing.toml": "no such config file",
+        "syntax.toml": "not valid TOML",
+        "unknown.toml": "unknown key `mqtt.urll`",
+        "rules.toml": "rule.0.signal",
+        "port.toml": "cannot listen on",
+    }
+    try:
+        for name, body in cases.items():
+            path = tmp_path / name
+            if body is not None:
+                path.write_text(body)
+            result = run_cli("serve", "--config", str(path))
+            assert result.returncode == 2, (name, result.stderr)
+            lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+            assert len(lines) == 1 and expected[name] in lines[0], (name, result.stderr)
+            assert "Traceback" not in result.stderr
+    finally:
+        busy.close()
+
+
+def test_cli_serve_stops_cleanly_on_sigterm(tmp_path, mosquitto):
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'state_dir = "{tmp_path}"\n[mqtt]\nurl = "{mosquitto.url}"\n[database]\nurl = "sqlite:///{tmp_path}/c.db"\n'
+        f"[grpc]\nport = {free_port()}\n[web]\nport = {free_port()}\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "coordinator", "serve", "--config", str(config)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if "ingest connected" in line or time.monotonic() > deadline:
+            break
+    proc.terminate()
+    rest, _ = proc.communicate(timeout=30)
+    log = "".join(output) + rest
+    assert proc.returncode == 0, log
+    assert "received SIGTERM" in log and "stopped" in log and "Traceback" not in log
+
+
+def test_shipped_example_config_is_valid():
+    from coordinator.config import load_config
+
+    config = load_config(ROOT / "deploy" / "coordinator.example.toml")
+    assert config.mqtt.clean_start is False and config.grpc.tokens

@@ -1,0 +1,79 @@
+"""The model files in models/ are what the manifest says, and they work on real faces."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from affectedge.labels import EMOTIONS
+from edge_agent.emotion_model import EmotionModel, ModelError, sha256
+from model_export.datasets import load_class_folders
+from model_export.evaluate import Predictor, metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+
+
+def test_manifest_matches_files() -> None:
+    manifest = json.loads((MODELS / "manifest.json").read_text())
+    assert manifest["classes"] == list(EMOTIONS)
+    for name, entry in manifest["files"].items():
+        path = MODELS / entry["file"]
+        assert path.stat().st_size < 25 * 2**20, f"{name} is too large for git"
+        assert sha256(path) == entry["sha256"], f"{name} changed without `model_export export`"
+    assert manifest["files"]["encoder"]["inputs"] == {"face": ["N", 48, 48, 1]}
+    assert manifest["files"]["head"]["inputs"] == {"embeddings": ["N", manifest["window"], manifest["embed_dim"]]}
+
+
+def test_tampered_model_is_refused(tmp_path: Path) -> None:
+    copy = tmp_path / "models"
+    shutil.copytree(MODELS, copy)
+    with (copy / "head.onnx").open("ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ModelError, match="sha256"):
+        EmotionModel.load(copy)
+
+
+def test_shipped_model_recognises_real_faces(fer_val: Path) -> None:
+    """A stratified sample of 70 val faces per class (490): far above the 1/7 of chance."""
+    faces = load_class_folders(fer_val, limit_per_class=70)
+    model = EmotionModel.load(MODELS, backend="onnxruntime")
+    probs = Predictor(model).still(faces.images)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    report = metrics(faces.labels, probs)
+    assert report["accuracy"] >= 0.55, report["accuracy"]
+    assert report["per_class"]["happy"]["recall"] >= 0.7
+
+
+def test_edge_runtime_does_not_import_tensorflow() -> None:
+    code = ("import sys; from pathlib import Path; import numpy as np\n"
+            "from edge_agent.emotion_model import EmotionModel\n"
+            f"m = EmotionModel.load(Path({str(MODELS)!r}))\n"
+            "m.classify(np.repeat(m.embed(np.zeros((2, 48, 48), np.uint8))[:, None], m.window, 1))\n"
+            "bad = [k for k in sys.modules if k.split('.')[0] in ('tensorflow', 'keras', 'mtcnn', 'tf2onnx')]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.slow
+def test_quantize_int8_keeps_accuracy(tmp_path: Path, fer_val: Path) -> None:
+    from model_export import quantize
+
+    copy = tmp_path / "models"
+    shutil.copytree(MODELS, copy)
+    subset = tmp_path / "val"
+    for folder in fer_val.iterdir():
+        (subset / folder.name).mkdir(parents=True)
+        for path in sorted(folder.iterdir())[:40]:
+            shutil.copy(path, subset / folder.name / path.name)
+    result = quantize.run(copy, subset, subset, calib_size=128)
+    assert (copy / "encoder.int8.onnx").exists()
+    assert abs(result["accuracy_delta_points"]) <= 3.0  # 276 faces: one face is 0.36 points
+    assert json.loads((copy / "manifest.json").read_text())["quantization"]["faces"] == result["faces"]
+    EmotionModel.load(copy, int8=True)

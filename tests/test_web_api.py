@@ -1,0 +1,142 @@
+"""The REST API under /api/v1: auth by token or login, filters, acknowledging, and its OpenAPI document."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+from openapi_spec_validator import validate
+from outlets import publish_signal
+from webapp import add_classroom, add_user, batch, csrf_token, ingest, login, web
+
+from coordinator.store import utcnow
+
+TOKEN = "lms-token-0123456789"
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _api(tmp_path):
+    p, app = web(tmp_path, web={"api_tokens": [TOKEN]})
+    add_user(p, "alice")
+    add_classroom(p, "room-a", "alice", course="c-1")
+    add_classroom(p, "room-b", None)
+    return p, app
+
+
+def test_api_needs_a_token_or_a_login(tmp_path):
+    _, app = _api(tmp_path)
+    client = app.test_client()
+    anonymous = client.get("/api/v1/classrooms")
+    assert anonymous.status_code == 401 and "Bearer" in anonymous.json["error"]
+    wrong = client.get("/api/v1/classrooms", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and "web.api_tokens" in wrong.json["error"]
+    everything = client.get("/api/v1/classrooms", headers=BEARER)
+    assert [c["id"] for c in everything.json["classrooms"]] == ["room-a", "room-b"]
+
+    login(client, "alice")
+    mine = client.get("/api/v1/classrooms").json["classrooms"]
+    assert mine == [{"id": "room-a", "name": "Room room-a", "course_id": "c-1", "instructor": "alice",
+                     "session_id": None, "agents_online": 0}]
+    assert client.get("/api/v1/classrooms/room-b/state").status_code == 403
+    assert client.get("/api/v1/signals?classroom=room-b").status_code == 403
+
+
+def test_state_with_window_and_k_anonymity(tmp_path):
+    p, app = _api(tmp_path)
+    now = utcnow()
+    ingest(p, [batch("room-a", "agent-1", now - timedelta(seconds=30), tracks=4)], now)
+    ingest(p, [batch("room-b", "agent-2", now, tracks=2)], now)
+    client = app.test_client()
+    state = client.get("/api/v1/classrooms/room-a/state?window=60", headers=BEARER).json
+    assert state["window_seconds"] == 60 and state["learners"] == 4 and state["agents_online"] == 1
+    assert abs(sum(state["distribution"].values()) - 1) < 1e-6 and state["states"]["confused"] > 0.4
+    short = client.get("/api/v1/classrooms/room-a/state?window=10", headers=BEARER).json
+    assert short["learners"] == 0 and short["suppressed"]  # the batch is 30 s old
+    small = client.get("/api/v1/classrooms/room-b/state", headers=BEARER).json
+    assert small["window_seconds"] == 60 and small["suppressed"] and small["distribution"] is None
+    bad = client.get("/api/v1/classrooms/room-a/state?window=7", headers=BEARER)
+    assert bad.status_code == 400 and "10, 60, 300" in bad.json["error"]
+    assert client.get("/api/v1/classrooms/nowhere/state", headers=BEARER).status_code == 404
+
+
+def test_signal_filters(tmp_path):
+    p, app = _api(tmp_path)
+    a1, b1, a2 = publish_signal(p, "room-a"), publish_signal(p, "room-b"), publish_signal(p, "room-a")
+    client = app.test_client()
+
+    def ids(query: str, **kw) -> set[str]:
+        answer = client.get(f"/api/v1/signals{query}", headers=kw.get("headers", BEARER))
+        assert answer.status_code == 200, answer.json
+        return {s["id"] for s in answer.json["signals"]}
+
+    assert ids("") == {a1.id, b1.id, a2.id}
+    assert ids("?classroom=room-b") == {b1.id}
+    assert ids("?kind=SLOW_DOWN&status=open") == {a1.id, b1.id, a2.id}
+    assert ids("?kind=TAKE_BREAK") == set()
+    assert len(ids("?limit=2")) == 2
+    later = (utcnow() + timedelta(minutes=1)).isoformat() + "Z"
+    assert ids(f"?since={later}") == set() and len(ids(f"?until={later}")) == 3
+    assert client.get("/api/v1/signals?status=maybe", headers=BEARER).status_code == 400
+    assert client.get("/api/v1/signals?since=yesterday", headers=BEARER).status_code == 400
+    assert client.get("/api/v1/signals?limit=0", headers=BEARER).status_code == 400
+    login(client, "alice")
+    assert ids("", headers={}) == {a1.id, a2.id}  # alice's classroom only
+
+
+def test_ack_by_token_and_by_login_with_csrf(tmp_path):
+    p, app = _api(tmp_path)
+    first, second = publish_signal(p, "room-a"), publish_signal(p, "room-a")
+    client = app.test_client()
+    acked = client.post(f"/api/v1/signals/{first.id}/ack", headers=BEARER)
+    assert acked.status_code == 200 and acked.json["status"] == "acknowledged"
+    assert acked.json["handled_by"] == "api-token"
+    assert client.post(f"/api/v1/signals/{first.id}/ack", headers=BEARER).status_code == 409
+    bad = client.post(f"/api/v1/signals/{second.id}/ack", json={"status": "ignored"}, headers=BEARER)
+    assert bad.status_code == 400
+    assert client.post("/api/v1/signals/nope/ack", headers=BEARER).status_code == 404
+
+    login(client, "alice")
+    no_csrf = client.post(f"/api/v1/signals/{second.id}/ack", json={"status": "dismissed"})
+    assert no_csrf.status_code == 400 and "X-CSRFToken" in no_csrf.json["error"]
+    token = csrf_token(client, "/")
+    dismissed = client.post(f"/api/v1/signals/{second.id}/ack", json={"status": "dismissed"},
+                            headers={"X-CSRFToken": token})
+    assert dismissed.status_code == 200 and dismissed.json["handled_by"] == "alice"
+    listed = client.get("/api/v1/signals?status=dismissed").json["signals"]
+    assert [s["id"] for s in listed] == [second.id]
+
+
+def _routes(app) -> set[tuple[str, str]]:
+    """(OpenAPI path, method) of every /api/v1 route the app serves."""
+    found = set()
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint.startswith("api."):
+            path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule).removeprefix("/api/v1")
+            found |= {(path, m.lower()) for m in rule.methods - {"HEAD", "OPTIONS"}}
+    return found
+
+
+def test_openapi_document_is_valid_and_matches_the_routes(tmp_path):
+    p, app = _api(tmp_path)
+    signal = publish_signal(p, "room-a")
+    client = app.test_client()
+    doc = client.get("/api/v1/openapi.json").json  # public: it holds no data
+    validate(doc)
+    documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
+    assert documented == _routes(app)
+    for path, ops in doc["paths"].items():
+        in_path = set(re.findall(r"{(\w+)}", path))
+        for op in ops.values():
+            declared = {prm["name"] for prm in op.get("parameters", []) if prm["in"] == "path"}
+            assert declared == in_path, path
+
+    # every documented response shape is what the API really returns
+    schemas = doc["components"]["schemas"]
+    classroom = client.get("/api/v1/classrooms", headers=BEARER).json["classrooms"][0]
+    state = client.get("/api/v1/classrooms/room-a/state", headers=BEARER).json
+    listed = client.get("/api/v1/signals", headers=BEARER).json["signals"][0]
+    assert listed["id"] == signal.id
+    for name, value in (("Classroom", classroom), ("ClassroomState", state), ("Signal", listed)):
+        assert set(value) == set(schemas[name]["properties"]), name
+        assert set(schemas[name]["required"]) <= set(value), name
+

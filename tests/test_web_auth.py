@@ -1,0 +1,162 @@
+"""Dashboard logins, cookies, CSRF, the login rate limit, roles, the first admin and create-user."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import stat
+
+import pytest
+from sqlalchemy import select
+from webapp import ADMIN_PASSWORD, PASSWORD, add_classroom, add_user, csrf_token, login, web
+
+from coordinator import cli, db, users
+
+
+def test_pages_need_a_login_and_a_login_sets_a_safe_cookie(tmp_path):
+    _, app = web(tmp_path)
+    client = app.test_client()
+    answer = client.get("/classrooms/x")
+    assert answer.status_code == 302 and answer.headers["Location"].startswith("/login?next=/classrooms/x")
+
+    wrong = login(client, "admin", "not-the-password")
+    assert wrong.status_code == 401 and "Wrong user name or password" in wrong.get_data(as_text=True)
+
+    token = csrf_token(client)
+    ok = client.post(
+        "/login",
+        data={"username": "admin", "password": ADMIN_PASSWORD, "csrf_token": token, "next": "https://evil.example/"},
+    )
+    assert ok.status_code == 302 and ok.headers["Location"] == "/"  # no open redirect
+    cookie = ok.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Secure" not in cookie
+    page = client.get("/")
+    assert page.status_code == 200 and "Your classrooms" in page.get_data(as_text=True)
+    assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+
+    client.post("/logout", data={"csrf_token": csrf_token(client, "/")})
+    assert client.get("/").status_code == 302
+
+
+def test_cookie_secure_when_configured(tmp_path):
+    _, app = web(tmp_path, web={"cookie_secure": True})
+    answer = login(app.test_client(), "admin", ADMIN_PASSWORD)
+    assert "Secure" in answer.headers["Set-Cookie"]
+
+
+def test_posts_without_csrf_token_are_refused(tmp_path):
+    _, app = web(tmp_path)
+    client = app.test_client()
+    answer = client.post("/login", data={"username": "admin", "password": ADMIN_PASSWORD})
+    assert answer.status_code == 400 and "reload the page" in answer.get_data(as_text=True)
+    login(client, "admin", ADMIN_PASSWORD)
+    answer = client.post("/admin/users", data={"username": "eve", "password": "x" * 12, "role": "admin"})
+    assert answer.status_code == 400
+    assert "eve" not in client.get("/admin/users").get_data(as_text=True)
+
+
+def test_login_is_rate_limited(tmp_path):
+    _, app = web(tmp_path, web={"login_rate": "3 per minute"})
+    client = app.test_client()
+    for _ in range(3):
+        assert login(client, "admin", "guess-guess-guess").status_code == 401
+    blocked = login(client, "admin", ADMIN_PASSWORD)  # even the right password waits now
+    assert blocked.status_code == 429 and "Too many login attempts" in blocked.get_data(as_text=True)
+    assert client.get("/login").status_code == 200  # only the POST is limited
+
+
+def test_instructor_sees_only_assigned_classrooms(tmp_path):
+    p, app = web(tmp_path)
+    add_user(p, "alice")
+    add_user(p, "bob")
+    add_classroom(p, "room-a", "alice")
+    add_classroom(p, "room-b", "bob")
+    client = app.test_client()
+    login(client, "alice")
+
+    index = client.get("/").get_data(as_text=True)
+    assert "room-a" in index and "room-b" not in index
+    assert client.get("/classrooms/room-a").status_code == 200
+    for path in (
+        "/classrooms/room-b",
+        "/classrooms/room-b/events",
+        "/classrooms/room-b/sessions",
+    ):
+        denied = client.get(path)
+        assert denied.status_code == 403, path
+        assert "is not assigned to you" in denied.get_data(as_text=True)
+    assert client.get("/classrooms/nowhere").status_code == 404
+    for path in ("/admin/classrooms", "/admin/users", "/admin/agents", "/admin/settings"):
+        assert client.get(path).status_code == 403, path
+    assert "Admin" not in client.get("/").get_data(as_text=True)
+
+
+def test_deactivated_user_is_logged_out(tmp_path):
+    p, app = web(tmp_path)
+    add_user(p, "alice")
+    client = app.test_client()
+    login(client, "alice")
+    assert client.get("/").status_code == 200
+    with p.sessions() as session:
+        session.scalar(select(db.User).where(db.User.username == "alice")).active = False
+        session.commit()
+    assert client.get("/").status_code == 302
+    assert login(client, "alice").status_code == 401
+
+
+def test_first_admin_gets_a_generated_password_logged_once(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="coordinator")
+    p, _ = web(tmp_path, web={"admin_password": "", "admin_user": "root"})
+    line = next(r.getMessage() for r in caplog.records if "generated password" in r.getMessage())
+    password = re.search(r"generated password (\S+)", line).group(1)
+    with p.sessions() as session:
+        assert users.authenticate(session, "root", password) is not None
+        stored = session.scalar(select(db.User.password_hash).where(db.User.username == "root"))
+    assert password not in stored and stored.startswith("scrypt:")
+
+    key_file = tmp_path / "web-secret-key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = key_file.read_text()
+    caplog.clear()
+    from coordinator.web import create_app
+
+    again = create_app(p)  # a restart: same key, no second admin, no password in the log
+    assert again.config["SECRET_KEY"] == key
+    assert not [r for r in caplog.records if "generated password" in r.getMessage()]
+
+
+def _create_user(monkeypatch, capsys, tmp_path, *args: str, password: str = PASSWORD) -> tuple[int, str]:
+    config = tmp_path / "coordinator.toml"
+    config.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "coordinator.db"}"\n')
+    monkeypatch.setattr("sys.stdin", io.StringIO(password + "\n"))
+    status = cli.main(["create-user", *args, "--config", str(config)])
+    captured = capsys.readouterr()
+    return status, captured.out + captured.err
+
+
+def test_create_user_command(tmp_path, monkeypatch, capsys):
+    status, out = _create_user(monkeypatch, capsys, tmp_path, "carol", "--role", "instructor")
+    assert status == 0 and "created instructor 'carol'" in out
+
+    status, out = _create_user(monkeypatch, capsys, tmp_path, "carol")
+    assert status == 2 and out.strip() == "error: user 'carol' already exists: pick another name or use --update"
+
+    status, out = _create_user(monkeypatch, capsys, tmp_path, "dave", password="short")
+    assert status == 2 and "too short" in out and len(out.strip().splitlines()) == 1
+
+    status, out = _create_user(
+        monkeypatch, capsys, tmp_path, "carol", "--role", "admin", "--update", password="another-password-2"
+    )
+    assert status == 0
+    sessions = db.connect(f"sqlite:///{tmp_path / 'coordinator.db'}")
+    with sessions() as session:
+        carol = users.authenticate(session, "carol", "another-password-2")
+        assert carol is not None and carol.role == "admin"
+
+
+@pytest.mark.parametrize("name", ["has space", "", "x" * 65])
+def test_bad_user_names_are_refused(tmp_path, name):
+    p, _ = web(tmp_path)
+    with p.sessions() as session, pytest.raises(users.UserError, match="not valid"):
+        users.create_user(session, name, PASSWORD, "instructor")
