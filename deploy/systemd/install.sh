@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Install the AffectEdge edge agent as a systemd service on this PC. Run as root from a source checkout:
+#
+#   sudo deploy/systemd/install.sh            # or: sudo edge-agent install-service
+#
+# What it does (idempotent; re-run to upgrade):
+#   1. user    system user `affectedge` (no login, no home), member of `video` for the cameras
+#   2. dirs    /opt/affectedge (code, venv, models), /etc/affectedge (config, root:affectedge 0750);
+#              the state dir /var/lib/affectedge (spool) is created by systemd (StateDirectory=)
+#   3. venv    /opt/affectedge/venv with this checkout's `affectedge[edge]` (no TensorFlow);
+#              offline PCs: PIP_ARGS="--no-index --find-links /path/to/wheels"
+#   4. models  models/manifest.json, encoder.onnx, head.onnx, mtcnn/*.onnx (+ TensorRT *.engine files)
+#   5. config  /etc/affectedge/agent.toml from deploy/agent.example.toml, only if absent (never overwritten)
+#   6. enable  the unit affectedge-agent.service (not started: edit the config, check it, then start)
+set -euo pipefail
+
+SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+PREFIX=/opt/affectedge
+CONF=/etc/affectedge
+UNIT=affectedge-agent.service
+PYTHON=${PYTHON:-python3}
+PIP_ARGS=${PIP_ARGS:-}
+
+die() { echo "install.sh: $*" >&2; exit 2; }
+[ "$(id -u)" -eq 0 ] || die "run as root: sudo $0"
+command -v systemctl >/dev/null || die "systemd is required (systemctl not found)"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+    || die "$PYTHON is missing or older than 3.11; set PYTHON=/path/to/python3.11"
+[ -f "$SRC/models/manifest.json" ] || die "$SRC/models/manifest.json is missing: export the model first (model_export export)"
+
+echo "1/6 user"
+getent group video >/dev/null || groupadd --system video
+if ! id affectedge >/dev/null 2>&1; then
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+        --groups video --comment "AffectEdge edge agent" affectedge
+fi
+
+echo "2/6 dirs"
+install -d -m 0755 -o root -g root "$PREFIX" "$PREFIX/models" "$PREFIX/models/mtcnn" "$PREFIX/deploy"
+install -d -m 0750 -o root -g affectedge "$CONF"
+
+echo "3/6 venv"
+[ -x "$PREFIX/venv/bin/python" ] || "$PYTHON" -m venv "$PREFIX/venv"
+# shellcheck disable=SC2086  # PIP_ARGS is a list of options
+"$PREFIX/venv/bin/pip" install --quiet $PIP_ARGS --upgrade "$SRC[edge]"
+
+echo "4/6 models"
+install -m 0644 "$SRC/models/manifest.json" "$SRC/models/encoder.onnx" "$SRC/models/head.onnx" "$PREFIX/models/"
+install -m 0644 "$SRC"/models/mtcnn/*.onnx "$PREFIX/models/mtcnn/"
+find "$SRC/models" -name '*.engine' -exec install -m 0644 {} "$PREFIX/models/" \;
+install -m 0644 "$SRC/deploy/agent.example.toml" "$PREFIX/deploy/"
+
+echo "5/6 config"
+if [ -f "$CONF/agent.toml" ]; then
+    echo "    keeping the existing $CONF/agent.toml"
+else
+    install -m 0640 -o root -g affectedge "$SRC/deploy/agent.example.toml" "$CONF/agent.toml"
+fi
+
+echo "6/6 enable"
+install -m 0644 "$SRC/deploy/systemd/$UNIT" "/etc/systemd/system/$UNIT"
+systemctl daemon-reload
+systemctl enable "$UNIT"
+
+cat <<DONE
+Installed. Next:
+  1. edit $CONF/agent.toml (agent id, classroom, cameras, broker)
+  2. sudo -u affectedge $PREFIX/venv/bin/edge-agent check --config $CONF/agent.toml
+  3. sudo systemctl start $UNIT && journalctl -u $UNIT -f
+DONE

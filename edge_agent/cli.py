@@ -1,0 +1,213 @@
+"""``edge-agent``: run | check | bench | install-service.
+
+Exit status: 0 fine, 1 a check or the run failed, 2 the config or the command line is wrong
+(one line on stderr saying what and how to fix it, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from affectedge.settings import ConfigError
+from edge_agent import config as agent_config
+from edge_agent.capture import describe, open_capture
+from edge_agent.config import AgentConfig
+
+log = logging.getLogger("edge_agent")
+INSTALL_SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "systemd" / "install.sh"
+CHECK_TIMEOUT_S = 10.0
+
+
+class UsageError(Exception):
+    """Wrong input from the user: reported as one line, exit status 2."""
+
+
+def setup_logging(level: str) -> None:
+    # under systemd the journal adds timestamps; elsewhere we do
+    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+
+
+# -- check ----------------------------------------------------------------------------------------------
+
+def _check_model(config: AgentConfig) -> str:
+    import numpy as np
+
+    from edge_agent.service import load_models
+
+    model, detector = load_models(config)
+    detector.detect(np.zeros((240, 320, 3), np.uint8))
+    probs = model.classify(np.repeat(model.embed(np.zeros((1, 48, 48), np.uint8))[:, None], model.window, 1))
+    if probs.shape != (1, 7):
+        raise RuntimeError(f"the head returned shape {probs.shape}, expected (1, 7); reinstall the model files")
+    return f"{model.version} on {model.backend} (window {model.window}); detector on {detector.backend}"
+
+
+def _check_camera(source: str) -> Callable[[], str]:
+    def check() -> str:
+        capture = open_capture(source)
+        try:
+            ok, frame = capture.read() if capture.isOpened() else (False, None)
+        finally:
+            capture.release()
+        if not ok:
+            raise RuntimeError(f"cannot read a frame from {describe(source)}: check the device/URL/path, "
+                               "and that no other program holds the camera")
+        return f"{describe(source)}: {frame.shape[1]}x{frame.shape[0]}"
+    return check
+
+
+def _check_tls(config: AgentConfig) -> str:
+    tls = config.mqtt.tls
+    for key in ("ca", "cert", "key"):
+        path = getattr(tls, key)
+        if path is not None and not os.access(path, os.R_OK):
+            raise RuntimeError(f"mqtt.tls.{key} = {path}: the file is missing or not readable by this user")
+    try:
+        context = ssl.create_default_context(cafile=str(tls.ca) if tls.ca else None)
+        if tls.cert:
+            context.load_cert_chain(str(tls.cert), str(tls.key))
+    except ssl.SSLError as exc:
+        raise RuntimeError(f"the TLS files do not load ({exc.reason or exc}): check they are PEM and the key "
+                           "matches the certificate") from None
+    return f"CA {tls.ca or 'system store'}" + (f", client certificate {tls.cert}" if tls.cert else "")
+
+
+def _check_broker(config: AgentConfig) -> str:
+    from edge_agent.publisher import make_client
+
+    mqtt_config = config.mqtt
+    client = make_client(mqtt_config, client_id=f"affectedge-check-{config.agent.id}-{os.getpid()}")
+    answered, result = threading.Event(), {}
+
+    def on_connect(client, userdata, flags, reason_code, properties):
+        result["code"] = reason_code
+        answered.set()
+
+    def on_disconnect(client, userdata, flags, reason_code, properties):
+        result.setdefault("code", reason_code)  # closed before CONNACK, e.g. a rejected client certificate
+        answered.set()
+
+    client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
+    socket.setdefaulttimeout(CHECK_TIMEOUT_S)
+    try:
+        client.connect(mqtt_config.host, mqtt_config.port, mqtt_config.keepalive_s)
+        client.loop_start()
+        if not answered.wait(CHECK_TIMEOUT_S):
+            raise RuntimeError(f"no answer from {mqtt_config.host}:{mqtt_config.port} in {CHECK_TIMEOUT_S:.0f} s")
+        if result["code"].is_failure or not client.is_connected():
+            raise RuntimeError(f"{mqtt_config.host}:{mqtt_config.port} refused the connection ({result['code']}): "
+                               "check username/password, the client certificate and the broker's ACL")
+    finally:
+        socket.setdefaulttimeout(None)
+        client.disconnect()
+        client.loop_stop()
+    return f"{mqtt_config.host}:{mqtt_config.port} accepted the connection (MQTT {mqtt_config.protocol})"
+
+
+def check(config: AgentConfig) -> int:
+    """One line per check; exit status 1 if any failed."""
+    checks: list[tuple[str, Callable[[], str]]] = [("model", lambda: _check_model(config))]
+    checks += [(f"camera {c.id}", _check_camera(c.source)) for c in config.cameras]
+    if config.mqtt.tls is not None:
+        checks.append(("tls", lambda: _check_tls(config)))
+    checks.append(("broker", lambda: _check_broker(config)))
+    failed = 0
+    for name, run in checks:
+        try:
+            print(f"ok    {name}: {run()}", flush=True)
+        except Exception as exc:  # each check reports any failure as its line, then the next runs
+            failed += 1
+            print(f"FAIL  {name}: {exc}", flush=True)
+    return 1 if failed else 0
+
+
+# -- commands ---------------------------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = agent_config.load(args.config)
+    setup_logging(config.log_level)
+    from edge_agent.emotion_model import ModelError
+    from edge_agent.service import Agent
+
+    try:
+        agent = Agent(config)
+    except (ModelError, FileNotFoundError) as exc:  # restarting cannot fix missing model files
+        raise UsageError(str(exc)) from None
+    agent.run()
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = agent_config.load(args.config)
+    setup_logging("WARNING")
+    print(f"ok    config: {args.config}", flush=True)
+    return check(config)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from edge_agent import bench
+
+    if not args.video.is_file():
+        raise UsageError(f"{args.video}: no such video file; pass --video with an existing file")
+    config = agent_config.load(args.config)
+    if args.detect_every:
+        config = config.model_copy(update={"detection": config.detection.model_copy(
+            update={"every": args.detect_every})})
+    setup_logging("WARNING")
+    result = bench.bench(args.video, config, args.frames)
+    print(bench.render(result))
+    if args.json:
+        bench.write_json(result, args.json)
+    return 0
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    if not INSTALL_SCRIPT.exists():
+        raise UsageError(f"{INSTALL_SCRIPT} is missing: run deploy/systemd/install.sh from a source checkout")
+    if os.geteuid() != 0:
+        raise UsageError(f"installing a system service needs root: sudo {INSTALL_SCRIPT}")
+    return subprocess.call([str(INSTALL_SCRIPT)])
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-agent", description="AffectEdge edge agent: cameras -> emotions -> MQTT")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the agent (what the systemd unit starts)")
+    run.add_argument("--config", type=Path, default=agent_config.DEFAULT_PATH)
+    run.set_defaults(func=cmd_run)
+    chk = sub.add_parser("check", help="check model, cameras, TLS files and broker; one line each")
+    chk.add_argument("--config", type=Path, default=agent_config.DEFAULT_PATH)
+    chk.set_defaults(func=cmd_check)
+    ben = sub.add_parser("bench", help="measure the pipeline on a video file, as fast as it goes")
+    ben.add_argument("--video", type=Path, required=True)
+    ben.add_argument("--config", type=Path, default=None, help="agent config (default: built-in defaults)")
+    ben.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ben.add_argument("--frames", type=int, default=None, help="stop after this many frames")
+    ben.add_argument("--detect-every", type=int, default=None, help="override detection.every")
+    ben.set_defaults(func=cmd_bench)
+    ins = sub.add_parser("install-service", help="install the systemd service (runs deploy/systemd/install.sh)")
+    ins.set_defaults(func=cmd_install_service)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, UsageError) as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,216 @@
+"""MQTT out: observation batches through the spool (QoS 1, in order), the retained status, the Last Will.
+
+* ``.../observations`` — every :class:`ObservationBatch` is first appended to the on-disk
+  :class:`~edge_agent.spool.Spool`; a sender thread hands the oldest rows to paho-mqtt while
+  connected (at most ``MAX_INFLIGHT`` unacknowledged) and deletes each row on its PUBACK. paho
+  re-sends unacknowledged messages itself after a reconnect, and MQTT keeps one client's QoS 1
+  messages in order, so batches arrive in ``seq`` order.
+* ``.../status`` — a retained :class:`AgentStatus`: ONLINE on every (re)connect, refreshed by the
+  service, OFFLINE on a clean stop; the same OFFLINE message is the Last Will, so the broker
+  announces a crashed or unplugged agent by itself.
+
+MQTT 5 carries the wire format in the Content Type property (``codec.content_type``); MQTT 3.1.1
+(e.g. the demo's amqtt broker) has no properties and consumers sniff JSON vs protobuf. The password
+and key paths go to paho only; nothing here logs them.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+import paho.mqtt.client as mqtt
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from affectedge import codec, topics
+from affectedge.v1 import affectedge_pb2 as pb
+from edge_agent.config import AgentSection, MqttSection
+from edge_agent.spool import Spool
+
+log = logging.getLogger(__name__)
+
+MAX_INFLIGHT = 20
+QOS = 1
+
+
+def timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def make_client(config: MqttSection, client_id: str) -> mqtt.Client:
+    """A paho client configured from ``[mqtt]`` (protocol, credentials, TLS); not yet connected."""
+    protocol = mqtt.MQTTv5 if config.protocol == "5" else mqtt.MQTTv311
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+    if config.username is not None:
+        password = config.password.get_secret_value() if config.password else None
+        client.username_pw_set(config.username, password)
+    if config.tls is not None:
+        client.tls_set(ca_certs=str(config.tls.ca) if config.tls.ca else None,
+                       certfile=str(config.tls.cert) if config.tls.cert else None,
+                       keyfile=str(config.tls.key) if config.tls.key else None)
+    client.max_inflight_messages_set(MAX_INFLIGHT)
+    client.reconnect_delay_set(1, config.max_backoff_s)
+    return client
+
+
+class Publisher:
+    def __init__(self, config: MqttSection, agent: AgentSection, spool: Spool, model_version: str):
+        self.config = config
+        self.agent = agent
+        self.spool = spool
+        self.model_version = model_version
+        self.observations_topic = topics.observations(agent.classroom, agent.id)
+        self.status_topic = topics.status(agent.classroom, agent.id)
+        self.connected = threading.Event()
+        self._client: mqtt.Client | None = None
+        self._status: Callable[[], pb.AgentStatus] | None = None
+        # mid -> spool row id (None: a status message). Publishing and registering its mid happen
+        # under _lock, which paho's on_publish never takes: paho calls on_publish while holding its
+        # own queue lock, which publish() needs, so taking _lock there could deadlock.
+        self._inflight: dict[int, int | None] = {}
+        self._lock = threading.Lock()
+        self._acked: collections.deque[int] = collections.deque()  # filled by paho's thread
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._warned_full = False  # once per outage, not once per batch
+        self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
+
+    # -- encoding -------------------------------------------------------------------------------
+
+    def _properties(self, content_type: str) -> Properties | None:
+        if self.config.protocol != "5":
+            return None
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = content_type
+        props.PayloadFormatIndicator = 1 if self.config.format == "json" else 0
+        return props
+
+    def _encode(self, message: Message) -> tuple[str, bytes]:
+        codec.validate(message)
+        return codec.content_type(message, self.config.format), codec.encode(message, self.config.format)
+
+    # -- observations -----------------------------------------------------------------------------
+
+    def publish_batch(self, observations: Iterable[pb.EmotionObservation],
+                      summaries: Iterable[pb.CameraSummary]) -> pb.ObservationBatch:
+        """Number, encode and spool one batch; it is sent as soon as the broker is reachable."""
+        batch = pb.ObservationBatch(
+            agent_id=self.agent.id, classroom_id=self.agent.classroom, model_version=self.model_version,
+            seq=self.spool.next_seq(), sent_at=timestamp(time.time()),
+            observations=observations, summaries=summaries)
+        content_type, payload = self._encode(batch)
+        if self.spool.put(self.observations_topic, content_type, payload) and not self._warned_full:
+            log.warning("spool full (%d batches): dropping the oldest until the broker is back "
+                        "(counted in the status' spool_dropped)", self.spool.max_batches)
+            self._warned_full = True
+        self._wake.set()
+        return batch
+
+    def _send_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            with self._lock:
+                # every acked mid is registered: its publish() returned before we got _lock
+                while self._acked:
+                    row = self._inflight.pop(self._acked.popleft(), None)
+                    if row is not None:
+                        self.spool.ack(row)
+                if not self.connected.is_set():
+                    continue
+                in_flight = sum(row is not None for row in self._inflight.values())
+                for row in self.spool.take(MAX_INFLIGHT - in_flight):
+                    info = self._client.publish(row.topic, row.payload, QOS,
+                                                properties=self._properties(row.content_type))
+                    self._inflight[info.mid] = row.id
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self._acked.append(mid)
+        self._wake.set()
+
+    # -- status -------------------------------------------------------------------------------------
+
+    def publish_status(self, status: pb.AgentStatus) -> mqtt.MQTTMessageInfo | None:
+        """Publish ``status`` retained if connected (a snapshot: no point queuing a stale one)."""
+        if self._client is None or not self.connected.is_set():
+            return None
+        content_type, payload = self._encode(status)
+        with self._lock:
+            info = self._client.publish(self.status_topic, payload, QOS, retain=True,
+                                        properties=self._properties(content_type))
+            self._inflight[info.mid] = None
+        return info
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("broker %s:%d refused the connection: %s; retrying",
+                        self.config.host, self.config.port, reason_code)
+            return
+        log.info("connected to broker %s:%d (MQTT %s)", self.config.host, self.config.port,
+                 self.config.protocol)
+        self.connected.set()
+        self._warned_full = False
+        self.publish_status(self._status())
+        self._wake.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self.connected.is_set() and not self._stopping.is_set():
+            log.warning("lost the broker (%s); spooling batches and reconnecting", reason_code)
+        self.connected.clear()
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self, status: Callable[[], pb.AgentStatus]) -> None:
+        """Connect in the background; ``status()`` gives the ONLINE status to publish on each connect."""
+        self._status = status
+        client = make_client(self.config, client_id=f"affectedge-{self.agent.classroom}-{self.agent.id}")
+        will = status()
+        will.state = pb.AgentStatus.OFFLINE
+        will.detail = "connection lost (Last Will)"
+        content_type, payload = self._encode(will)
+        client.will_set(self.status_topic, payload, QOS, retain=True, properties=(
+            self._will_properties(content_type)))
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        self._client = client
+        client.connect_async(self.config.host, self.config.port, self.config.keepalive_s)
+        client.loop_start()
+        self._sender.start()
+
+    def _will_properties(self, content_type: str) -> Properties | None:
+        if self.config.protocol != "5":
+            return None
+        props = Properties(PacketTypes.WILLMESSAGE)
+        props.ContentType = content_type
+        return props
+
+    def stop(self, final: pb.AgentStatus, flush_timeout: float = 5.0) -> None:
+        """Send what the spool holds (up to ``flush_timeout`` s), publish ``final`` retained, disconnect."""
+        deadline = time.monotonic() + flush_timeout
+        while self.connected.is_set() and self.spool.depth and time.monotonic() < deadline:
+            self._wake.set()
+            time.sleep(0.05)
+        self._stopping.set()
+        self._wake.set()
+        self._sender.join(5)
+        info = self.publish_status(final)
+        if info is not None:
+            try:
+                info.wait_for_publish(max(0.5, deadline - time.monotonic()))
+            except RuntimeError as exc:  # the connection dropped meanwhile; the Last Will says OFFLINE
+                log.info("final status not sent: %s", exc)
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+        left = self.spool.depth
+        if left:
+            log.info("%d batches stay in the spool for the next start", left)

@@ -1,0 +1,105 @@
+"""Store-and-forward: a bounded, on-disk FIFO of encoded batches waiting for the broker.
+
+Every observation batch goes through here, connected or not, so one path handles both cases and
+a batch survives a crash or a power cut between being produced and being acknowledged (QoS 1
+PUBACK). The publisher :meth:`take`\\ s the oldest rows, hands them to the MQTT client and
+:meth:`ack`\\ s each on PUBACK; rows taken but not acknowledged when the process dies are sent
+again after a restart (consumers drop the duplicate by its ``seq``).
+
+The bound is a row count. When it is reached the oldest rows not yet handed to the MQTT client
+are deleted and counted (:attr:`dropped`, persisted, reported in ``AgentStatus.spool_dropped``);
+nothing within the bound is ever lost. The batch ``seq`` counter lives here too, so it keeps
+increasing across restarts. Payloads hold labels only; no frame or embedding ever reaches disk.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('seq', 0), ('dropped', 0);
+"""
+
+
+@dataclass(frozen=True)
+class Row:
+    id: int
+    topic: str
+    content_type: str
+    payload: bytes
+
+
+class Spool:
+    """Thread-safe: the pipeline thread puts, the MQTT sender thread takes and acks."""
+
+    def __init__(self, path: Path, max_batches: int):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.max_batches = max_batches
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across crashes, 1 fsync/checkpoint
+        self._db.executescript(_SCHEMA)
+        self._taken = 0  # rows with id <= this are in the MQTT client's hands (this process only)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _meta(self, key: str) -> int:
+        return self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
+
+    def next_seq(self) -> int:
+        """The next batch sequence number (1, 2, ...; never reused, also after a restart)."""
+        with self._lock, self._db:
+            self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'seq'")
+            return self._meta("seq")
+
+    def put(self, topic: str, content_type: str, payload: bytes) -> int:
+        """Append a batch; returns how many old batches the bound pushed out."""
+        with self._lock, self._db:
+            self._db.execute("INSERT INTO batches (topic, content_type, payload) VALUES (?, ?, ?)",
+                             (topic, content_type, payload))
+            excess = self._db.execute("SELECT COUNT(*) FROM batches").fetchone()[0] - self.max_batches
+            if excess <= 0:
+                return 0
+            dropped = self._db.execute(
+                "DELETE FROM batches WHERE id IN (SELECT id FROM batches WHERE id > ? ORDER BY id LIMIT ?)",
+                (self._taken, excess)).rowcount
+            self._db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped'", (dropped,))
+            return dropped
+
+    def take(self, limit: int) -> list[Row]:
+        """Up to ``limit`` of the oldest batches not yet taken, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, topic, content_type, payload FROM batches WHERE id > ? ORDER BY id LIMIT ?",
+                (self._taken, limit)).fetchall()
+            if rows:
+                self._taken = rows[-1][0]
+            return [Row(*r) for r in rows]
+
+    def ack(self, row_id: int) -> None:
+        with self._lock, self._db:
+            self._db.execute("DELETE FROM batches WHERE id = ?", (row_id,))
+
+    @property
+    def depth(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
+
+    @property
+    def dropped(self) -> int:
+        with self._lock:
+            return self._meta("dropped")

@@ -1,0 +1,227 @@
+"""The agent as IT runs it: a real process on the sample video, a real Mosquitto, systemd's protocols."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, free_port
+from edge_support import AGENT_CMD, SAMPLE, Subscriber, edge_agent, needs_models, write_config
+from google.protobuf.descriptor import FieldDescriptor
+
+from affectedge import codec, topics
+from affectedge.v1 import affectedge_pb2 as pb
+
+STATUS = topics.status("lab-a", "pc-1")
+OBSERVATIONS = topics.observations("lab-a", "pc-1")
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"\x00\x00\x00\x18ftyp", b"RIFF")
+
+
+def decode(message) -> pb.ObservationBatch | pb.AgentStatus:
+    kind = topics.parse(message.topic)
+    assert kind is not None, f"unexpected topic {message.topic}"
+    cls = pb.ObservationBatch if kind.kind == topics.OBSERVATIONS else pb.AgentStatus
+    decoded = codec.decode(message.payload, cls)
+    # nothing rides along: re-encoding the decoded message gives back the exact payload
+    assert decoded.SerializeToString() == message.payload
+    return decoded
+
+
+def has_bytes_field(descriptor, seen=None) -> bool:
+    seen = seen if seen is not None else set()
+    if descriptor.full_name in seen:
+        return False
+    seen.add(descriptor.full_name)
+    return any(f.type == FieldDescriptor.TYPE_BYTES
+               or (f.message_type is not None and has_bytes_field(f.message_type, seen))
+               for f in descriptor.fields)
+
+
+@needs_models
+def test_privacy_only_labels_leave_the_agent_and_systemd_lifecycle(mosquitto, tmp_path: Path):
+    """Subscribe to '#' while the agent runs on the sample video: only valid label messages appear,
+    the agent writes nothing but its spool, and it speaks sd_notify READY/WATCHDOG/STOPPING."""
+    assert not has_bytes_field(pb.ObservationBatch.DESCRIPTOR)
+    assert not has_bytes_field(pb.AgentStatus.DESCRIPTOR)
+    work, tmp, home = (tmp_path / d for d in ("work", "tmp", "home"))
+    for d in (work, tmp, home):
+        d.mkdir()
+    config = write_config(tmp_path / "agent.toml", mosquitto.port, spool=work / "spool.sqlite3")
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(30)
+    everything = Subscriber(mosquitto.port, "#")
+    agent = edge_agent("run", "--config", str(config), cwd=work, env={
+        "TMPDIR": str(tmp), "HOME": str(home), "NOTIFY_SOCKET": str(notify_path),
+        "WATCHDOG_USEC": "400000"})
+    try:
+        assert notify.recv(256) == b"READY=1"
+        assert notify.recv(256) == b"WATCHDOG=1"
+        everything.wait_for(lambda ms: sum(m.topic == OBSERVATIONS and len(decode(m).observations) > 0
+                                           for m in ms) >= 4, timeout=40)
+        agent.send_signal(signal.SIGTERM)
+        _, stderr = agent.communicate(timeout=30)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    notified = []
+    notify.settimeout(0.5)
+    while True:
+        try:
+            notified.append(notify.recv(256))
+        except TimeoutError:
+            break
+    notify.close()
+    assert agent.returncode == 0, stderr.decode()[-2000:]
+    assert b"STOPPING=1" in notified
+
+    everything.wait_for(lambda ms: ms[-1].topic == STATUS)
+    messages = everything.received()
+    everything.close()
+    batches = [decode(m) for m in messages if m.topic == OBSERVATIONS]
+    statuses = [decode(m) for m in messages if m.topic == STATUS]
+    assert {m.topic for m in messages} == {STATUS, OBSERVATIONS}
+    for m in messages:
+        assert not m.payload.startswith(IMAGE_MAGIC)
+        assert len(m.payload) < 8192  # labels for a handful of learners, nowhere near an image
+    for batch in batches:
+        for obs in batch.observations:
+            assert len(obs.probabilities) == 7
+            assert obs.label != pb.EMOTION_UNSPECIFIED and obs.frames >= 1
+        assert [len(s.distribution) for s in batch.summaries if s.faces_present] == \
+            [7] * sum(1 for s in batch.summaries if s.faces_present)
+    assert [b.seq for b in batches] == sorted({b.seq for b in batches})
+    assert max(len(b.observations) for b in batches) == 4  # the sample's four learners
+    assert statuses[0].state == pb.AgentStatus.ONLINE
+    assert statuses[-1].state == pb.AgentStatus.OFFLINE and statuses[-1].detail == "stopped"
+
+    # nothing but the spool touched the disk: no frames, crops or embeddings anywhere
+    written = sorted(str(p.relative_to(tmp_path)) for d in (work, tmp, home) for p in d.rglob("*"))
+    assert written and all(p.startswith("work/spool.sqlite3") for p in written), written
+    assert b"Traceback" not in stderr
+
+
+@needs_models
+def test_last_will_announces_offline_when_the_agent_is_killed(mosquitto, tmp_path: Path):
+    config = write_config(tmp_path / "agent.toml", mosquitto.port)
+    agent = edge_agent("run", "--config", str(config))
+    try:
+        watcher = Subscriber(mosquitto.port, STATUS)
+        first = watcher.wait_for(lambda ms: len(ms) >= 1, timeout=40)[0]
+        assert codec.decode(first.payload, pb.AgentStatus).state == pb.AgentStatus.ONLINE
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(10)
+        watcher.wait_for(lambda ms: codec.decode(ms[-1].payload, pb.AgentStatus).state
+                         == pb.AgentStatus.OFFLINE)
+        watcher.close()
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        agent.communicate()
+    late = Subscriber(mosquitto.port, STATUS)  # joins after the death: gets the retained Will
+    will = late.wait_for(lambda ms: len(ms) >= 1)[0]
+    late.close()
+    assert will.retain
+    status = codec.decode(will.payload, pb.AgentStatus)
+    assert status.state == pb.AgentStatus.OFFLINE
+    assert "Last Will" in status.detail
+    assert will.content_type == "application/x-protobuf; proto=affectedge.v1.AgentStatus"
+
+
+@needs_models
+def test_check_reports_one_line_per_check(mosquitto, tmp_path: Path):
+    good = write_config(tmp_path / "good.toml", mosquitto.port)
+    result = subprocess.run([*AGENT_CMD, "check", "--config", str(good)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["ok    config", "ok    model", "ok    camera cam0",
+                                                      "ok    broker"]
+    assert "640x480" in lines[2]
+
+    bad = write_config(tmp_path / "bad.toml", free_port(), source=tmp_path / "missing.mp4",
+                       extra=f'[mqtt.tls]\nca = "{tmp_path / "missing-ca.pem"}"\n')
+    result = subprocess.run([*AGENT_CMD, "check", "--config", str(bad)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == [
+        "ok    config", "ok    model", "FAIL  camera cam0", "FAIL  tls", "FAIL  broker"]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ('[agent]\nid = "pc 1"\n', "agent.id"),
+    ("[mqtt]\nprot = 1883\n", "unknown key `mqtt.prot`"),
+    ('[mqtt]\nprotocol = "4"\n', "mqtt.protocol"),
+    ("[[cameras]]\nid = \"a\"\n[[cameras]]\nid = \"a\"\n", "camera ids must be unique"),
+    ("[agent\n", "not valid TOML"),
+    (None, "no such config file"),
+])
+def test_config_errors_exit_2_with_one_line(tmp_path: Path, body, expected):
+    path = tmp_path / "agent.toml"
+    if body is not None:
+        path.write_text(body)
+    for command in ("run", "check"):
+        result = subprocess.run([*AGENT_CMD, command, "--config", str(path)],
+                                capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert result.returncode == 2
+        assert result.stdout == ""
+        assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path):
+    unit = (ROOT / "deploy" / "systemd" / "affectedge-agent.service").read_text()
+    for directive in ("Type=notify", "User=affectedge", "ProtectSystem=strict", "PrivateTmp=yes",
+                      "NoNewPrivileges=yes", "DevicePolicy=closed", "DeviceAllow=char-video4linux rw",
+                      "Restart=on-failure", "WatchdogSec=", "StateDirectory=affectedge",
+                      "--config /etc/affectedge/agent.toml"):
+        assert directive in unit
+    # verify insists that ExecStart= exists: point it at an executable that does here
+    local = tmp_path / "affectedge-agent.service"
+    local.write_text(unit.replace("/opt/affectedge/venv/bin/edge-agent", sys.executable))
+    result = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "affectedge-agent.service" not in result.stderr, result.stderr
+
+
+def test_example_config_is_the_defaults():
+    from edge_agent import config
+
+    assert config.load(ROOT / "deploy" / "agent.example.toml") == config.load(None)
+
+
+@needs_models
+def test_bench_reports_throughput_stages_and_resources(tmp_path: Path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([*AGENT_CMD, "bench", "--video", str(SAMPLE), "--frames", "60",
+                             "--json", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["frames"] == 60 and report["fps"] > 0
+    assert report["stages_ms"]["detect"]["n"] == 12  # every 5th frame
+    for stage in ("decode", "track", "align", "encode", "head", "publish"):
+        assert report["stages_ms"][stage]["n"] > 0, stage
+    assert report["latency_ms"]["n"] > 0
+    assert report["frames_with_face_pct"] > 90 and report["rss_mb"] > 0
+    assert "frames/s" in result.stdout
+
+
+def test_missing_model_files_exit_2_with_one_line(tmp_path: Path):
+    config = write_config(tmp_path / "agent.toml", free_port())
+    config.write_text(config.read_text().replace(f'dir = "{ROOT / "models"}"', f'dir = "{tmp_path}"'))
+    result = subprocess.run([*AGENT_CMD, "run", "--config", str(config)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("edge-agent: ")
+    assert "manifest.json is missing" in result.stderr and "Traceback" not in result.stderr
