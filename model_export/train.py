@@ -88,6 +88,26 @@ def _completed_epochs(history: Path) -> int:
         return sum(1 for _ in csv.DictReader(handle))
 
 
+def _schedule(cfg: TrainConfig, steps: int) -> keras.optimizers.schedules.LearningRateSchedule:
+    """Linear warm-up to the peak rate, then cosine decay to zero at the last epoch."""
+    warmup = min(cfg.warmup_epochs, cfg.epochs - 1) * steps
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=cfg.learning_rate / 100,
+        warmup_target=cfg.learning_rate,
+        warmup_steps=warmup,
+        decay_steps=cfg.epochs * steps - warmup,
+    )
+
+
+def _best_so_far(history: Path) -> float | None:
+    """Best val accuracy already reached, so a resumed run keeps a better earlier checkpoint."""
+    if not history.exists():
+        return None
+    with history.open() as handle:
+        scores = [float(row["val_accuracy"]) for row in csv.DictReader(handle)]
+    return max(scores) if scores else None
+
+
 def train_encoder(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, verbose: int = 1) -> Path:
     """Stage 1. Returns the path of the best frame classifier."""
     run = Path(cfg.run_dir)
@@ -102,22 +122,17 @@ def train_encoder(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, verbos
 
     history, last = run / "history.csv", run / "encoder_last.keras"
     initial_epoch = _completed_epochs(history) if resume and last.exists() else 0
+    steps = int(np.ceil(len(train) / cfg.batch_size))
     if initial_epoch:
         log.info("resuming from %s after epoch %d", last, initial_epoch)
         model = keras.models.load_model(last)
+        # the schedule follows --epochs, so a run can be shortened or extended when resumed
+        model.optimizer.learning_rate = _schedule(cfg, steps)
     else:
         history.unlink(missing_ok=True)
-        steps = int(np.ceil(len(train) / cfg.batch_size))
-        warmup = min(cfg.warmup_epochs, cfg.epochs - 1) * steps
-        schedule = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=cfg.learning_rate / 100,
-            warmup_target=cfg.learning_rate,
-            warmup_steps=warmup,
-            decay_steps=cfg.epochs * steps - warmup,
-        )
         model = build_frame_classifier(build_encoder(model_cfg))
         model.compile(
-            optimizer=keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay),
+            optimizer=keras.optimizers.AdamW(_schedule(cfg, steps), weight_decay=cfg.weight_decay),
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
             metrics=["accuracy"],
         )
@@ -131,7 +146,8 @@ def train_encoder(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, verbos
             callbacks=[
                 keras.callbacks.ModelCheckpoint(last),
                 keras.callbacks.ModelCheckpoint(run / "encoder_best.keras", monitor="val_accuracy",
-                                                save_best_only=True, mode="max"),
+                                                save_best_only=True, mode="max",
+                                                initial_value_threshold=_best_so_far(history)),
                 keras.callbacks.CSVLogger(history, append=True),
             ],
         )

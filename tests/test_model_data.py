@@ -62,7 +62,7 @@ def test_perturb_keeps_shape_range_and_is_seeded() -> None:
     a = perturb(faces, np.random.default_rng(1), TRAIN)
     b = perturb(faces, np.random.default_rng(1), TRAIN)
     assert a.shape == faces.shape and a.dtype == np.float32
-    assert 0.0 <= a.min() and a.max() <= 1.0
+    assert a.min() >= 0.0 and a.max() <= 1.0
     np.testing.assert_array_equal(a, b)
     jitter = perturb(faces, np.random.default_rng(2), JITTER)
     assert np.abs(jitter - faces / 255.0).mean() < np.abs(a - faces / 255.0).mean()
