@@ -1,0 +1,28 @@
+"""`make demo DURATION=…`: the whole system on one machine publishes observations and produces signals."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_runs_headless_and_produces_signals(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "coordinator", "demo", "--duration", "45", "--camera",
+         str(ROOT / "edge_agent" / "sample" / "classroom.mp4"), "--state-dir", str(tmp_path / "demo")],
+        capture_output=True, text=True, timeout=240, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert re.search(r"dashboard\s+http://127\.0\.0\.1:\d+/classrooms/demo-room", result.stdout)
+    assert re.search(r"login\s+teacher / \S+", result.stdout)
+    assert "SIGNAL" in result.stdout
+    observations, signals = map(int, re.search(r"demo finished: (\d+) observations stored, (\d+) adaptation signals",
+                                               result.stdout).groups())
+    assert observations > 0 and signals > 0
