@@ -21,7 +21,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from sqlalchemy import func, select
 
 from affectedge import codec, topics
 from affectedge.labels import EMOTIONS
+from affectedge.loopback import free_port, wait_for_port
 from affectedge.v1 import affectedge_pb2 as pb
 from affectedge.v1 import affectedge_pb2_grpc as pb_grpc
 from coordinator import db
@@ -58,12 +58,6 @@ window_s = 10
 min_duration_s = 0
 cooldown_s = 0
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_batch(
@@ -128,21 +122,11 @@ def spawned_mosquitto(workdir: Path) -> Iterator[str]:
     )
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_port(port)
+        wait_for_port(port)
         yield f"mqtt://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(10)
-
-
-def _wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise SystemExit(f"error: nothing listening on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
 @dataclass

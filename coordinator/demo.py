@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from affectedge.loopback import free_port
 from affectedge.settings import parse
 from affectedge.v1 import affectedge_pb2 as pb
 from coordinator import db
@@ -37,15 +37,6 @@ DEMO_RULES = Path(__file__).with_name("demo_rules.toml")
 CLASSROOM, AGENT, TEACHER = "demo-room", "demo-pc", "teacher"
 
 log = logging.getLogger("affectedge.demo")
-
-
-def _free_port(preferred: int) -> int:
-    with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", preferred)) != 0:
-            return preferred
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _camera_source(choice: str) -> str:
@@ -98,7 +89,7 @@ def run(duration: float, camera: str, broker: str | None, web_port: int, state_d
     state_dir.mkdir(parents=True)
     embedded = None
     if broker is None:
-        embedded = EmbeddedBroker(port=_free_port(1883))
+        embedded = EmbeddedBroker(port=free_port(1883))
         embedded.start()
         broker, protocol, group = embedded.url, "3.1.1", ""
     else:
@@ -109,8 +100,8 @@ def run(duration: float, camera: str, broker: str | None, web_port: int, state_d
         "mqtt": {"url": broker, "protocol": protocol, "shared_group": group},
         "database": {"url": f"sqlite:///{state_dir / 'coordinator.db'}"},
         "policy": {"rules": str(DEMO_RULES)},
-        "grpc": {"port": _free_port(50051)},
-        "web": {"port": _free_port(web_port), "admin_password": secrets.token_urlsafe(9)},
+        "grpc": {"port": free_port(50051)},
+        "web": {"port": free_port(web_port), "admin_password": secrets.token_urlsafe(9)},
     }, CoordinatorConfig, "demo defaults")
     coordinator = Coordinator(config)
     coordinator.start()
