@@ -26,6 +26,15 @@ def _serve(args: argparse.Namespace) -> int:
     from coordinator.service import Coordinator
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stopping = threading.Event()
+
+    def request_stop(signum, _frame) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stopping.set()
+
+    # installed before start-up, so a SIGTERM while starting still ends in a clean stop
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
     try:
         config = load_config(args.config)
         coordinator = Coordinator(config)
@@ -38,14 +47,6 @@ def _serve(args: argparse.Namespace) -> int:
         reason = str(getattr(exc, "orig", exc)).splitlines()[0]
         print(f"error: cannot use the database {url}: {reason}; check [database] url", file=sys.stderr)
         return 2
-    stopping = threading.Event()
-
-    def request_stop(signum, _frame) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
     stopping.wait()
     coordinator.stop()
     return 0
