@@ -40,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.stage in ("all", "encoder"):
         train_encoder(cfg, model_cfg, resume=args.resume, verbose=verbose)
     if args.stage in ("all", "head"):
-        train_head(cfg, model_cfg, verbose=verbose)
+        train_head(cfg, model_cfg, verbose=verbose, clip_data=args.clip_data)
     print(f"run directory: {args.run}")
     return 0
 
@@ -132,6 +132,9 @@ def parser() -> argparse.ArgumentParser:
                    help="DATA with train/ and val/ class folders, or a fer2013.csv / fer2013new.csv (default: data/)")
     t.add_argument("--run", type=Path, default=ROOT / "runs" / "latest", help="run directory (checkpoints, history)")
     t.add_argument("--stage", choices=["all", "encoder", "head"], default="all")
+    t.add_argument("--clip-data", type=Path,
+                   help="real clips for the head: DIR/<class>/<clip>/<frames> (optionally under train/ and val/); "
+                        "default: clips synthesised from the still faces")
     t.add_argument("--epochs", type=int, default=36, help="encoder epochs (default 36)")
     t.add_argument("--head-epochs", type=int, default=12)
     t.add_argument("--batch-size", type=int, default=128)

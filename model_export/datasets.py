@@ -155,3 +155,42 @@ def load_cached(path: Path, split: str, cache_dir: Path) -> Faces:
     faces = load_split(path, split)
     np.savez(cache, images=faces.images, labels=faces.labels)
     return faces
+
+
+@dataclass
+class Clips:
+    """Real face clips: frames (N, T, 48, 48) uint8 and labels (N,)."""
+
+    frames: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_clip_folders(root: Path, window: int) -> Clips:
+    """``root/<class>/<clip>/<frame images>`` (frames in name order) -> clips of ``window`` frames.
+
+    Each clip folder holds the face crops of one learner over time (e.g. from a video dataset);
+    ``window`` frames are taken evenly spaced over it, so clips of any length fit the head.
+    """
+    if not root.is_dir():
+        raise DatasetError(f"{root} is not a directory: pass DIR/<class>/<clip>/<frames>")
+    frames, labels, unknown = [], [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        label = canonical(folder.name)
+        if label is None:
+            unknown.append(folder.name)
+            continue
+        for clip in sorted(p for p in folder.iterdir() if p.is_dir()):
+            files = sorted(p for p in clip.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                continue
+            picks = np.linspace(0, len(files) - 1, window).round().astype(int)
+            frames.append(np.stack([read_face(files[i]) for i in picks]))
+            labels.append(EMOTIONS.index(label))
+    if unknown:
+        log.warning("skipped class folders with unknown names in %s: %s", root, ", ".join(unknown))
+    if not frames:
+        raise DatasetError(f"no clips under {root}: expected <class>/<clip>/<frame images>")
+    return Clips(np.stack(frames), np.asarray(labels, dtype=np.int64))

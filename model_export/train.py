@@ -23,7 +23,7 @@ import numpy as np
 from affectedge.labels import EMOTIONS
 from model_export import clips
 from model_export.augment import TRAIN, perturb
-from model_export.datasets import Faces, load_cached
+from model_export.datasets import Faces, load_cached, load_clip_folders
 from model_export.model import ModelConfig, build_encoder, build_frame_classifier, build_head
 
 log = logging.getLogger(__name__)
@@ -159,40 +159,70 @@ def encoder_of(frame_classifier: keras.Model) -> keras.Model:
     return frame_classifier.get_layer("encoder")
 
 
-def train_head(cfg: TrainConfig, model_cfg: ModelConfig, verbose: int = 1) -> Path:
-    """Stage 2: freeze the encoder, train the BiLSTM head on synthesised clips of embeddings."""
+def train_head(cfg: TrainConfig, model_cfg: ModelConfig, verbose: int = 1, clip_data: Path | None = None) -> Path:
+    """Stage 2: freeze the encoder, train the BiLSTM head on clips of embeddings.
+
+    Clips are synthesised from the still faces of ``cfg.data`` unless ``clip_data`` holds real
+    ones (``<class>/<clip>/<frames>``, optionally under ``train/`` and ``val/``).
+    """
     run = Path(cfg.run_dir)
     keras.utils.set_random_seed(cfg.seed)
     encoder = encoder_of(keras.models.load_model(run / "encoder_best.keras"))
-    train = load_cached(Path(cfg.data), "train", run / "cache")
-    val = load_cached(Path(cfg.data), "val", run / "cache")
-    rng = np.random.default_rng(cfg.seed)
-    log.info("embedding %d jittered views of the training faces", clips.VIEWS)
 
     def embed(faces: np.ndarray) -> np.ndarray:
         return encoder.predict(faces[..., None].astype(np.float32) / 255.0, batch_size=1024, verbose=0)
 
-    train_bank = clips.embedding_bank(embed, train.images, rng)
-    val_bank = clips.embedding_bank(embed, val.images, rng)
     head = build_head(model_cfg)
     head.compile(
         optimizer=keras.optimizers.AdamW(1e-3, weight_decay=1e-4),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
         metrics=["accuracy"],
     )
+    callbacks = [
+        keras.callbacks.ModelCheckpoint(run / "head.keras", monitor="val_accuracy", save_best_only=True, mode="max"),
+        keras.callbacks.CSVLogger(run / "head_history.csv"),
+    ]
+    if clip_data is not None:
+        return _train_head_on_real_clips(head, embed, clip_data, cfg, model_cfg, callbacks, verbose)
+    train = load_cached(Path(cfg.data), "train", run / "cache")
+    val = load_cached(Path(cfg.data), "val", run / "cache")
+    rng = np.random.default_rng(cfg.seed)
+    log.info("embedding %d jittered views of the training faces", clips.VIEWS)
+    train_bank = clips.embedding_bank(embed, train.images, rng)
+    val_bank = clips.embedding_bank(embed, val.images, rng)
     weights = class_weights(train.class_counts(), cfg.class_weight_power)
     head.fit(
         ClipBatches(train_bank, train.labels, model_cfg.window, cfg.batch_size, weights, cfg.seed),
         validation_data=ClipBatches(val_bank, val.labels, model_cfg.window, 512, None, 0),
         epochs=cfg.head_epochs,
         verbose=verbose,
-        callbacks=[
-            keras.callbacks.ModelCheckpoint(run / "head.keras", monitor="val_accuracy",
-                                            save_best_only=True, mode="max"),
-            keras.callbacks.CSVLogger(run / "head_history.csv"),
-        ],
+        callbacks=callbacks,
     )
     return run / "head.keras"
+
+
+def _train_head_on_real_clips(head: keras.Model, embed, clip_data: Path, cfg: TrainConfig,
+                              model_cfg: ModelConfig, callbacks: list, verbose: int) -> Path:
+    def sequences(root: Path) -> tuple[np.ndarray, np.ndarray]:
+        found = load_clip_folders(root, model_cfg.window)
+        flat = embed(found.frames.reshape(-1, *found.frames.shape[2:]))
+        return flat.reshape(len(found), model_cfg.window, -1), found.labels
+
+    has_splits = (clip_data / "train").is_dir()
+    x, labels = sequences(clip_data / "train" if has_splits else clip_data)
+    order = np.random.default_rng(cfg.seed).permutation(len(labels))  # Keras splits off the *last* 10%
+    x, labels = x[order], labels[order]
+    log.info("training the head on %d real clips from %s", len(labels), clip_data)
+    weights = class_weights(np.bincount(labels, minlength=len(EMOTIONS)), cfg.class_weight_power)
+    y = keras.utils.to_categorical(labels, len(EMOTIONS))
+    if has_splits and (clip_data / "val").is_dir():
+        vx, vlabels = sequences(clip_data / "val")
+        split = {"validation_data": (vx, keras.utils.to_categorical(vlabels, len(EMOTIONS)))}
+    else:
+        split = {"validation_split": 0.1}
+    head.fit(x, y, sample_weight=weights[labels], batch_size=cfg.batch_size, epochs=cfg.head_epochs,
+             shuffle=True, verbose=verbose, callbacks=callbacks, **split)
+    return Path(cfg.run_dir) / "head.keras"
 
 
 class ClipBatches(keras.utils.PyDataset):

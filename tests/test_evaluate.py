@@ -74,3 +74,15 @@ def test_build_without_tensorrt_says_what_is_missing() -> None:
     line = result.stderr.strip()
     assert "\n" not in line and "Traceback" not in line
     assert "CPU path" in line and ("tensorrt" in line.lower() or "GPU" in line)
+
+
+def test_evaluate_detect_aligns_uncropped_photos(tmp_path: Path, shared_media: Path) -> None:
+    data = tmp_path / "photos"
+    (data / "happiness").mkdir(parents=True)
+    shutil.copy(shared_media / "justin.jpg", data / "happiness" / "justin.jpg")
+    shutil.copy(shared_media / "no-faces.jpg", data / "happiness" / "empty.jpg")
+    result = _cli("evaluate", "--data", str(data), "--detect", "--json", str(tmp_path / "r.json"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["n"] == 1 and report["no_face"] == 1
+    assert report["classes_present"] == ["happy"]

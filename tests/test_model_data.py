@@ -12,7 +12,14 @@ import pytest
 from affectedge.labels import EMOTIONS
 from model_export import clips
 from model_export.augment import JITTER, TRAIN, perturb
-from model_export.datasets import DatasetError, load_class_folders, load_fer2013_csv, load_ferplus, load_split
+from model_export.datasets import (
+    DatasetError,
+    load_class_folders,
+    load_clip_folders,
+    load_fer2013_csv,
+    load_ferplus,
+    load_split,
+)
 
 
 def _write_faces(folder: Path, n: int, value: int, size: int = 64, colour: bool = False) -> None:
@@ -93,3 +100,16 @@ def test_class_weights_soften_imbalance() -> None:
     assert w[1] == w.max() and w[3] == w.min()
     assert np.isclose((w * counts).sum(), counts.sum())
     assert np.allclose(class_weights(counts, 0.0), 1.0)
+
+
+def test_clip_folders_sample_the_window_evenly(tmp_path: Path) -> None:
+    _write_faces(tmp_path / "sad" / "clip-a", 10, 0)
+    _write_faces(tmp_path / "Surprised" / "clip-b", 3, 100)
+    _write_faces(tmp_path / "unknown-class" / "clip-c", 3, 100)
+    clips_found = load_clip_folders(tmp_path, window=4)
+    assert clips_found.frames.shape == (2, 4, 48, 48)
+    assert clips_found.labels.tolist() == [EMOTIONS.index("surprise"), EMOTIONS.index("sad")]  # name order
+    assert clips_found.frames[1, :, 0, 0].tolist() == [0, 3, 6, 9]  # frames 0, 3, 6, 9 of 10
+    assert clips_found.frames[0, :, 0, 0].tolist() == [100, 101, 101, 102]  # a short clip repeats frames
+    with pytest.raises(DatasetError, match="no clips"):
+        load_clip_folders(tmp_path / "sad" / "clip-a", window=4)

@@ -51,7 +51,17 @@ def test_train_resume_head_and_export_parity(tiny_data: Path, tmp_path: Path, fe
     train_encoder(cfg, TINY, resume=True, verbose=0)
     with (run / "history.csv").open() as handle:
         assert [row["epoch"] for row in csv.DictReader(handle)] == ["0", "1"]  # resumed, not restarted
-    train_head(cfg, TINY, verbose=0)
+    clip_root = tmp_path / "clips"
+    for folder in (tiny_data / "train").iterdir():
+        for c in range(2):  # two 3-frame "videos" per class
+            clip = clip_root / folder.name / f"clip{c}"
+            clip.mkdir(parents=True)
+            for i, path in enumerate(sorted(folder.iterdir())[3 * c:3 * c + 3]):
+                shutil.copy(path, clip / f"{i:03d}.jpg")
+    train_head(cfg, TINY, verbose=0, clip_data=clip_root)  # real clips, sampled to the window of 4
+    with (run / "head_history.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 1
+    train_head(cfg, TINY, verbose=0)  # synthesised clips (what ships)
     assert json.loads((run / "config.json").read_text())["model"]["window"] == 4
 
     encoder = keras.models.load_model(run / "encoder_best.keras").get_layer("encoder")
