@@ -130,9 +130,10 @@ def load_faces(data: Path, detect: bool, models_dir: Path) -> tuple[np.ndarray, 
 
 
 def print_report(report: dict) -> None:
+    auc = report["auc"]["macro"]  # None when a single class is present: AUC needs negatives
     print(f"n={report['n']}  accuracy={report['accuracy']:.4f}  macro-F1={report['macro_f1']:.4f}  "
           f"macro-P={report['macro_precision']:.4f}  macro-R={report['macro_recall']:.4f}  "
-          f"macro-AUC={report['auc']['macro']:.4f}")
+          f"macro-AUC={'n/a' if auc is None else f'{auc:.4f}'}")
     print(f"{'class':<10}{'precision':>10}{'recall':>10}{'f1':>10}{'auc':>10}{'support':>10}")
     for name, row in report["per_class"].items():
         auc = report["auc"]["per_class"].get(name, float("nan"))
