@@ -50,8 +50,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     _existing(args.data, "data folder", "pass a folder with one sub-folder per class")
     _existing(args.model / "manifest.json", "model manifest", "pass --model with an exported models/ folder")
-    evaluate.run(args.data, args.model, detect=args.detect, json_out=args.json, plots_dir=args.plots,
-                 run_dir=args.run, clip=args.clips, compare_fer=args.compare_fer)
+    report = evaluate.run(args.data, args.model, detect=args.detect, json_out=args.json, plots_dir=args.plots,
+                          run_dir=args.run, clip=args.clips, compare_fer=args.compare_fer)
+    if args.record:
+        from model_export import manifest
+
+        summary = {k: report[k] for k in ("n", "accuracy", "macro_f1", "macro_precision", "macro_recall")}
+        summary.update(data=str(args.data), macro_auc=report["auc"]["macro"],
+                       per_class_f1={k: v["f1"] for k, v in report["per_class"].items()})
+        if "clip_mode" in report:
+            summary["clip_mode"] = report["clip_mode"]
+        manifest.update(args.model, val_metrics=summary)
+        print(f"recorded in {args.model / 'manifest.json'}")
     return 0
 
 
@@ -152,6 +162,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--plots", type=Path, help="write PNG plots into this folder")
     e.add_argument("--run", type=Path, help="training run directory: adds learning curves to --plots")
     e.add_argument("--clips", action="store_true", help="clip mode: temporal head vs per-frame average")
+    e.add_argument("--record", action="store_true", help="record the summary as val_metrics in the model's manifest")
     e.add_argument("--compare-fer", action="store_true",
                    help="also evaluate the `fer` package's mini-Xception on the same faces (needs `fer` installed)")
     e.set_defaults(func=cmd_evaluate)
