@@ -331,7 +331,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tracks", type=int, default=50, help="observations per batch (faces per agent)")
     parser.add_argument("--rate", type=float, default=10, help="batches per second per agent")
     parser.add_argument("--probes", type=float, default=2, help="latency probes per second in the live phase")
-    parser.add_argument("--tick", type=float, default=1.0, help="the coordinator's tick_seconds")
+    parser.add_argument("--tick", type=float, default=0.25, help="the coordinator's tick_seconds")
     parser.add_argument("--broker", default="spawn", help="mqtt://host:port, or 'spawn' for a private Mosquitto")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.set_defaults(func=_run)

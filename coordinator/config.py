@@ -92,7 +92,8 @@ class AggregateConfig(Section):
     windows: tuple[Annotated[int, Field(ge=1, le=86400)], ...] = (10, 60, 300)
     default_window: int = 60
     k_anonymity: Annotated[int, Field(ge=1)] = 3
-    tick_seconds: Positive = 1.0
+    # 0.25 s keeps publish-to-signal p95 under 1 s (measured with `coordinator bench --tick`)
+    tick_seconds: Positive = 0.25
     agent_offline_after_s: Positive = 30
     # a classroom's open session is closed after this long without observations
     session_idle_minutes: Positive = 15
