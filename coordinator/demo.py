@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import queue
 import secrets
 import shutil
 import signal
@@ -84,6 +85,10 @@ def _print_signal(item: pb.AdaptationSignal) -> None:
 
 
 def run(duration: float, camera: str, broker: str | None, web_port: int, state_dir: Path) -> int:
+    stop = threading.Event()
+    # Ctrl-C and SIGTERM only ask for a stop: the shutdown below then runs once, uninterrupted
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     if state_dir.exists():
         shutil.rmtree(state_dir)  # each demo starts from an empty database
     state_dir.mkdir(parents=True)
@@ -110,8 +115,9 @@ def run(duration: float, camera: str, broker: str | None, web_port: int, state_d
     source = _camera_source(camera)
     agent_toml = state_dir / "agent.toml"
     _agent_config(agent_toml, broker, protocol, source)
+    # its own session: the terminal's Ctrl-C reaches the demo only, which stops the agent with SIGTERM
     agent = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(agent_toml)],
-                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     url = f"http://{config.web.host}:{config.web.port}"
     print(f"\nAffectEdge demo is running\n  dashboard  {url}/classrooms/{CLASSROOM}\n"
           f"  login      {TEACHER} / {password}   (admin: {config.web.admin_user} / {config.web.admin_password})\n"
@@ -119,8 +125,6 @@ def run(duration: float, camera: str, broker: str | None, web_port: int, state_d
           f"  camera     {source}\n"
           + (f"  stopping after {duration:.0f} s\n" if duration else "  Ctrl-C stops everything\n"), flush=True)
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     started, seen, next_status = time.monotonic(), 0, time.monotonic() + 10
     try:
         while not stop.is_set() and (not duration or time.monotonic() - started < duration):
@@ -129,7 +133,7 @@ def run(duration: float, camera: str, broker: str | None, web_port: int, state_d
                 break
             try:
                 item = signals.queue.get(timeout=0.5)
-            except Exception:  # queue.Empty: nothing new this half second
+            except queue.Empty:
                 item = None
             if isinstance(item, pb.AdaptationSignal):
                 seen += 1
@@ -138,8 +142,6 @@ def run(duration: float, camera: str, broker: str | None, web_port: int, state_d
                 next_status += 10
                 print(f"[{time.strftime('%H:%M:%S')}] {_observations(coordinator)} observations stored, "
                       f"{seen} signals", flush=True)
-    except KeyboardInterrupt:
-        pass
     finally:
         if agent.poll() is None:
             agent.send_signal(signal.SIGTERM)
