@@ -70,12 +70,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from model_export import manifest
     from model_export.datasets import load_class_folders
-    from model_export.model import ModelConfig  # noqa: F401  (registers the custom layers)
+    from model_export.model import build_flip_averaged_encoder
     from model_export.onnx_export import OPSET, export_all, parity
 
     best = _existing(args.run / "encoder_best.keras", "checkpoint", "train first: model_export train --run RUN")
     head_file = _existing(args.run / "head.keras", "head checkpoint", "run: model_export train --stage head")
     encoder = keras.models.load_model(best).get_layer("encoder")
+    if args.flip_average:
+        encoder = build_flip_averaged_encoder(encoder)
     head = keras.models.load_model(head_file)
     exported = export_all(encoder, head, args.out, args.opset)
     config = json.loads((args.run / "config.json").read_text())
@@ -93,6 +95,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         files={e.name: manifest.file_entry(e.path, args.out, inputs=e.inputs, outputs=e.outputs, opset=OPSET)
                for e in exported},
         parity=checks,
+        test_time_augmentation="mean of the face and its mirror image" if args.flip_average else "none",
     )
     for e in exported:
         print(f"{e.path}  inputs {e.inputs}  outputs {e.outputs}")
@@ -173,6 +176,8 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--data", type=Path, default=DEFAULT_DATA / "val", help="real faces for the parity check")
     x.add_argument("--opset", type=int, default=17)
     x.add_argument("--version", help="model version string (default: vit-bilstm-<run name>)")
+    x.add_argument("--flip-average", action="store_true",
+                   help="bake test-time augmentation into the encoder: mean embedding of the face and its mirror")
     x.set_defaults(func=cmd_export)
 
     q = sub.add_parser("quantize", help="ONNX Runtime static INT8 (QDQ) encoder, calibrated on real faces")

@@ -116,6 +116,25 @@ def build_encoder(cfg: ModelConfig) -> keras.Model:
     return keras.Model(face, embedding, name="encoder")
 
 
+@keras.saving.register_keras_serializable(package="affectedge")
+class HorizontalFlip(layers.Layer):
+    """Mirror a face left-right (NHWC width axis); deterministic, unlike RandomFlip."""
+
+    def call(self, faces):
+        return ops.flip(faces, axis=2)
+
+
+def build_flip_averaged_encoder(encoder: keras.Model) -> keras.Model:
+    """The mean embedding of a face and its mirror image: test-time augmentation, twice the cost.
+
+    Expressions are near-symmetric and the encoder was trained with flips, so averaging the two
+    views cancels part of the encoder's view-dependent noise.
+    """
+    face = keras.Input((INPUT_SIZE, INPUT_SIZE, 1), name="face")
+    both = layers.Average()([encoder(face), encoder(HorizontalFlip()(face))])
+    return keras.Model(face, both, name="encoder_flip_avg")
+
+
 def build_frame_classifier(encoder: keras.Model) -> keras.Model:
     """Stage 1 training model: encoder + linear softmax on single frames."""
     face = keras.Input((INPUT_SIZE, INPUT_SIZE, 1), name="face")
