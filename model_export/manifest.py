@@ -40,6 +40,12 @@ def update(models_dir: Path, **sections) -> dict:
     return manifest
 
 
+def shown(path: Path) -> str:
+    """``path`` relative to the working directory when inside it: manifests must not leak home paths."""
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def file_entry(path: Path, models_dir: Path, **extra) -> dict:
     return {"file": str(path.relative_to(models_dir)), "sha256": sha256(path),
             "bytes": path.stat().st_size, **extra}
