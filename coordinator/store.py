@@ -46,6 +46,16 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def naive_utc(value: datetime) -> datetime:
+    """The schema's form of a time: naive UTC (an aware time is converted, a naive one kept)."""
+    return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
+
+
+def iso(value: datetime | None) -> str | None:
+    """Naive-UTC datetime as ISO 8601 with a Z, so browsers read it as UTC."""
+    return None if value is None else naive_utc(value).isoformat(timespec="seconds") + "Z"
+
+
 @dataclass(frozen=True)
 class Received:
     """One decoded ObservationBatch and when the coordinator received it (naive UTC)."""

@@ -38,7 +38,7 @@ from google.protobuf import json_format
 from affectedge.settings import ConfigError
 from affectedge.v1 import affectedge_pb2 as pb
 from coordinator.outbox import Outbox, Target, post
-from coordinator.web.present import iso
+from coordinator.store import iso
 
 if TYPE_CHECKING:
     from coordinator.config import CoordinatorConfig

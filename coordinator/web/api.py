@@ -16,7 +16,7 @@ from werkzeug.exceptions import BadRequest, Conflict, NotFound, Unauthorized
 from wtforms.validators import ValidationError
 
 from coordinator import aggregate, db
-from coordinator.store import utcnow
+from coordinator.store import naive_utc, utcnow
 from coordinator.web import access, openapi, present, signals
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -87,7 +87,7 @@ def _time_arg(name: str) -> datetime | None:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise BadRequest(f"{name} must be an ISO 8601 time, e.g. 2025-01-31T09:00:00Z") from None
-    return present.naive_utc(parsed)
+    return naive_utc(parsed)
 
 
 @bp.get("/signals")

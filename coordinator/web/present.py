@@ -7,27 +7,17 @@ by the same code.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from google.protobuf import json_format
 
 from affectedge.labels import EMOTIONS
 from affectedge.v1 import affectedge_pb2 as pb
 from coordinator import db, states
-from coordinator.store import signal_message
+from coordinator.store import iso, signal_message
 
 #: the four learning states the dashboard shows as gauges ("neutral" is the rest)
 GAUGES = ("engaged", "confused", "frustrated", "bored")
-
-
-def naive_utc(value: datetime) -> datetime:
-    """The schema's form of a time: naive UTC (an aware time is converted, a naive one kept)."""
-    return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
-
-
-def iso(value: datetime | None) -> str | None:
-    """Naive-UTC datetime as ISO 8601 with a Z, so browsers read it as UTC."""
-    return None if value is None else naive_utc(value).isoformat(timespec="seconds") + "Z"
 
 
 def state_json(state: pb.ClassroomState, k: int) -> dict:
