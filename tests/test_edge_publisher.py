@@ -78,6 +78,11 @@ def test_status_is_retained_online_then_offline_on_clean_stop(mosquitto, tmp_pat
     publisher = Publisher(MqttSection(port=mosquitto.port), AGENT, Spool(tmp_path / "s.sqlite3", 10), "m1")
     publisher.start(status)
     assert publisher.connected.wait(10)
+    # the ONLINE status is published just after connecting: once one subscriber has seen it (live or
+    # retained), the broker holds it, and a subscriber arriving later must get it as retained
+    first = Subscriber(mosquitto.port, topics.status("lab-a", "pc-1"))
+    first.wait_for(lambda m: len(m) >= 1)
+    first.close()
     late = Subscriber(mosquitto.port, topics.status("lab-a", "pc-1"))
     retained = late.wait_for(lambda m: len(m) >= 1)[0]
     assert retained.retain
