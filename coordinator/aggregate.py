@@ -2,8 +2,9 @@
 
 Everything is computed from the database, never from what one process happened to ingest, so
 several coordinators sharing one database (each ingesting part of the stream through an MQTT
-shared subscription) all see the same classroom. Sums run in SQL on the seven probability columns
-of :class:`coordinator.db.Observation`, so a window of thousands of observations is one query.
+shared subscription) all see the same classroom. Windows are summed over
+:class:`coordinator.db.ObservationRollup` rows (one per agent and instant, written with the raw
+observations), so a window of tens of thousands of observations is a few hundred small rows.
 
 Privacy: below ``k`` distinct learners in a window (k-anonymity), a state is ``suppressed``: its
 distribution and learning states are zeros, because with one or two learners they *are* those
@@ -13,74 +14,166 @@ learners' emotions. Counts (faces, learners, observations) stay, as a camera's h
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import BigInteger, Integer, String, and_, cast, distinct, func, select, union
+from sqlalchemy import and_, func, select, union
 from sqlalchemy.orm import Session
 
 from affectedge.labels import EMOTIONS
 from affectedge.v1 import affectedge_pb2 as pb
 from coordinator import states
-from coordinator.db import PROB_COLUMNS, Agent, Aggregate, CameraSample, Classroom, ClassSession, Observation
+from coordinator.db import SUM_COLUMNS, Agent, Aggregate, CameraSample, Classroom, ClassSession, ObservationRollup
 
 ZEROS = [0.0] * len(EMOTIONS)
 
 
-def _track_key():
-    """One anonymous learner: track ids are only unique per agent and camera."""
-    return Observation.agent_id + ":" + Observation.camera_id + ":" + cast(Observation.track_id, String)
+@dataclass
+class Tally:
+    """Observations summed from rollups: counts, confidence-weighted sums and distinct learners."""
+
+    observations: int = 0
+    confidence: float = 0.0
+    weighted: list[float] = field(default_factory=lambda: list(ZEROS))
+    learner_keys: set[str] = field(default_factory=set)
+    _track_lists: set[tuple[str, str]] = field(default_factory=set, repr=False)
+
+    def add_sums(self, observations: int, confidence: float, weighted: Sequence[float]) -> None:
+        self.observations += observations
+        self.confidence += confidence
+        self.weighted = [a + b for a, b in zip(self.weighted, weighted, strict=True)]
+
+    def add_tracks(self, agent_id: str, tracks: str) -> None:
+        """One agent's track list; an agent sends the same list batch after batch, split once."""
+        if (agent_id, tracks) not in self._track_lists:
+            self._track_lists.add((agent_id, tracks))
+            # one anonymous learner: track ids are only unique per agent and camera
+            self.learner_keys.update(f"{agent_id}:{track}" for track in tracks.split(","))
+
+    @property
+    def learners(self) -> int:
+        return len(self.learner_keys)
+
+    def distribution(self) -> list[float]:
+        """Confidence-weighted mean distribution (zeros when there is nothing to weigh)."""
+        if self.confidence <= 0:
+            return list(ZEROS)
+        return [s / self.confidence for s in self.weighted]
 
 
-def _weighted_sums():
-    conf = Observation.confidence
-    return [func.coalesce(func.sum(conf * getattr(Observation, col)), 0.0) for col in PROB_COLUMNS]
-
-
-def _normalise(sums: list[float], total: float) -> list[float]:
-    return [s / total for s in sums] if total > 0 else list(ZEROS)
-
-
-def open_session(db: Session, classroom_id: str) -> ClassSession | None:
-    return db.scalars(
-        select(ClassSession)
-        .where(ClassSession.classroom_id == classroom_id, ClassSession.ended_at.is_(None))
-        .order_by(ClassSession.started_at.desc())
-        .limit(1)
-    ).first()
-
-
-def agents_online(db: Session, classroom_id: str, now: datetime, offline_after_s: float) -> int:
-    """Agents heard from recently that have not said (or had their Last Will say) OFFLINE."""
-    return db.scalar(
-        select(func.count())
-        .select_from(Agent)
-        .where(
-            Agent.classroom_id == classroom_id,
-            Agent.state != "OFFLINE",
-            Agent.last_seen >= now - timedelta(seconds=offline_after_s),
+def _window_tallies(db: Session, ids: Sequence[str], start: datetime, end: datetime) -> dict[str, Tally]:
+    """Each classroom's observations ending in ``(start, end]``: sums in SQL, learners from the
+    distinct track lists (a handful per agent, however many batches the window holds)."""
+    R = ObservationRollup
+    where = (R.classroom_id.in_(ids), R.window_end > start, R.window_end <= end)
+    tallies = {classroom_id: Tally() for classroom_id in ids}
+    sums = db.execute(
+        select(
+            R.classroom_id,
+            func.sum(R.observations),
+            func.sum(R.confidence),
+            *(func.sum(R.__table__.c[column]) for column in SUM_COLUMNS),
         )
+        .where(*where)
+        .group_by(R.classroom_id)
     )
+    for classroom_id, observations, confidence, *weighted in sums:
+        tallies[classroom_id].add_sums(observations, confidence, weighted)
+    track_lists = db.execute(select(R.classroom_id, R.agent_id, R.tracks).where(*where).distinct())
+    for classroom_id, agent_id, tracks in track_lists:
+        tallies[classroom_id].add_tracks(agent_id, tracks)
+    return tallies
 
 
-def _faces_present(db: Session, classroom_id: str, start: datetime, end: datetime) -> int:
-    """Sum over cameras of each camera's latest head count in the window."""
+def open_sessions(db: Session, ids: Sequence[str]) -> dict[str, ClassSession]:
+    """The open session of each classroom that has one (the latest, should there be two)."""
+    rows = db.scalars(
+        select(ClassSession)
+        .where(ClassSession.classroom_id.in_(ids), ClassSession.ended_at.is_(None))
+        .order_by(ClassSession.started_at)
+    )
+    return {row.classroom_id: row for row in rows}
+
+
+def agents_online_by_classroom(
+    db: Session, ids: Sequence[str], now: datetime, offline_after_s: float
+) -> dict[str, int]:
+    """Per classroom, its agents online by :meth:`coordinator.db.Agent.online`."""
+    rows = db.execute(
+        select(Agent.classroom_id, func.count())
+        .where(Agent.classroom_id.in_(ids), Agent.online(now - timedelta(seconds=offline_after_s)))
+        .group_by(Agent.classroom_id)
+    )
+    return dict(rows.all())
+
+
+def _faces_present(db: Session, ids: Sequence[str], start: datetime, end: datetime) -> dict[str, int]:
+    """Per classroom, the sum over its cameras of each camera's latest head count in the window."""
+    C = CameraSample
     latest = (
-        select(CameraSample.agent_id, CameraSample.camera_id, func.max(CameraSample.ts).label("ts"))
-        .where(CameraSample.classroom_id == classroom_id, CameraSample.ts > start, CameraSample.ts <= end)
-        .group_by(CameraSample.agent_id, CameraSample.camera_id)
+        select(C.classroom_id, C.agent_id, C.camera_id, func.max(C.ts).label("ts"))
+        .where(C.classroom_id.in_(ids), C.ts > start, C.ts <= end)
+        .group_by(C.classroom_id, C.agent_id, C.camera_id)
         .subquery()
     )
-    return db.scalar(
-        select(func.coalesce(func.sum(CameraSample.faces_present), 0)).join(
+    rows = db.execute(
+        select(C.classroom_id, func.sum(C.faces_present))
+        .join(
             latest,
             and_(
-                CameraSample.classroom_id == classroom_id,
-                CameraSample.agent_id == latest.c.agent_id,
-                CameraSample.camera_id == latest.c.camera_id,
-                CameraSample.ts == latest.c.ts,
+                C.classroom_id == latest.c.classroom_id,
+                C.agent_id == latest.c.agent_id,
+                C.camera_id == latest.c.camera_id,
+                C.ts == latest.c.ts,
             ),
         )
+        .group_by(C.classroom_id)
     )
+    return dict(rows.all())
+
+
+def classroom_states(
+    db: Session,
+    ids: Sequence[str],
+    window_s: int,
+    now: datetime,
+    k: int,
+    offline_after_s: float = 30.0,
+) -> dict[str, pb.ClassroomState]:
+    """Each classroom over ``(now - window_s, now]`` (by observation window end, naive UTC).
+
+    One query per quantity for all the classrooms together, which is what keeps a tick over many
+    classrooms short.
+    """
+    ids = list(ids)
+    start = now - timedelta(seconds=window_s)
+    tallies = _window_tallies(db, ids, start, now)
+    sessions = open_sessions(db, ids)
+    courses = dict(db.execute(select(Classroom.id, Classroom.course_id).where(Classroom.id.in_(ids))).all())
+    faces = _faces_present(db, ids, start, now)
+    online = agents_online_by_classroom(db, ids, now, offline_after_s)
+    result = {}
+    for classroom_id in ids:
+        tally, session = tallies[classroom_id], sessions.get(classroom_id)
+        state = pb.ClassroomState(
+            classroom_id=classroom_id,
+            session_id=session.id if session else "",
+            course_id=(session.course_id if session else "") or courses.get(classroom_id) or "",
+            window_seconds=window_s,
+            faces_present=faces.get(classroom_id, 0),
+            learners=tally.learners,
+            agents_online=online.get(classroom_id, 0),
+            observations=tally.observations,
+            suppressed=tally.learners < k,
+        )
+        state.window_start.FromDatetime(start)
+        state.window_end.FromDatetime(now)
+        distribution = ZEROS if state.suppressed else tally.distribution()
+        state.distribution.extend(distribution)
+        state.states.extend(states.to_messages(states.from_distribution(distribution)))
+        result[classroom_id] = state
+    return result
 
 
 def classroom_state(
@@ -91,42 +184,8 @@ def classroom_state(
     k: int,
     offline_after_s: float = 30.0,
 ) -> pb.ClassroomState:
-    """The classroom over ``(now - window_s, now]`` (by observation window end, naive UTC)."""
-    start = now - timedelta(seconds=window_s)
-    row = db.execute(
-        select(
-            func.count(),
-            func.coalesce(func.sum(Observation.confidence), 0.0),
-            func.count(distinct(_track_key())),
-            *_weighted_sums(),
-        ).where(
-            Observation.classroom_id == classroom_id,
-            Observation.window_end > start,
-            Observation.window_end <= now,
-        )
-    ).one()
-    count, total, learners, sums = row[0], row[1], row[2], list(row[3:])
-    session = open_session(db, classroom_id)
-    course = session.course_id if session and session.course_id else db.scalar(
-        select(Classroom.course_id).where(Classroom.id == classroom_id)
-    )
-    state = pb.ClassroomState(
-        classroom_id=classroom_id,
-        session_id=session.id if session else "",
-        course_id=course or "",
-        window_seconds=window_s,
-        faces_present=_faces_present(db, classroom_id, start, now),
-        learners=learners,
-        agents_online=agents_online(db, classroom_id, now, offline_after_s),
-        observations=count,
-        suppressed=learners < k,
-    )
-    state.window_start.FromDatetime(start)
-    state.window_end.FromDatetime(now)
-    distribution = ZEROS if state.suppressed else _normalise(sums, total)
-    state.distribution.extend(distribution)
-    state.states.extend(states.to_messages(states.from_distribution(distribution)))
-    return state
+    """One classroom's state (see :func:`classroom_states`)."""
+    return classroom_states(db, [classroom_id], window_s, now, k, offline_after_s)[classroom_id]
 
 
 def to_aggregate_row(state: pb.ClassroomState) -> dict:
@@ -147,23 +206,13 @@ def to_aggregate_row(state: pb.ClassroomState) -> dict:
 
 def active_classrooms(db: Session, since: datetime) -> list[str]:
     """Classrooms with an open session or observations after ``since``."""
-    recent = select(Observation.classroom_id).where(Observation.window_end > since).distinct()
+    recent = select(ObservationRollup.classroom_id).where(ObservationRollup.window_end > since).distinct()
     opened = select(ClassSession.classroom_id).where(ClassSession.ended_at.is_(None))
     return sorted(db.scalars(union(recent, opened)))
 
 
-def _epoch_seconds(db: Session, column):
-    if db.get_bind().dialect.name == "postgresql":
-        return cast(func.extract("epoch", column), BigInteger)
-    return cast(func.strftime("%s", column), Integer)
-
-
-def _bucket(db: Session, column, start: datetime, bucket_s: int):
-    return (_epoch_seconds(db, column) - int(_utc_epoch(start))) // bucket_s
-
-
-def _utc_epoch(value: datetime) -> float:
-    return (value - datetime(1970, 1, 1)).total_seconds()
+def _bucket(when: datetime, start: datetime, bucket_s: int) -> int:
+    return int((when - start).total_seconds() // bucket_s)
 
 
 def timeline(
@@ -200,47 +249,45 @@ def timeline(
 def _raw_buckets(
     db: Session, classroom_id: str, start: datetime, end: datetime, bucket_s: int, k: int
 ) -> dict:
-    in_range = (
-        Observation.classroom_id == classroom_id,
-        Observation.window_end >= start,
-        Observation.window_end < end,
-    )
-    bucket = _bucket(db, Observation.window_end, start, bucket_s).label("bucket")
+    """Buckets summed from the rollups of the raw observations still kept."""
+    R = ObservationRollup
+    tallies: dict[int, Tally] = defaultdict(Tally)
     rows = db.execute(
-        select(
-            bucket,
-            func.count(),
-            func.sum(Observation.confidence),
-            func.count(distinct(_track_key())),
-            *_weighted_sums(),
-        )
-        .where(*in_range)
-        .group_by(bucket)
-    ).all()
+        select(R.window_end, R.agent_id, R.tracks, R.observations, R.confidence, *map(R.__table__.c.get, SUM_COLUMNS))
+        .where(R.classroom_id == classroom_id, R.window_end >= start, R.window_end < end)
+    )
+    for window_end, agent_id, tracks, observations, confidence, *weighted in rows:
+        tally = tallies[_bucket(window_end, start, bucket_s)]
+        tally.add_sums(observations, confidence, weighted)
+        tally.add_tracks(agent_id, tracks)
     faces = _raw_faces(db, classroom_id, start, end, bucket_s)
     return {
-        int(r[0]): {
-            "observations": r[1],
-            "learners": r[3],
-            "suppressed": r[3] < k,
-            "distribution": _normalise(list(r[4:]), r[2] or 0.0),
-            "faces": faces.get(int(r[0]), 0),
+        index: {
+            "observations": tally.observations,
+            "learners": tally.learners,
+            "suppressed": tally.learners < k,
+            "distribution": tally.distribution(),
+            "faces": faces.get(index, 0),
         }
-        for r in rows
+        for index, tally in tallies.items()
     }
 
 
 def _raw_faces(db: Session, classroom_id: str, start: datetime, end: datetime, bucket_s: int) -> dict:
     """Per bucket, the sum over cameras of each camera's largest head count in that bucket."""
-    bucket = _bucket(db, CameraSample.ts, start, bucket_s).label("bucket")
-    per_camera = (
-        select(bucket, func.max(CameraSample.faces_present).label("faces"))
-        .where(CameraSample.classroom_id == classroom_id, CameraSample.ts >= start, CameraSample.ts < end)
-        .group_by(bucket, CameraSample.agent_id, CameraSample.camera_id)
-        .subquery()
+    largest: dict[tuple[int, str, str], int] = defaultdict(int)
+    rows = db.execute(
+        select(CameraSample.ts, CameraSample.agent_id, CameraSample.camera_id, CameraSample.faces_present).where(
+            CameraSample.classroom_id == classroom_id, CameraSample.ts >= start, CameraSample.ts < end
+        )
     )
-    rows = db.execute(select(per_camera.c.bucket, func.sum(per_camera.c.faces)).group_by(per_camera.c.bucket))
-    return {int(b): int(f) for b, f in rows}
+    for ts, agent_id, camera_id, faces in rows:
+        key = (_bucket(ts, start, bucket_s), agent_id, camera_id)
+        largest[key] = max(largest[key], faces)
+    per_bucket: dict[int, int] = defaultdict(int)
+    for (index, _agent, _camera), faces in largest.items():
+        per_bucket[index] += faces
+    return dict(per_bucket)
 
 
 def _stored_buckets(
@@ -260,7 +307,7 @@ def _stored_buckets(
     snapshots = db.scalars(select(Aggregate).where(*in_range, Aggregate.window_seconds == window))
     grouped: dict[int, list[Aggregate]] = defaultdict(list)
     for snap in snapshots:
-        index = int(_utc_epoch(snap.window_end - timedelta(microseconds=1)) - _utc_epoch(start)) // bucket_s
+        index = _bucket(snap.window_end - timedelta(microseconds=1), start, bucket_s)
         if index not in skip:
             grouped[index].append(snap)
     buckets = {}

@@ -7,6 +7,7 @@ plain SQL sums on any backend.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 
 from sqlalchemy import (
@@ -19,15 +20,23 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    and_,
     create_engine,
     event,
+    insert,
+    inspect,
+    select,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.ext.hybrid import hybrid_method
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.sql import ColumnElement
 
 from affectedge.labels import EMOTIONS
 
 PROB_COLUMNS = tuple(f"p_{name}" for name in EMOTIONS)
+#: confidence-weighted probability sums of a rollup, in the same order
+SUM_COLUMNS = tuple(f"w_{name}" for name in EMOTIONS)
 
 
 class Base(DeclarativeBase):
@@ -55,6 +64,19 @@ class Agent(Base):
     spool_depth: Mapped[int] = mapped_column(Integer, default=0)
     detail: Mapped[str] = mapped_column(Text, default="")
     provisioned_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+    @hybrid_method
+    def online(self, cutoff: datetime) -> bool:
+        """Heard from since ``cutoff`` and not reported OFFLINE (by itself or by its Last Will).
+
+        The one rule for "online", in Python for a loaded agent and in SQL for counting.
+        """
+        return self.state != "OFFLINE" and self.last_seen is not None and self.last_seen >= cutoff
+
+    @online.inplace.expression
+    @classmethod
+    def _online_expression(cls, cutoff: datetime) -> ColumnElement[bool]:
+        return and_(cls.state != "OFFLINE", cls.last_seen >= cutoff)
 
 
 class ClassSession(Base):
@@ -93,6 +115,57 @@ class Observation(Base):
     p_neutral: Mapped[float] = mapped_column(Float)
 
     __table_args__ = (Index("ix_obs_classroom_end", "classroom_id", "window_end"),)
+
+
+class ObservationRollup(Base):
+    """The sums the aggregates need over the observations of one agent that end at one instant.
+
+    An agent publishes all its tracks' windows together, so a rollup stands for one batch: a
+    window is summed over a few rows per agent instead of one row per track and period, which is
+    what keeps the policy tick short at tens of thousands of observations per second. Rollups are
+    written in the same transaction as their raw rows (:func:`insert_observations`)
+    and purged with them, so the two never disagree.
+    """
+
+    __tablename__ = "observation_rollups"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    classroom_id: Mapped[str] = mapped_column(String(64))
+    agent_id: Mapped[str] = mapped_column(String(64))
+    window_end: Mapped[datetime] = mapped_column(DateTime)
+    observations: Mapped[int] = mapped_column(Integer)
+    confidence: Mapped[float] = mapped_column(Float)  # sum of the observations' confidences
+    w_angry: Mapped[float] = mapped_column(Float)
+    w_disgust: Mapped[float] = mapped_column(Float)
+    w_fear: Mapped[float] = mapped_column(Float)
+    w_happy: Mapped[float] = mapped_column(Float)
+    w_sad: Mapped[float] = mapped_column(Float)
+    w_surprise: Mapped[float] = mapped_column(Float)
+    w_neutral: Mapped[float] = mapped_column(Float)
+    tracks: Mapped[str] = mapped_column(Text)  # "camera:track,..." for counting distinct learners
+
+    __table_args__ = (Index("ix_rollup_classroom_end", "classroom_id", "window_end"),)
+
+
+def rollup_rows(observations: Iterable[Mapping]) -> list[dict]:
+    """:class:`ObservationRollup` rows for observation rows (dicts or row mappings)."""
+    groups: dict[tuple, dict] = {}
+    tracks: dict[tuple, set[str]] = {}
+    for obs in observations:
+        key = (obs["classroom_id"], obs["agent_id"], obs["window_end"])
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = dict(zip(("classroom_id", "agent_id", "window_end"), key, strict=True))
+            group.update(observations=0, confidence=0.0, **dict.fromkeys(SUM_COLUMNS, 0.0))
+            tracks[key] = set()
+        confidence = obs["confidence"]
+        group["observations"] += 1
+        group["confidence"] += confidence
+        for total, prob in zip(SUM_COLUMNS, PROB_COLUMNS, strict=True):
+            group[total] += confidence * obs[prob]
+        tracks[key].add(f"{obs['camera_id']}:{obs['track_id']}")
+    for key, group in groups.items():
+        group["tracks"] = ",".join(sorted(tracks[key]))
+    return list(groups.values())
 
 
 class CameraSample(Base):
@@ -180,8 +253,40 @@ def connect(url: str) -> sessionmaker:
     engine = create_engine(url, future=True, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+    had_rollups = inspect(engine).has_table(ObservationRollup.__tablename__)
     Base.metadata.create_all(engine)
-    return sessionmaker(engine, expire_on_commit=False)
+    sessions = sessionmaker(engine, expire_on_commit=False)
+    if not had_rollups:
+        _backfill_rollups(sessions)
+    return sessions
+
+
+def _backfill_rollups(sessions: sessionmaker, chunk: int = 20_000) -> None:
+    """A database from before rollups existed: derive them once from the raw rows it still holds.
+
+    Chunks may split one agent's instant into two rollups; sums and track sets add up the same.
+    """
+    with sessions.begin() as db:
+        result = db.execute(select(Observation.__table__).order_by(Observation.id).execution_options(
+            yield_per=chunk)).mappings()
+        for rows in result.partitions():
+            _insert_rollups(db, rows)
+
+
+def insert_observations(db: Session, rows: list[dict]) -> None:
+    """Raw observation rows and their rollups, in the caller's transaction.
+
+    The one way observations are written, so the two tables never disagree.
+    """
+    if rows:
+        db.execute(insert(Observation.__table__), rows)  # Core executemany: ~1.4x faster than ORM
+        _insert_rollups(db, rows)
+
+
+def _insert_rollups(db: Session, observations: Iterable[Mapping]) -> None:
+    rows = rollup_rows(observations)
+    if rows:
+        db.execute(insert(ObservationRollup.__table__), rows)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -192,4 +297,4 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cursor.close()
 
 
-__all__ = ["PROB_COLUMNS", "Engine", "connect"]
+__all__ = ["PROB_COLUMNS", "SUM_COLUMNS", "Engine", "connect", "insert_observations", "rollup_rows"]

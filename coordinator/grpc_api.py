@@ -112,14 +112,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         now = utcnow()
         response = pb.ListClassroomsResponse()
         with self.coordinator.sessions() as db:
-            for room in db.scalars(select(Classroom).order_by(Classroom.id)):
-                session = aggregate.open_session(db, room.id)
+            rooms = db.scalars(select(Classroom).order_by(Classroom.id)).all()
+            ids = [room.id for room in rooms]
+            sessions = aggregate.open_sessions(db, ids)
+            online = aggregate.agents_online_by_classroom(db, ids, now, offline_after)
+            for room in rooms:
                 response.classrooms.add(
                     classroom_id=room.id,
                     name=room.name,
                     course_id=room.course_id,
-                    session_id=session.id if session else "",
-                    agents_online=aggregate.agents_online(db, room.id, now, offline_after),
+                    session_id=sessions[room.id].id if room.id in sessions else "",
+                    agents_online=online.get(room.id, 0),
                 )
         return response
 

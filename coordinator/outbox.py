@@ -1,11 +1,12 @@
 """At-least-once delivery of adaptation signals to outside systems (webhooks, an xAPI LRS).
 
 The one retry implementation both outlets share. Every signal an outlet wants to send becomes a
-:class:`coordinator.db.Delivery` row per target *before* the first attempt, so the table, not
-memory, is the queue: a coordinator restarted mid-retry resumes every ``pending`` row, and rows
-whose attempts ran out stay behind as ``dead`` with the last error (the dead-letter table an admin
-inspects, or re-queues by setting ``status='pending', attempts=0``; a running coordinator picks
-such rows up within a minute).
+:class:`coordinator.db.Delivery` row per target, stored in the same transaction as the signal
+(:func:`record_signal`), so the table, not memory, is the queue: a coordinator restarted
+mid-retry, or a new policy leader, resumes every ``pending`` row, and rows whose attempts ran out
+stay behind as ``dead`` with the last error (the dead-letter table an admin inspects, or re-queues
+by setting ``status='pending', attempts=0``; a running coordinator picks such rows up within a
+minute).
 
 Each target gets its own sender thread and HTTP session, so one slow or unreachable LMS never
 delays another. The payload is rebuilt from the stored :class:`coordinator.db.Signal` row on every
@@ -24,7 +25,6 @@ deliveries and gives connect and read timeouts and clear exceptions, which ``url
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import threading
 from abc import ABC, abstractmethod
@@ -39,7 +39,7 @@ from sqlalchemy import func, or_, select
 
 from affectedge.v1 import affectedge_pb2 as pb
 from coordinator import db
-from coordinator.store import signal_message, utcnow
+from coordinator.store import Store, signal_message, utcnow
 
 if TYPE_CHECKING:
     from coordinator.service import Coordinator
@@ -99,6 +99,18 @@ def post(http: requests.Session, url: str, body: bytes, headers: dict, timeout_s
     raise DeliveryError(f"HTTP {response.status_code}: {text}", permanent=permanent)
 
 
+def record_signal(store: Store, signal: pb.AdaptationSignal, outlets: Sequence[Outbox]) -> None:
+    """Store a fired signal and its pending deliveries in one transaction, then wake the senders.
+
+    A transactional outbox: a coordinator that dies after the commit leaves rows that the next
+    policy leader's senders deliver; one that dies before leaves neither, never a stored signal
+    that no outlet will send.
+    """
+    store.add_signal(signal, [row for outlet in outlets for row in outlet.deliveries_for(signal)])
+    for outlet in outlets:
+        outlet.wake()
+
+
 class Outbox(ABC):
     """Base of the outlets: subclasses say which targets want a signal and how to send it."""
 
@@ -112,7 +124,6 @@ class Outbox(ABC):
         self._stop = threading.Event()
         self._wake = {url: threading.Event() for url in self.targets}
         self._threads: list[threading.Thread] = []
-        self._subscription = None
 
     # -- what subclasses provide ------------------------------------------------------------
 
@@ -134,23 +145,18 @@ class Outbox(ABC):
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Begin taking signals from the hub and sending; nothing at all when no target is configured."""
+        """Begin sending pending deliveries; nothing at all when no target is configured."""
         if not self.targets:
             return
         self._stop.clear()
         self._warn_orphans()
-        self._subscription = self.coordinator.hub.subscribe()
-        self._spawn(self._intake, f"{self.kind}-intake")
         for target in self.targets.values():
             self._spawn(self._sender, f"{self.kind}-{safe_url(target.url)}", target)
 
     def stop(self) -> None:
-        """Stop taking and sending; unsent deliveries stay ``pending`` for the next start."""
+        """Stop sending; unsent deliveries stay ``pending`` for the next start."""
         self._stop.set()
-        for event in self._wake.values():
-            event.set()
-        if self._subscription is not None:
-            self.coordinator.hub.unsubscribe(self._subscription)
+        self.wake()
         for thread in self._threads:
             thread.join(max((t.timeout_s for t in self.targets.values()), default=0) + 5)
         self._threads.clear()
@@ -173,35 +179,21 @@ class Outbox(ABC):
                 log.warning("%d pending %s deliveries to %s, which is no longer configured; they stay "
                             "pending until it is configured again", count, self.kind, safe_url(url))
 
-    # -- intake: hub -> delivery rows -----------------------------------------------------
+    # -- intake: fired signal -> delivery rows (stored with the signal) ----------------------
 
-    def _intake(self) -> None:
-        assert self._subscription is not None
-        while not self._stop.is_set():
-            try:
-                item = self._subscription.queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if isinstance(item, pb.AdaptationSignal):
-                self.enqueue(item)
+    def deliveries_for(self, signal: pb.AdaptationSignal) -> list[dict]:
+        """Pending :class:`coordinator.db.Delivery` rows, one per interested target."""
+        now = utcnow()
+        return [
+            {"signal_id": signal.id, "target": t.url, "kind": self.kind, "status": "pending", "attempts": 0,
+             "next_attempt_at": now}
+            for t in self.targets_for(signal)
+        ]
 
-    def enqueue(self, signal: pb.AdaptationSignal) -> None:
-        """Record one pending delivery per interested target and wake their senders.
-
-        Idempotent: a signal seen twice (announced again after a leader change) gets no second row.
-        """
-        targets = self.targets_for(signal)
-        if not targets:
-            return
-        with self.sessions.begin() as s:
-            known = set(s.scalars(select(db.Delivery.target).where(
-                db.Delivery.signal_id == signal.id, db.Delivery.kind == self.kind)))
-            targets = [t for t in targets if t.url not in known]
-            for target in targets:
-                s.add(db.Delivery(signal_id=signal.id, target=target.url, kind=self.kind,
-                                  status="pending", attempts=0, next_attempt_at=utcnow()))
-        for target in targets:
-            self._wake[target.url].set()
+    def wake(self) -> None:
+        """New rows are stored: send now rather than at the next idle check."""
+        for event in self._wake.values():
+            event.set()
 
     # -- senders: delivery rows -> HTTP ---------------------------------------------------
 

@@ -1,8 +1,9 @@
 """Deleting raw data past its retention, keeping the (smaller, anonymised) aggregates longer.
 
-Raw observations and camera samples are per-track and per-camera, so they are the privacy-
-sensitive part and are kept ``database.retention_days``; stored :class:`Aggregate` snapshots are
-k-anonymised and kept ``database.aggregate_retention_days``. An admin may override either in the
+Raw observations (with their rollups, which name tracks too) and camera samples are per-track
+and per-camera, so they are the privacy-sensitive part and are kept ``database.retention_days``;
+stored :class:`Aggregate` snapshots are k-anonymised and kept ``database.aggregate_retention_days``.
+An admin may override either in the
 ``settings`` table (``retention.days`` / ``retention.aggregate_days``, a number of days).
 Deletes run in chunks so a large purge never holds the database's write lock for long.
 """
@@ -15,7 +16,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, select
 from sqlalchemy.orm import sessionmaker
 
-from coordinator.db import Aggregate, CameraSample, Observation
+from coordinator.db import Aggregate, CameraSample, Observation, ObservationRollup
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def purge(sessions: sessionmaker, now: datetime, raw_days: float, aggregate_days
     raw_before = now - timedelta(days=raw_days)
     deleted = {
         "observations": _purge(sessions, Observation, Observation.window_end, raw_before),
+        "observation_rollups": _purge(sessions, ObservationRollup, ObservationRollup.window_end, raw_before),
         "camera_samples": _purge(sessions, CameraSample, CameraSample.ts, raw_before),
         "aggregates": _purge(sessions, Aggregate, Aggregate.window_end, now - timedelta(days=aggregate_days)),
     }

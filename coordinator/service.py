@@ -12,8 +12,9 @@ sees all of any classroom's data; what keeps the signals right and unique is thi
   successor does not repeat a signal the old leader just sent;
 * **every instance announces every signal** on its own hub (the leader as it fires them, the others
   by reading new rows each tick) so a gRPC stream or dashboard on any instance sees all of them;
-* **outlets (webhooks, xAPI) run on the leader only**, which is what makes each signal's delivery
-  rows be written once.
+* **outlets (webhooks, xAPI) run on the leader only**: it stores each signal together with its
+  delivery rows in one transaction, so they are written once, and a leader that dies right after
+  leaves its successor's senders rows to deliver, never a signal nobody sends.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from coordinator import aggregate, db, retention
 from coordinator.config import CoordinatorConfig
 from coordinator.grpc_api import GrpcServer
 from coordinator.hub import Hub
-from coordinator.ingest import Ingest
+from coordinator.ingest import Ingest, RateLimitedLog
+from coordinator.outbox import record_signal
 from coordinator.policy import PolicyEngine, load_rules, threshold_key
 from coordinator.store import Store, utcnow
 from coordinator.web import create_app
@@ -77,6 +79,7 @@ class Coordinator:
         self._last_tick: datetime | None = None
         self._last_retention = datetime.min
         self._stop = threading.Event()
+        self._slow = RateLimitedLog(60.0)
         self._ticker = threading.Thread(target=self._tick_loop, name="coordinator-ticker", daemon=True)
 
     def _web_server(self):
@@ -139,10 +142,16 @@ class Coordinator:
         interval = self.config.aggregate.tick_seconds
         due = time.monotonic() + interval
         while not self._stop.wait(max(0.0, due - time.monotonic())):
+            started = time.monotonic()
             try:
                 self.tick(utcnow())
             except Exception:  # a database hiccup must not end aggregation for good
                 log.exception("coordinator tick failed; retrying next tick")
+            took = time.monotonic() - started
+            if took > interval:
+                self._slow.warning(
+                    "tick", "a tick took %.2f s, longer than [aggregate] tick_seconds = %.2f: signals come late; "
+                    "give the coordinator more CPU, a faster database, or fewer/shorter windows", took, interval)
             due = max(due + interval, time.monotonic())
 
     def tick(self, now: datetime) -> None:
@@ -156,24 +165,31 @@ class Coordinator:
         with self.sessions() as session:
             active = aggregate.active_classrooms(session, now - timedelta(seconds=max(windows)))
             self._cache = {key: s for key, s in self._cache.items() if key[0] in active}
-            for classroom_id in active:
-                self.hub.publish(self._state(session, classroom_id, self.live_window, now))
+            for state in self._states(session, active, self.live_window, now).values():
+                self.hub.publish(state)
         if self.is_leader:
             self._lead(now, active)
         self._last_tick = now
 
-    def _state(self, session, classroom_id: str, window: int, now: datetime, fresh: bool = False):
-        """The classroom's state over ``window``, recomputed only when it has moved far enough."""
-        cached = self._cache.get((classroom_id, window))
+    def _states(
+        self, session, classroom_ids: list[str], window: int, now: datetime, fresh: bool = False
+    ) -> dict[str, pb.ClassroomState]:
+        """The classrooms' states over ``window``, recomputing (together) only those that have
+        moved far enough since they were last computed."""
         refresh = max(self.config.aggregate.tick_seconds, window / REFRESH_DIVISOR)
-        stale = cached is None or (now - cached.window_end.ToDatetime()).total_seconds() >= refresh * 0.999
-        if fresh or stale:
+        stale = [
+            classroom_id
+            for classroom_id in classroom_ids
+            if fresh
+            or (cached := self._cache.get((classroom_id, window))) is None
+            or (now - cached.window_end.ToDatetime()).total_seconds() >= refresh * 0.999
+        ]
+        if stale:
             agg = self.config.aggregate
-            cached = aggregate.classroom_state(
-                session, classroom_id, window, now, agg.k_anonymity, agg.agent_offline_after_s
-            )
-            self._cache[(classroom_id, window)] = cached
-        return cached
+            computed = aggregate.classroom_states(session, stale, window, now, agg.k_anonymity,
+                                                  agg.agent_offline_after_s)
+            self._cache.update(((classroom_id, window), state) for classroom_id, state in computed.items())
+        return {classroom_id: self._cache[(classroom_id, window)] for classroom_id in classroom_ids}
 
     def _lead(self, now: datetime, active: list[str]) -> None:
         idle_s = self.config.aggregate.session_idle_minutes * 60
@@ -182,19 +198,20 @@ class Coordinator:
         overrides = self._threshold_overrides()
         snapshots, fired = [], []
         with self.sessions() as session:
+            for window in self.config.aggregate.windows:
+                if self._last_tick and int(_epoch(now) // window) != int(_epoch(self._last_tick) // window):
+                    snaps = self._states(session, active, window, now, fresh=True)
+                    snapshots.extend(aggregate.to_aggregate_row(snap) for snap in snaps.values())
+            by_window = {w: self._states(session, active, w, now) for w in self.policy.windows}
             for classroom_id in active:
-                for window in self.config.aggregate.windows:
-                    if self._last_tick and int(_epoch(now) // window) != int(_epoch(self._last_tick) // window):
-                        snap = self._state(session, classroom_id, window, now, fresh=True)
-                        snapshots.append(aggregate.to_aggregate_row(snap))
-                states = {w: self._state(session, classroom_id, w, now) for w in self.policy.windows}
+                states = {w: by_window[w][classroom_id] for w in self.policy.windows}
                 fired.extend(self.policy.evaluate(classroom_id, now, states, overrides))
         self.policy.forget_except(set(active))
         if snapshots:
             with self.sessions.begin() as session:
                 session.execute(insert(db.Aggregate), snapshots)
         for signal in fired:
-            self.store.add_signal(signal)
+            record_signal(self.store, signal, self._outlets)
             log.info("signal %s %s in %s: %s", signal.id, pb.SignalKind.Name(signal.kind),
                      signal.classroom_id, signal.reason)
             self._announce(signal)

@@ -16,16 +16,18 @@ from affectedge.v1 import affectedge_pb2 as pb
 from coordinator import db
 from coordinator.config import CoordinatorConfig
 from coordinator.hub import Hub
+from coordinator.outbox import Outbox, record_signal
 from coordinator.store import Store, utcnow
 
 
 @dataclass
 class Parts:
-    """The three things an outlet takes from the Coordinator: config, database, hub."""
+    """What outlets and the web app take from the Coordinator, and the outlets it runs."""
 
     config: CoordinatorConfig
     sessions: sessionmaker
     hub: Hub = field(default_factory=Hub)
+    outlets: list[Outbox] = field(default_factory=list)
 
 
 def parts(tmp_path: Path, **config) -> Parts:
@@ -34,7 +36,7 @@ def parts(tmp_path: Path, **config) -> Parts:
 
 
 def publish_signal(p: Parts, classroom: str = "room-1", course: str = "course-7") -> pb.AdaptationSignal:
-    """Store a signal and publish it, as the policy engine does."""
+    """Store a signal with its deliveries to ``p.outlets`` and publish it, as the policy leader does."""
     signal = pb.AdaptationSignal(
         id=str(uuid.uuid4()), classroom_id=classroom, session_id="session-1", course_id=course,
         kind=pb.SLOW_DOWN, strength=0.8, reason="confusion above 40% for 3 min",
@@ -42,7 +44,7 @@ def publish_signal(p: Parts, classroom: str = "room-1", course: str = "course-7"
                              observed=0.45, threshold=0.4, sustained_seconds=180, learners=12),
     )
     signal.created_at.FromDatetime(utcnow().replace(microsecond=0))
-    Store(p.sessions).add_signal(signal)
+    record_signal(Store(p.sessions), signal, p.outlets)
     p.hub.publish(signal)
     return signal
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import datetime, timedelta
 
 import pytest
@@ -27,8 +28,8 @@ def sessions(tmp_path):
 def add_obs(sessions, classroom: str, rows: list[tuple]) -> None:
     """rows: (agent, camera, track, seconds before NOW, distribution, confidence)."""
     with sessions.begin() as s:
-        s.execute(
-            insert(db.Observation),
+        db.insert_observations(
+            s,
             [
                 {
                     "classroom_id": classroom,
@@ -161,3 +162,74 @@ def test_store_writes_batches_and_attaches_them_to_one_auto_opened_session(sessi
         assert row.session_id == new_id
         assert s.get(db.ClassSession, new_id).course_id == "math-101"
     assert store.end_session("room-d", NOW) == 1 and store.end_session("room-d", NOW) == 0
+
+
+def _raw_rows(rng: random.Random, count: int) -> list[tuple]:
+    """Random observations: several agents, cameras and tracks, batch instants that repeat."""
+    rows = []
+    for _ in range(count):
+        dist = [rng.random() for _ in EMOTIONS]
+        total = sum(dist)
+        rows.append((f"ag{rng.randrange(3)}", f"cam{rng.randrange(2)}", rng.randrange(1, 9),
+                     rng.choice([0.5, 1, 2, 7.25, 9.999, 10, 11, 30, 59, 61]), [d / total for d in dist],
+                     rng.uniform(0.2, 1.0)))
+    return rows
+
+
+def _by_brute_force(rows: list[tuple], window_s: float) -> tuple[int, int, list[float]]:
+    """(observations, learners, distribution) straight from the raw rows: the definition."""
+    inside = [r for r in rows if 0 <= r[3] < window_s]
+    total = sum(r[5] for r in inside)
+    dist = [sum(r[5] * r[4][i] for r in inside) / total for i in range(len(EMOTIONS))]
+    return len(inside), len({(r[0], r[1], r[2]) for r in inside}), dist
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_window_from_rollups_equals_the_raw_definition(sessions, seed):
+    """Rollups are an optimisation: over any window they must give what the raw rows give."""
+    rng = random.Random(seed)
+    rows = _raw_rows(rng, 400)
+    for chunk in range(0, len(rows), 37):  # several transactions, like ingest's
+        add_obs(sessions, "room-r", rows[chunk : chunk + 37])
+    with sessions() as s:
+        for window in (1, 10, 60):
+            state = aggregate.classroom_state(s, "room-r", window, NOW, k=1)
+            count, learners, dist = _by_brute_force(rows, window)
+            assert (state.observations, state.learners) == (count, learners)
+            assert list(state.distribution) == pytest.approx(dist, abs=1e-6)  # float32 on the wire
+        # at most one rollup per agent and instant in each transaction
+        transactions = -(-len(rows) // 37)
+        assert s.scalar(select(func.count()).select_from(db.ObservationRollup)) <= transactions * 3 * 10
+
+
+def test_a_database_from_before_rollups_gets_them_rebuilt_at_start(tmp_path):
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    sessions = db.connect(url)
+    rows = _raw_rows(random.Random(7), 300)
+    add_obs(sessions, "room-o", rows)
+    with sessions() as s:
+        before = aggregate.classroom_state(s, "room-o", 60, NOW, k=1)
+    db.ObservationRollup.__table__.drop(sessions.kw["bind"])  # as an older release left it
+    again = db.connect(url)
+    with again() as s:
+        after = aggregate.classroom_state(s, "room-o", 60, NOW, k=1)
+    assert before.observations == after.observations == _by_brute_force(rows, 60)[0]
+    assert after.learners == before.learners
+    assert list(after.distribution) == pytest.approx(list(before.distribution), abs=1e-6)
+
+
+def test_online_rule_is_the_same_in_python_and_in_sql(sessions):
+    cutoff = NOW - timedelta(seconds=30)
+    cases = {
+        f"ag-{state}-{ago}": (state, None if ago is None else NOW - timedelta(seconds=ago))
+        for state in ("ONLINE", "DEGRADED", "OFFLINE", "UNKNOWN")
+        for ago in (None, 5, 30, 31)
+    }
+    with sessions.begin() as s:
+        s.add_all(db.Agent(id=i, classroom_id="room-x", state=st, last_seen=seen) for i, (st, seen) in cases.items())
+    with sessions() as s:
+        in_sql = set(s.scalars(select(db.Agent.id).where(db.Agent.online(cutoff))))
+        in_python = {agent.id for agent in s.scalars(select(db.Agent)) if agent.online(cutoff)}
+        counted = aggregate.agents_online_by_classroom(s, ["room-x"], NOW, 30)
+    assert in_sql == in_python == {f"ag-{st}-{ago}" for st in ("ONLINE", "DEGRADED", "UNKNOWN") for ago in (5, 30)}
+    assert counted == {"room-x": 6}

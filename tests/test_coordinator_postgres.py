@@ -83,3 +83,4 @@ def test_store_aggregates_lease_and_retention_on_postgres(postgres_url):
 
     deleted = retention.purge(sessions, now + timedelta(days=31), raw_days=30, aggregate_days=365)
     assert deleted["observations"] == 7 and deleted["camera_samples"] == 3
+    assert deleted["observation_rollups"] >= 1

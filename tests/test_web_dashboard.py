@@ -131,10 +131,10 @@ def _past_session(p, room: str = "room-1"):
     batches = [batch(room, "agent-1", start + timedelta(seconds=s), tracks=4, seq=s) for s in range(0, 60, 2)]
     batches += [
         batch(room, "agent-1", start + timedelta(seconds=s), tracks=2, probabilities=HAPPY, seq=s)
-        for s in range(60, 120, 2)
+        for s in range(62, 122, 2)  # clear of the confused minute's last 10 s bucket
     ]
     ingest(p, batches, start)
-    Store(p.sessions).end_session(room, start + timedelta(seconds=121))
+    Store(p.sessions).end_session(room, start + timedelta(seconds=123))
     signal = publish_signal(p, classroom=room)
     with p.sessions() as session:
         class_session = session.scalars(select(db.ClassSession)).one()
@@ -152,7 +152,7 @@ def test_session_history_csv_and_printable_summary(tmp_path):
 
     page = client.get(base).get_data(as_text=True)
     points = _page_data(page, "session-data")["history"]
-    assert len(points) == 12  # 10 s buckets; data spans 0–118 s
+    assert len(points) == 12  # 10 s buckets from the session's start; data spans 0–120 s
     assert not points[0]["suppressed"] and points[-2]["suppressed"]
     assert signal.reason in page and "Timeline CSV" in page
 

@@ -13,9 +13,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from conftest import free_port
 from outlets import Parts, deliveries, parts, publish_signal, wait_until
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from affectedge.codec import decode
 from affectedge.v1 import affectedge_pb2 as pb
+from coordinator import db
 from coordinator.outbox import MAX_BACKOFF_S, retry_delay
 from coordinator.webhooks import (
     DELIVERY_HEADER,
@@ -82,6 +85,7 @@ def receiver() -> Iterator[Receiver]:
 def dispatcher_for(p: Parts) -> WebhookDispatcher:
     dispatcher = WebhookDispatcher(p)
     dispatcher.start()
+    p.outlets.append(dispatcher)
     return dispatcher
 
 
@@ -204,13 +208,20 @@ def test_pending_deliveries_survive_a_restart(tmp_path):
     assert [r.headers[DELIVERY_HEADER] for r in receiver.requests] == [str(before.id)]
 
 
-def test_a_signal_announced_twice_is_delivered_once(tmp_path):
+def test_a_signal_is_stored_with_its_deliveries_or_not_at_all(tmp_path, monkeypatch):
     p = parts(tmp_path, webhooks=[hook("http://127.0.0.1:9/a"), hook("http://127.0.0.1:9/b")])
-    signal = publish_signal(p)
-    dispatcher = WebhookDispatcher(p)  # not started: enqueue is what the intake thread calls
-    dispatcher.enqueue(signal)
-    dispatcher.enqueue(signal)
+    p.outlets.append(WebhookDispatcher(p))  # not started: only the rows are looked at
+    stored = publish_signal(p)
     assert sorted(r.target for r in deliveries(p, "webhook")) == ["http://127.0.0.1:9/a", "http://127.0.0.1:9/b"]
+    assert all(r.signal_id == stored.id and r.status == "pending" for r in deliveries(p, "webhook"))
+
+    # the delivery rows cannot be written (here: a row the schema refuses): the signal is not kept
+    monkeypatch.setattr(WebhookDispatcher, "deliveries_for", lambda self, signal: [{"signal_id": signal.id}])
+    with pytest.raises(IntegrityError):
+        publish_signal(p, classroom="room-2")
+    with p.sessions() as s:
+        assert s.scalars(select(db.Signal.classroom_id)).all() == ["room-1"]
+    assert len(deliveries(p, "webhook")) == 2
 
 
 def test_retry_delay_grows_exponentially_with_bounded_jitter():

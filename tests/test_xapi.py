@@ -78,6 +78,7 @@ def lrs(tmp_path) -> Iterator[Lrs]:
 def forwarder_for(p: Parts) -> XapiForwarder:
     forwarder = XapiForwarder(p)
     forwarder.start()
+    p.outlets.append(forwarder)
     return forwarder
 
 

@@ -50,19 +50,21 @@ def classrooms():
     session = access.dbs()
     now = utcnow()
     offline_after = access.coordinator().config.aggregate.agent_offline_after_s
-    result = []
-    for room in access.visible_classrooms(session, access.viewer()):
-        open_session = aggregate.open_session(session, room.id)
-        result.append(
-            {
-                "id": room.id,
-                "name": room.name,
-                "course_id": room.course_id,
-                "instructor": room.instructor,
-                "session_id": open_session.id if open_session else None,
-                "agents_online": aggregate.agents_online(session, room.id, now, offline_after),
-            }
-        )
+    rooms = access.visible_classrooms(session, access.viewer())
+    ids = [room.id for room in rooms]
+    open_sessions = aggregate.open_sessions(session, ids)
+    online = aggregate.agents_online_by_classroom(session, ids, now, offline_after)
+    result = [
+        {
+            "id": room.id,
+            "name": room.name,
+            "course_id": room.course_id,
+            "instructor": room.instructor,
+            "session_id": open_sessions[room.id].id if room.id in open_sessions else None,
+            "agents_online": online.get(room.id, 0),
+        }
+        for room in rooms
+    ]
     return {"classrooms": result}
 
 

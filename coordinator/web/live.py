@@ -54,11 +54,8 @@ def index():
     )
     config = access.coordinator().config
     now = utcnow()
-    online = {
-        room.id: aggregate.agents_online(session, room.id, now, config.aggregate.agent_offline_after_s)
-        for room in rooms
-    }
-    sessions = {room.id: aggregate.open_session(session, room.id) for room in rooms}
+    online = aggregate.agents_online_by_classroom(session, ids, now, config.aggregate.agent_offline_after_s)
+    sessions = aggregate.open_sessions(session, ids)
     return render_template("index.html", rooms=rooms, open_counts=open_counts, online=online, sessions=sessions)
 
 

@@ -41,12 +41,11 @@ def state_json(state: pb.ClassroomState, k: int) -> dict:
 
 
 def agent_json(agent: db.Agent, now: datetime, offline_after_s: float) -> dict:
-    """An agent as ONLINE / DEGRADED / OFFLINE by the rule of ``aggregate.agents_online``:
-    heard from within ``offline_after_s`` and not reported OFFLINE (by itself or its Last Will)."""
-    fresh = agent.last_seen is not None and agent.last_seen >= now - timedelta(seconds=offline_after_s)
-    status = "OFFLINE" if not fresh or agent.state == "OFFLINE" else (
-        "DEGRADED" if agent.state == "DEGRADED" else "ONLINE"
-    )
+    """An agent as ONLINE / DEGRADED / OFFLINE (:meth:`coordinator.db.Agent.online` decides offline)."""
+    if not agent.online(now - timedelta(seconds=offline_after_s)):
+        status = "OFFLINE"
+    else:
+        status = "DEGRADED" if agent.state == "DEGRADED" else "ONLINE"
     return {
         "id": agent.id,
         "classroom_id": agent.classroom_id,
