@@ -18,7 +18,8 @@ SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 PREFIX=/opt/affectedge
 CONF=/etc/affectedge
 UNIT=affectedge-agent.service
-PYTHON=${PYTHON:-python3}
+# the system interpreter by default: one under a private home (pyenv in /root) is not runnable by the service user
+PYTHON=${PYTHON:-$(command -v /usr/bin/python3 || command -v python3 || true)}
 PIP_ARGS=${PIP_ARGS:-}
 
 die() { echo "install.sh: $*" >&2; exit 2; }
@@ -40,7 +41,14 @@ install -d -m 0755 -o root -g root "$PREFIX" "$PREFIX/models" "$PREFIX/models/mt
 install -d -m 0750 -o root -g affectedge "$CONF"
 
 echo "3/6 venv"
+runs_as_service() { runuser -u affectedge -- "$1" -c 'import sys' 2>/dev/null; }
+if [ -x "$PREFIX/venv/bin/python" ] && ! runs_as_service "$PREFIX/venv/bin/python"; then
+    echo "    rebuilding $PREFIX/venv: user affectedge cannot run its interpreter"
+    rm -rf "$PREFIX/venv"
+fi
 [ -x "$PREFIX/venv/bin/python" ] || "$PYTHON" -m venv "$PREFIX/venv"
+runs_as_service "$PREFIX/venv/bin/python" \
+    || die "user affectedge cannot run $PYTHON (is it under a private directory such as /root?): install Python 3.11 system-wide (apt-get install python3-venv) and set PYTHON=/usr/bin/python3"
 # shellcheck disable=SC2086  # PIP_ARGS is a list of options
 "$PREFIX/venv/bin/pip" install --quiet $PIP_ARGS --upgrade "$SRC[edge]"
 
@@ -59,7 +67,12 @@ fi
 
 echo "6/6 enable"
 install -m 0644 "$SRC/deploy/systemd/$UNIT" "/etc/systemd/system/$UNIT"
-systemctl daemon-reload
+if [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+else
+    # building a lab-PC image or in a chroot: systemd reads the unit when the machine boots
+    echo "    systemd is not running here: the unit is enabled for the next boot"
+fi
 systemctl enable "$UNIT"
 
 cat <<DONE
