@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import shutil
+import socket
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
@@ -81,3 +84,79 @@ def test_missing_source_is_retried_until_it_appears(tmp_path: Path):
         assert frame.image.shape == (480, 640, 3)
     finally:
         camera.stop()
+
+
+class MjpegCamera:
+    """An IP camera on loopback: the sample video as an MJPEG stream over HTTP (multipart/x-mixed-replace)."""
+
+    def __init__(self, port: int = 0):
+        frames = [cv2.imencode(".jpg", image)[1].tobytes() for image in _sample_frames(30)]
+        streams = self.streams = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                streams.append(self.connection)
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                try:
+                    for jpeg in itertools.cycle(frames):
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\n")
+                        self.wfile.write(b"Content-Length: %d\r\n\r\n" % len(jpeg) + jpeg + b"\r\n")
+                        time.sleep(1 / 25)
+                except OSError:  # the client or the server went away
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/stream.mjpg"
+
+    def close(self) -> None:
+        """Stop listening and cut the streams being served, as a camera that reboots does."""
+        self.server.shutdown()
+        self.server.server_close()
+        for stream in self.streams:
+            with contextlib.suppress(OSError):
+                stream.shutdown(socket.SHUT_RDWR)
+
+
+def _sample_frames(count: int) -> list[np.ndarray]:
+    capture = cv2.VideoCapture(str(SAMPLE))
+    frames = [capture.read()[1] for _ in range(count)]
+    capture.release()
+    return [cv2.resize(f, (320, 240)) for f in frames]
+
+
+def _frames_within(camera: Camera, seconds: float) -> list:
+    frames, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline and len(frames) < 5:
+        frame = camera.take()
+        if frame is not None:
+            frames.append(frame)
+        time.sleep(0.02)
+    return frames
+
+
+def test_network_camera_streams_and_is_reconnected_after_it_drops():
+    server = MjpegCamera()
+    port = server.server.server_address[1]
+    camera = Camera("cam0", server.url, fps=15, max_backoff_s=1)
+    camera.start()
+    try:
+        before = _frames_within(camera, 15)
+        assert len(before) == 5 and before[0].image.shape == (240, 320, 3)
+        server.close()  # the camera reboots: the stream ends, the port refuses for a while
+        deadline = time.monotonic() + 15
+        while camera.connected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not camera.connected
+        server = MjpegCamera(port)
+        after = _frames_within(camera, 20)
+        assert len(after) == 5 and after[0].index > before[-1].index and camera.connected
+    finally:
+        camera.stop()
+        server.close()
