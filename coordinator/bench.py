@@ -1,7 +1,9 @@
 """``coordinator bench``: ingest throughput and publish-to-signal latency through a real broker.
 
-It runs a real ``coordinator serve`` in a child process (so it has its own interpreter and core)
-against a real MQTT broker (``--broker spawn`` starts a private Mosquitto) and measures:
+It runs real ``coordinator serve`` child processes (so each has its own interpreter) against a
+real MQTT broker (``--broker spawn`` starts a private Mosquitto) and a real database (a private
+SQLite file, ``--database postgres`` for a private PostgreSQL cluster, or a URL of an empty one);
+``--instances 2`` runs two coordinators splitting the stream with a shared subscription. It measures:
 
 1. **drain**: simulated agents publish a backlog of QoS 1 ObservationBatches while the
    coordinator is stopped (its persistent session queues them in the broker), then it starts and
@@ -9,13 +11,16 @@ against a real MQTT broker (``--broker spawn`` starts a private Mosquitto) and m
    bottleneck here, so this is the coordinator's ingest capacity.
 2. **live**: agents publish at ``--rate`` batches/s each while probe batches of confused faces go
    to fresh classrooms; the time from publishing a probe to receiving its SLOW_DOWN signal on the
-   gRPC stream is the publish-to-signal latency (it includes up to one policy tick).
+   gRPC stream is the publish-to-signal latency (it includes up to one policy tick). Every
+   probe must give exactly one signal: probes without one are reported as lost, extra ones as
+   duplicates.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import os
 import secrets
@@ -129,6 +134,42 @@ def spawned_mosquitto(workdir: Path) -> Iterator[str]:
         proc.wait(10)
 
 
+def _as_postgres(command: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: drop to the ``postgres`` user when we are root."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@contextlib.contextmanager
+def spawned_postgres() -> Iterator[str]:
+    """A private PostgreSQL cluster on a free loopback port; yields its SQLAlchemy URL."""
+    initdb = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not initdb or (os.geteuid() == 0 and shutil.which("runuser") is None):
+        raise SystemExit("error: PostgreSQL is not installed: apt-get install postgresql, or pass --database URL")
+    bindir = Path(initdb[-1]).parent
+    # not under a private temp dir: the postgres user must be able to enter it
+    root = Path(tempfile.mkdtemp(prefix="affectedge-pg-"))
+    data = root / "data"
+    data.mkdir()
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        shutil.chown(data, "postgres")
+    port = free_port()
+    try:
+        subprocess.run(_as_postgres([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
+                       check=True, capture_output=True)
+        subprocess.run(
+            _as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(data / "log"), "-w", "start",
+                          "-o", f"-p {port} -k {data} -h 127.0.0.1"]),
+            check=True, capture_output=True,
+        )
+        wait_for_port(port)
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]),
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @dataclass
 class Server:
     """A ``coordinator serve`` child process and what the bench needs to talk to it."""
@@ -185,27 +226,42 @@ def _publish_all(client: mqtt.Client, batches: list[pb.ObservationBatch], rounds
     return time.perf_counter() - started
 
 
+def _database(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) -> str:
+    if args.database == "sqlite":
+        return f"sqlite:///{workdir / 'bench.db'}"
+    if args.database == "postgres":
+        return stack.enter_context(spawned_postgres())
+    return args.database
+
+
 def run_bench(args: argparse.Namespace) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="affectedge-bench-"))
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, workdir, True)
         url = stack.enter_context(spawned_mosquitto(workdir)) if args.broker == "spawn" else args.broker
+        database = _database(args, workdir, stack)
+        sessions = db.connect(database)
+        if _count(sessions):
+            raise SystemExit("error: --database must be empty: the bench counts the observations it stores")
         token = secrets.token_urlsafe(16)
-        server = _configure(workdir, url, token, args.tick)
-        stack.callback(server.stop)
-        sessions = db.connect(f"sqlite:///{workdir / 'bench.db'}")
+        servers = [_configure(workdir, url, database, token, args, i) for i in range(args.instances)]
+        for server in servers:
+            stack.callback(server.stop)
         rooms = [f"bench-room-{i // 4}" for i in range(args.agents)]
         batches = [make_batch(f"bench-agent-{i}", rooms[i], args.tracks) for i in range(args.agents)]
         publisher = mqtt_client(url, f"bench-publisher-{os.getpid()}")
         stack.callback(publisher.loop_stop)
 
-        # 1. drain: backlog published while the coordinator is down, then timed as it lands
-        server.start()  # creates the persistent session and its subscriptions
-        server.stop()
+        # 1. drain: backlog published while the coordinators are down, then timed as it lands
+        for server in servers:
+            server.start()  # creates the persistent sessions and their subscriptions
+        for server in servers:
+            server.stop()
         rounds = max(1, int(args.seconds * args.rate))
         publish_s = _publish_all(publisher, batches, rounds)
         total = rounds * args.agents * args.tracks
-        server.start()
+        for server in servers:
+            server.start()
         first = done = None
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -219,10 +275,13 @@ def run_bench(args: argparse.Namespace) -> dict:
         drained = _count(sessions)
         drain_rate = (drained - first[1]) / (done - first[0]) if first and done and done > first[0] else 0.0
 
-        # 2. live: paced load plus probes, latency measured on the gRPC stream
-        latencies, probes = _live(publisher, server, batches, args)
+        # 2. live: paced load plus probes, latency measured on the gRPC stream of the first instance
+        received, sent = _live(publisher, servers[0], batches, args)
         live_stored = _count(sessions) - drained
+        latencies = [received[room][0] - t for room, t in sent.items() if room in received]
         return {
+            "database": sessions.kw["bind"].dialect.name,
+            "instances": args.instances,
             "agents": args.agents,
             "tracks_per_batch": args.tracks,
             "rate_hz": args.rate,
@@ -234,35 +293,38 @@ def run_bench(args: argparse.Namespace) -> dict:
             "ingest_obs_per_s": round(drain_rate),
             "live_offered_obs_per_s": args.agents * args.tracks * args.rate,
             "live_stored_observations": live_stored,
+            "probes_sent": len(sent),
             "signals_received": len(latencies),
-            "probes_sent": probes,
+            "lost_signals": len(sent) - len(latencies),
+            "duplicate_signals": sum(len(times) - 1 for times in received.values()),
             "latency_p50_ms": round(1000 * statistics.median(latencies), 1) if latencies else None,
             "latency_p95_ms": round(1000 * _percentile(latencies, 0.95), 1) if latencies else None,
         }
 
 
-def _configure(workdir: Path, url: str, token: str, tick: float) -> Server:
+def _configure(workdir: Path, url: str, database: str, token: str, args: argparse.Namespace, index: int) -> Server:
     rules = workdir / "rules.toml"
     rules.write_text(PROBE_RULES)
     grpc_port = free_port()
-    config = workdir / "coordinator.toml"
+    config = workdir / f"coordinator-{index}.toml"
+    shared = 'shared_group = "bench"\n' if args.instances > 1 else ""
     config.write_text(
         f'state_dir = "{workdir}"\n'
-        f'[mqtt]\nurl = "{url}"\nclient_id = "bench-coordinator"\n'
-        f'[database]\nurl = "sqlite:///{workdir / "bench.db"}"\n'
-        f"[aggregate]\ntick_seconds = {tick}\n"
+        f'[mqtt]\nurl = "{url}"\nclient_id = "bench-coordinator-{index}"\n{shared}'
+        f'[database]\nurl = "{database}"\n'
+        f"[aggregate]\ntick_seconds = {args.tick}\n"
         f'[policy]\nrules = "{rules}"\n'
         f'[grpc]\nport = {grpc_port}\ntokens = ["{token}"]\n'
         f"[web]\nport = {free_port()}\n"
     )
-    return Server(config, grpc_port, token, workdir / "coordinator.log")
+    return Server(config, grpc_port, token, workdir / f"coordinator-{index}.log")
 
 
 def _live(
     publisher: mqtt.Client, server: Server, batches: list, args: argparse.Namespace
-) -> tuple[list[float], int]:
-    """Paced load with probes; (latency of each probe whose signal arrived, probes sent)."""
-    received: dict[str, float] = {}
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Paced load with probes: ({probe room: arrival times of its signals}, {probe room: sent at})."""
+    received: dict[str, list[float]] = {}
     channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
     stub = pb_grpc.CoordinatorStub(channel)
     stream = stub.StreamAdaptations(
@@ -274,7 +336,7 @@ def _live(
         ready.set()
         with contextlib.suppress(grpc.RpcError):
             for signal_ in stream:
-                received.setdefault(signal_.classroom_id, time.perf_counter())
+                received.setdefault(signal_.classroom_id, []).append(time.perf_counter())
 
     threading.Thread(target=listen, daemon=True).start()
     ready.wait()
@@ -297,10 +359,10 @@ def _live(
             publish(publisher, probe)
         tick += 1
         time.sleep(max(0.0, started + tick * period - time.perf_counter()))
-    time.sleep(2 * args.tick + 1)  # the last probes' signals
+    time.sleep(2 * args.tick + 2)  # the last probes' signals, and any duplicate
     stream.cancel()
     channel.close()
-    return [received[room] - t for room, t in sent.items() if room in received], len(sent)
+    return received, sent
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -333,5 +395,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--probes", type=float, default=2, help="latency probes per second in the live phase")
     parser.add_argument("--tick", type=float, default=0.25, help="the coordinator's tick_seconds")
     parser.add_argument("--broker", default="spawn", help="mqtt://host:port, or 'spawn' for a private Mosquitto")
+    parser.add_argument("--database", default="sqlite",
+                        help="'sqlite' (a private file), 'postgres' (a private PostgreSQL cluster), or the URL "
+                             "of an empty database")
+    parser.add_argument("--instances", type=int, choices=range(1, 9), default=1, metavar="N",
+                        help="coordinators sharing the broker (shared subscription) and the database")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.set_defaults(func=_run)

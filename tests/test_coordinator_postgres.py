@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import glob
-import os
+import json
 import shutil
 import subprocess
-import tempfile
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -14,44 +13,18 @@ from pathlib import Path
 import pytest
 
 from coordinator import aggregate, db, retention
-from coordinator.bench import CONFUSED, make_batch
+from coordinator.bench import CONFUSED, make_batch, spawned_postgres
 from coordinator.policy import PolicyEngine, Rule
 from coordinator.store import Received, Store, utcnow
-from tests.conftest import free_port, wait_for_port
-
-
-def _as_postgres(command: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: drop to the `postgres` user when we are root."""
-    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not bins or (os.geteuid() == 0 and shutil.which("runuser") is None):
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
-    bindir = os.path.dirname(bins[-1])
-    # not under pytest's tmp_path: as root that is mode 700 and the postgres user cannot enter it
-    root = Path(tempfile.mkdtemp(prefix="affectedge-pg-"))
-    data = root / "data"
-    data.mkdir()
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-        shutil.chown(data, "postgres")
-    port = free_port()
-    subprocess.run(_as_postgres([f"{bindir}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres"]),
-                   check=True, capture_output=True)
-    subprocess.run(
-        _as_postgres([f"{bindir}/pg_ctl", "-D", str(data), "-l", str(data / "log"), "-w", "start",
-                      "-o", f"-p {port} -k {data} -h 127.0.0.1"]),
-        check=True, capture_output=True,
-    )
     try:
-        wait_for_port(port)
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(_as_postgres([f"{bindir}/pg_ctl", "-D", str(data), "-m", "fast", "stop"]), capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+        with spawned_postgres() as url:
+            yield url
+    except SystemExit as missing:  # not installed here
+        pytest.skip(str(missing))
 
 
 def test_store_aggregates_lease_and_retention_on_postgres(postgres_url):
@@ -84,3 +57,26 @@ def test_store_aggregates_lease_and_retention_on_postgres(postgres_url):
     deleted = retention.purge(sessions, now + timedelta(days=31), raw_days=30, aggregate_days=365)
     assert deleted["observations"] == 7 and deleted["camera_samples"] == 3
     assert deleted["observation_rollups"] >= 1
+
+
+@pytest.mark.slow
+def test_bench_two_instances_on_postgres_store_everything_and_signal_each_probe_once(tmp_path):
+    """`coordinator bench` at small scale: two coordinator processes, one Mosquitto, one PostgreSQL."""
+    if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
+        pytest.skip("mosquitto is not installed")
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "coordinator", "bench", "--database", "postgres", "--instances", "2",
+         "--agents", "8", "--tracks", "10", "--rate", "4", "--seconds", "3", "--probes", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=240,
+    )
+    if "PostgreSQL is not installed" in done.stderr:
+        pytest.skip(done.stderr.strip())
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["database"] == "postgresql" and result["instances"] == 2
+    assert result["drained_observations"] == result["backlog_observations"] == 12 * 8 * 10
+    assert result["live_stored_observations"] >= 12 * 8 * 10
+    assert result["probes_sent"] >= 5 and result["signals_received"] == result["probes_sent"]
+    assert result["lost_signals"] == 0 and result["duplicate_signals"] == 0
+    assert result["latency_p95_ms"] > 0
