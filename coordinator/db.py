@@ -19,6 +19,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     and_,
     create_engine,
@@ -278,15 +279,31 @@ def insert_observations(db: Session, rows: list[dict]) -> None:
 
     The one way observations are written, so the two tables never disagree.
     """
-    if rows:
-        db.execute(insert(Observation.__table__), rows)  # Core executemany: ~1.4x faster than ORM
-        _insert_rollups(db, rows)
+    bulk_insert(db, Observation.__table__, rows)
+    _insert_rollups(db, rows)
 
 
 def _insert_rollups(db: Session, observations: Iterable[Mapping]) -> None:
-    rows = rollup_rows(observations)
-    if rows:
-        db.execute(insert(ObservationRollup.__table__), rows)
+    bulk_insert(db, ObservationRollup.__table__, rollup_rows(observations))
+
+
+def bulk_insert(db: Session, table: Table, rows: list[dict]) -> None:
+    """Insert many rows with the same keys in the caller's transaction.
+
+    PostgreSQL gets ``COPY``: psycopg's executemany sends one INSERT per row, and COPY measured
+    several times faster on ingest's batches. Elsewhere a Core executemany (~1.4x faster than ORM).
+    """
+    if not rows:
+        return
+    if db.get_bind().dialect.name != "postgresql":
+        db.execute(insert(table), rows)
+        return
+    columns = list(rows[0])
+    names = ", ".join(table.c[column].name for column in columns)  # KeyError on a column not in the table
+    cursor = db.connection().connection.driver_connection.cursor()
+    with cursor, cursor.copy(f"COPY {table.name} ({names}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row([row[column] for column in columns])
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

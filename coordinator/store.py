@@ -35,6 +35,7 @@ from coordinator.db import (
     ObservationRollup,
     Setting,
     Signal,
+    bulk_insert,
     insert_observations,
 )
 
@@ -152,7 +153,7 @@ class Store:
                 }
             insert_observations(db, rows)
             if samples:
-                db.execute(insert(CameraSample.__table__), samples)
+                bulk_insert(db, CameraSample.__table__, samples)
             if seen:
                 stmt = self._insert(Agent)
                 db.execute(
