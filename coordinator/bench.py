@@ -386,7 +386,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "bench", help="measure ingest throughput and publish-to-signal latency through a real broker"
+        "bench",
+        help="measure ingest throughput and publish-to-signal latency through a real broker",
+        description="Simulated agents publish through a real MQTT broker to real `coordinator serve` processes: "
+        "first a backlog (ingest rate), then a paced load with latency probes (publish-to-signal p50/p95, "
+        "lost and duplicate signals). The default load is 40 agents x 50 faces x 10 batches/s = 20,000 "
+        "observations/s.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--agents", type=int, default=40, help="simulated edge agents (4 per classroom)")
     parser.add_argument("--seconds", type=float, default=10, help="length of the backlog and of the live phase")
