@@ -27,6 +27,8 @@ from coordinator import states
 from coordinator.db import SUM_COLUMNS, Agent, Aggregate, CameraSample, Classroom, ClassSession, ObservationRollup
 
 ZEROS = [0.0] * len(EMOTIONS)
+#: a rollup's confidence-weighted probability sums, in EMOTIONS order
+_WEIGHTED = [ObservationRollup.__table__.c[column] for column in SUM_COLUMNS]
 
 
 @dataclass
@@ -73,7 +75,7 @@ def _window_tallies(db: Session, ids: Sequence[str], start: datetime, end: datet
             R.classroom_id,
             func.sum(R.observations),
             func.sum(R.confidence),
-            *(func.sum(R.__table__.c[column]) for column in SUM_COLUMNS),
+            *(func.sum(column) for column in _WEIGHTED),
         )
         .where(*where)
         .group_by(R.classroom_id)
@@ -253,7 +255,7 @@ def _raw_buckets(
     R = ObservationRollup
     tallies: dict[int, Tally] = defaultdict(Tally)
     rows = db.execute(
-        select(R.window_end, R.agent_id, R.tracks, R.observations, R.confidence, *map(R.__table__.c.get, SUM_COLUMNS))
+        select(R.window_end, R.agent_id, R.tracks, R.observations, R.confidence, *_WEIGHTED)
         .where(R.classroom_id == classroom_id, R.window_end >= start, R.window_end < end)
     )
     for window_end, agent_id, tracks, observations, confidence, *weighted in rows:

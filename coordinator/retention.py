@@ -3,8 +3,8 @@
 Raw observations (with their rollups, which name tracks too) and camera samples are per-track
 and per-camera, so they are the privacy-sensitive part and are kept ``database.retention_days``;
 stored :class:`Aggregate` snapshots are k-anonymised and kept ``database.aggregate_retention_days``.
-An admin may override either in the
-``settings`` table (``retention.days`` / ``retention.aggregate_days``, a number of days).
+An admin may override either in the ``settings`` table (``retention.days`` /
+``retention.aggregate_days``, a number of days).
 Deletes run in chunks so a large purge never holds the database's write lock for long.
 """
 
