@@ -70,14 +70,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from model_export import manifest
     from model_export.datasets import load_class_folders
-    from model_export.model import build_flip_averaged_encoder
     from model_export.onnx_export import OPSET, export_all, parity
 
     best = _existing(args.run / "encoder_best.keras", "checkpoint", "train first: model_export train --run RUN")
     head_file = _existing(args.run / "head.keras", "head checkpoint", "run: model_export train --stage head")
     encoder = keras.models.load_model(best).get_layer("encoder")
-    if args.flip_average:
-        encoder = build_flip_averaged_encoder(encoder)
     head = keras.models.load_model(head_file)
     exported = export_all(encoder, head, args.out, args.opset)
     config = json.loads((args.run / "config.json").read_text())
@@ -95,7 +92,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         files={e.name: manifest.file_entry(e.path, args.out, inputs=e.inputs, outputs=e.outputs, opset=OPSET)
                for e in exported},
         parity=checks,
-        test_time_augmentation="mean of the face and its mirror image" if args.flip_average else "none",
+        test_time_augmentation="none (`model_export ensemble` adds the mirror view)",
     )
     for e in exported:
         print(f"{e.path}  inputs {e.inputs}  outputs {e.outputs}")
@@ -103,6 +100,19 @@ def cmd_export(args: argparse.Namespace) -> int:
         print("parity with Keras on real faces: " + json.dumps(checks))
         if max(checks["head_max_abs_prob_diff"], checks["clip_max_abs_prob_diff"]) > 1e-4:
             raise UsageError("ONNX differs from Keras by more than 1e-4; do not ship this export")
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from model_export import ensemble
+
+    for folder in args.member:
+        _existing(folder / "encoder.onnx", "member encoder", "export its run first: model_export export --out DIR")
+    _existing(args.data / "train", "training faces", "pass --data with train/ and val/ class folders")
+    version = args.version or f"vit-bilstm-ensemble-{len(args.member)}"
+    ensemble.run(args.member, args.out, args.run, args.data, mirror=not args.no_mirror, version=version,
+                 window=args.window, head_epochs=args.head_epochs, seed=args.seed,
+                 verbose=1 if sys.stdout.isatty() else 2)
     return 0
 
 
@@ -176,9 +186,27 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--data", type=Path, default=DEFAULT_DATA / "val", help="real faces for the parity check")
     x.add_argument("--opset", type=int, default=17)
     x.add_argument("--version", help="model version string (default: vit-bilstm-<run name>)")
-    x.add_argument("--flip-average", action="store_true",
-                   help="bake test-time augmentation into the encoder: mean embedding of the face and its mirror")
     x.set_defaults(func=cmd_export)
+
+    m = sub.add_parser(
+        "ensemble",
+        help="fuse exported encoders (each run on the face and its mirror) into one, train a BiLSTM head on it",
+        description="Fuse the encoders of several exported models into one ONNX encoder (each member sees the "
+                    "face and its mirror image; their embeddings are averaged per member and concatenated), "
+                    "train the BiLSTM head on clips of the joint embedding, and write encoder/head/clip.onnx "
+                    "and a fresh manifest to --out. Members are folders written by `model_export export`.",
+    )
+    m.add_argument("--member", type=Path, action="append", default=[], required=True,
+                   help="an exported model folder (repeat for each member)")
+    m.add_argument("--out", type=Path, default=DEFAULT_MODELS, help="where to write the fused model (default: models/)")
+    m.add_argument("--run", type=Path, default=ROOT / "runs" / "ensemble", help="run directory for the head")
+    m.add_argument("--data", type=Path, default=DEFAULT_DATA, help="DATA with train/ and val/ class folders")
+    m.add_argument("--no-mirror", action="store_true", help="do not average each member over the mirror image")
+    m.add_argument("--window", type=int, default=8, help="frames per window T")
+    m.add_argument("--head-epochs", type=int, default=12)
+    m.add_argument("--seed", type=int, default=1337)
+    m.add_argument("--version", help="model version string (default: vit-bilstm-ensemble-<members>)")
+    m.set_defaults(func=cmd_ensemble)
 
     q = sub.add_parser("quantize", help="ONNX Runtime static INT8 (QDQ) encoder, calibrated on real faces")
     q.add_argument("--models", type=Path, default=DEFAULT_MODELS)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from tqdm import tqdm
 
 from model_export.augment import JITTER, perturb
 
@@ -23,15 +24,22 @@ TRANSITION = 0.3
 
 
 def embedding_bank(embed: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
-                   rng: np.random.Generator, views: int = VIEWS) -> np.ndarray:
+                   rng: np.random.Generator, views: int = VIEWS, chunk: int = 2048) -> np.ndarray:
     """(N, 48, 48) uint8 -> (N, views, D): view 0 is the face as is, the others webcam-jittered.
 
-    ``embed`` maps uint8 faces to embeddings (Keras during training, ONNX Runtime in evaluation).
+    ``embed`` maps uint8 faces to embeddings (Keras during training, ONNX Runtime in evaluation
+    and for an ensemble's fused encoder). Tens of thousands of faces times ``views`` take minutes
+    on a CPU, hence the progress bar (shown on a terminal only).
     """
-    out = [embed(images)]
-    for _ in range(1, views):
-        out.append(embed((perturb(images, rng, JITTER) * 255).round().astype(np.uint8)))
-    return np.stack(out, axis=1)
+    parts: list[list[np.ndarray]] = [[] for _ in range(views)]
+    with tqdm(total=views * len(images), unit="face", desc="embedding views", disable=None) as bar:
+        for start in range(0, len(images), chunk):
+            batch = images[start:start + chunk]
+            for view in range(views):
+                shown = batch if view == 0 else (perturb(batch, rng, JITTER) * 255).round().astype(np.uint8)
+                parts[view].append(embed(shown))
+                bar.update(len(batch))
+    return np.stack([np.concatenate(p) for p in parts], axis=1)
 
 
 def clip_indices(n: int, labels: np.ndarray, index: int, window: int,

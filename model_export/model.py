@@ -116,25 +116,6 @@ def build_encoder(cfg: ModelConfig) -> keras.Model:
     return keras.Model(face, embedding, name="encoder")
 
 
-@keras.saving.register_keras_serializable(package="affectedge")
-class HorizontalFlip(layers.Layer):
-    """Mirror a face left-right (NHWC width axis); deterministic, unlike RandomFlip."""
-
-    def call(self, faces):
-        return ops.flip(faces, axis=2)
-
-
-def build_flip_averaged_encoder(encoder: keras.Model) -> keras.Model:
-    """The mean embedding of a face and its mirror image: test-time augmentation, twice the cost.
-
-    Expressions are near-symmetric and the encoder was trained with flips, so averaging the two
-    views cancels part of the encoder's view-dependent noise.
-    """
-    face = keras.Input((INPUT_SIZE, INPUT_SIZE, 1), name="face")
-    both = layers.Average()([encoder(face), encoder(HorizontalFlip()(face))])
-    return keras.Model(face, both, name="encoder_flip_avg")
-
-
 def build_frame_classifier(encoder: keras.Model) -> keras.Model:
     """Stage 1 training model: encoder + linear softmax on single frames."""
     face = keras.Input((INPUT_SIZE, INPUT_SIZE, 1), name="face")
@@ -143,9 +124,12 @@ def build_frame_classifier(encoder: keras.Model) -> keras.Model:
     return keras.Model(face, probs, name="frame_classifier")
 
 
-def build_head(cfg: ModelConfig) -> keras.Model:
-    """Window of embeddings ``(N, T, D)`` -> emotion probabilities ``(N, 7)`` via BiLSTM."""
-    window = keras.Input((cfg.window, cfg.embed_dim), name="embeddings")
+def build_head(cfg: ModelConfig, embed_dim: int | None = None) -> keras.Model:
+    """Window of embeddings ``(N, T, D)`` -> emotion probabilities ``(N, 7)`` via BiLSTM.
+
+    ``D`` is the encoder's ``embed_dim`` unless given: an ensemble's fused encoder is wider.
+    """
+    window = keras.Input((cfg.window, embed_dim or cfg.embed_dim), name="embeddings")
     x = layers.LayerNormalization(epsilon=1e-6)(window)
     x = layers.Bidirectional(layers.LSTM(cfg.lstm_units))(x)
     x = layers.Dropout(0.3)(x)

@@ -31,6 +31,26 @@ def test_manifest_matches_files() -> None:
     assert manifest["files"]["head"]["inputs"] == {"embeddings": ["N", manifest["window"], manifest["embed_dim"]]}
 
 
+def test_shipped_encoder_is_its_members_seen_twice(fer_val: Path) -> None:
+    """The shipped encoder was fused by `model_export ensemble` from models/members/: each member,
+    run alone on a face and on its mirror image, averaged and concatenated, gives its embedding."""
+    import onnxruntime as ort
+
+    manifest = json.loads((MODELS / "manifest.json").read_text())
+    members = manifest["training"]["members"]
+    faces = load_class_folders(fer_val, limit_per_class=3).images
+    x = faces[..., None].astype(np.float32) / 255.0
+    expected = []
+    for member in members:
+        path = ROOT / member["folder"] / "encoder.onnx"
+        assert sha256(path) == member["encoder_sha256"]
+        alone = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        views = [alone.run(None, {"face": v})[0] for v in (x, np.ascontiguousarray(x[:, :, ::-1]))]
+        expected.append((views[0] + views[1]) / 2)
+    shipped = EmotionModel.load(MODELS, backend="onnxruntime").embed(faces)
+    np.testing.assert_allclose(shipped, np.concatenate(expected, axis=1), atol=1e-5)
+
+
 def test_tampered_model_is_refused(tmp_path: Path) -> None:
     copy = tmp_path / "models"
     shutil.copytree(MODELS, copy)

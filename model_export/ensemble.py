@@ -1,0 +1,271 @@
+"""``model_export ensemble``: several trained encoders fused into one ONNX encoder, one BiLSTM head over them.
+
+Why: ViT encoders trained from different seeds (or for different lengths) make partly different
+mistakes on FER2013, and a face and its mirror image do too. The fused encoder runs every member
+on the face and on its mirror (one batch of 2N), averages the two views per member and
+concatenates the members' embeddings; the BiLSTM head is then trained on clips of that joint
+embedding (stage 2 of :mod:`model_export.train`, unchanged). The edge sees an ordinary
+``encoder.onnx`` / ``head.onnx`` pair with a wider embedding, so nothing downstream changes.
+
+Members are exported model folders (``manifest.json`` + ``encoder.onnx``), so an earlier shipped
+model whose Keras checkpoint is gone can still take part. The graphs are joined with the ``onnx``
+package (each member's nodes and weights prefixed, its input rewired), not re-traced, so every
+member computes exactly what it computed alone; :func:`parity` checks that on real faces.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, compose, helper, numpy_helper
+
+from edge_agent.emotion_model import ModelError
+from edge_agent.faces.align import SIZE
+from model_export.manifest import shown
+
+log = logging.getLogger(__name__)
+
+FACE = (SIZE, SIZE, 1)
+INT64_MIN = -(2**63)
+#: TrainConfig fields that only stage 1 uses (the head has its own optimizer settings)
+STAGE1_ONLY = ("epochs", "warmup_epochs", "learning_rate", "weight_decay")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One exported model folder taking part in the ensemble."""
+
+    folder: Path
+    manifest: dict
+    encoder: onnx.ModelProto
+
+    @classmethod
+    def load(cls, folder: Path) -> Member:
+        manifest_path, encoder_path = folder / "manifest.json", folder / "encoder.onnx"
+        for path in (manifest_path, encoder_path):
+            if not path.exists():
+                raise FileNotFoundError(f"{path} is missing: a member is a folder written by `model_export export`")
+        return cls(folder, json.loads(manifest_path.read_text()), onnx.load(str(encoder_path)))
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.manifest["embed_dim"])
+
+    def summary(self) -> dict:
+        """What the fused manifest records about this member (its provenance and its own figures)."""
+        keys = ("version", "architecture", "training", "val_metrics", "test_time_augmentation")
+        return {"folder": shown(self.folder), **{k: self.manifest[k] for k in keys if k in self.manifest},
+                "encoder_sha256": self.manifest["files"]["encoder"]["sha256"]}
+
+
+def _opsets(models: list[onnx.ModelProto]) -> list[onnx.OperatorSetIdProto]:
+    versions: dict[str, int] = {}
+    for model in models:
+        for opset in model.opset_import:
+            if versions.setdefault(opset.domain, opset.version) != opset.version:
+                raise ModelError(f"members use opsets {versions[opset.domain]} and {opset.version} for domain "
+                                 f"{opset.domain!r}: re-export them with the same --opset")
+    return [helper.make_opsetid(domain, version) for domain, version in versions.items()]
+
+
+def _inline(model: onnx.ModelProto, prefix: str, feed: str) -> tuple[list, list, str]:
+    """Nodes and weights of a single-input, single-output ``model``, renamed under ``prefix`` and
+    reading ``feed`` instead of its own input. Returns (nodes, initializers, output name)."""
+    prefixed = compose.add_prefix(model, prefix)
+    graph = prefixed.graph
+    own_input = graph.input[0].name
+    nodes = []
+    for node in graph.node:
+        node = onnx.NodeProto.FromString(node.SerializeToString())
+        node.input[:] = [feed if name == own_input else name for name in node.input]
+        nodes.append(node)
+    return nodes, list(graph.initializer), graph.output[0].name
+
+
+def _const(name: str, values, dtype=np.int64) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(values, dtype=dtype), name)
+
+
+def _model(nodes: list, initializers: list, inputs: list, outputs: list, opsets: list, name: str,
+           ir_version: int) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=initializers)
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="affectedge-model_export")
+    model.ir_version = ir_version
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def fuse_encoders(members: list[Member], mirror: bool) -> onnx.ModelProto:
+    """``face (N,48,48,1) -> embedding (N, sum of member dims)``; with ``mirror``, each member's
+    embedding is the mean of its embeddings of the face and of its left-right mirror image."""
+    nodes, weights = [], []
+    feed = "face"
+    if mirror:
+        weights += [_const("mirror_starts", [-1]), _const("mirror_ends", [INT64_MIN]),
+                    _const("mirror_axes", [2]), _const("mirror_steps", [-1])]
+        nodes += [
+            helper.make_node("Slice", ["face", "mirror_starts", "mirror_ends", "mirror_axes", "mirror_steps"],
+                             ["face_mirror"], name="mirror"),
+            helper.make_node("Concat", ["face", "face_mirror"], ["face_both_views"], axis=0, name="both_views"),
+        ]
+        feed = "face_both_views"
+    parts = []
+    for i, member in enumerate(members):
+        prefix = f"m{i}/"
+        member_nodes, member_weights, out = _inline(member.encoder, prefix, feed)
+        nodes += member_nodes
+        weights += member_weights
+        if mirror:  # (2N, D) -> (2, N, D) -> mean of the two views
+            weights += [_const(f"{prefix}views_shape", [2, -1, member.embed_dim]),
+                        _const(f"{prefix}view0", 0), _const(f"{prefix}view1", 1),
+                        _const(f"{prefix}half", 0.5, np.float32)]
+            nodes += [
+                helper.make_node("Reshape", [out, f"{prefix}views_shape"], [f"{prefix}views"]),
+                helper.make_node("Gather", [f"{prefix}views", f"{prefix}view0"], [f"{prefix}plain"], axis=0),
+                helper.make_node("Gather", [f"{prefix}views", f"{prefix}view1"], [f"{prefix}mirrored"], axis=0),
+                helper.make_node("Add", [f"{prefix}plain", f"{prefix}mirrored"], [f"{prefix}sum"]),
+                helper.make_node("Mul", [f"{prefix}sum", f"{prefix}half"], [f"{prefix}mean"]),
+            ]
+            out = f"{prefix}mean"
+        parts.append(out)
+    nodes.append(helper.make_node("Concat", parts, ["embedding"], axis=1, name="join_members"))
+    dim = sum(m.embed_dim for m in members)
+    encoders = [m.encoder for m in members]
+    return _model(nodes, weights,
+                  [helper.make_tensor_value_info("face", TensorProto.FLOAT, ["N", *FACE])],
+                  [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", dim])],
+                  _opsets(encoders), "ensemble_encoder", max(e.ir_version for e in encoders))
+
+
+def compose_clip(encoder: onnx.ModelProto, head: onnx.ModelProto, window: int, dim: int) -> onnx.ModelProto:
+    """``clip (N,T,48,48,1) -> probs (N,7)``: the encoder on all N*T frames, then the head."""
+    enc_nodes, enc_weights, emb = _inline(encoder, "encoder/", "frames")
+    head_nodes, head_weights, probs = _inline(head, "head/", "windows")
+    nodes = [
+        helper.make_node("Reshape", ["clip", "frames_shape"], ["frames"]),
+        *enc_nodes,
+        helper.make_node("Reshape", [emb, "windows_shape"], ["windows"]),
+        *head_nodes,
+        helper.make_node("Identity", [probs], ["probs"]),
+    ]
+    weights = [_const("frames_shape", [-1, *FACE]), _const("windows_shape", [-1, window, dim]),
+               *enc_weights, *head_weights]
+    return _model(nodes, weights,
+                  [helper.make_tensor_value_info("clip", TensorProto.FLOAT, ["N", window, *FACE])],
+                  [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 7])],
+                  _opsets([encoder, head]), "clip", max(encoder.ir_version, head.ir_version))
+
+
+def parity(members: list[Member], mirror: bool, out_dir: Path, faces: np.ndarray, window: int) -> dict:
+    """On real faces: the fused encoder vs each member run alone (max |Δ|), and clip.onnx vs
+    encoder.onnx followed by head.onnx."""
+    import onnxruntime as ort
+
+    def session(model) -> ort.InferenceSession:
+        source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+        return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+
+    x = faces[..., None].astype(np.float32) / 255.0
+    expected = []
+    for member in members:
+        alone = session(member.encoder)
+        emb = alone.run(None, {"face": x})[0]
+        if mirror:
+            emb = (emb + alone.run(None, {"face": np.ascontiguousarray(x[:, :, ::-1])})[0]) / 2
+        expected.append(emb)
+    fused = session(out_dir / "encoder.onnx").run(None, {"face": x})[0]
+    n_clips = len(faces) // window
+    windows = fused[: n_clips * window].reshape(n_clips, window, -1)
+    stepwise = session(out_dir / "head.onnx").run(None, {"embeddings": windows})[0]
+    clip_in = x[: n_clips * window].reshape(n_clips, window, *FACE)
+    fused_clip = session(out_dir / "clip.onnx").run(None, {"clip": clip_in})[0]
+    return {
+        "faces": len(faces),
+        "encoder_max_abs_diff": float(np.abs(fused - np.concatenate(expected, axis=1)).max()),
+        "clip_max_abs_prob_diff": float(np.abs(fused_clip - stepwise).max()),
+        "clip_top1_agreement": float((fused_clip.argmax(1) == stepwise.argmax(1)).mean()),
+    }
+
+
+def onnx_embedder(encoder: onnx.ModelProto, batch: int = 512):
+    """An ONNX encoder as ``(N, 48, 48) uint8 -> (N, D)``, for training the head on its output."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(encoder.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def embed(faces: np.ndarray) -> np.ndarray:
+        x = faces[..., None].astype(np.float32) / 255.0
+        return np.concatenate([session.run(None, {"face": x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+
+    return embed
+
+
+def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirror: bool, version: str,
+        window: int, head_epochs: int, seed: int, verbose: int = 1) -> dict:
+    """Fuse the members, train the head on the fused embedding, write ``out_dir`` and its manifest."""
+    import keras
+
+    from model_export import manifest
+    from model_export.datasets import load_class_folders
+    from model_export.model import ModelConfig
+    from model_export.onnx_export import OPSET, convert
+    from model_export.train import TrainConfig, train_head
+
+    members = [Member.load(d) for d in member_dirs]  # all read before out_dir (maybe a member) is written
+    fused = fuse_encoders(members, mirror)
+    dim = sum(m.embed_dim for m in members)
+    log.info("fused %d members (%s), embedding %d, mirror %s", len(members),
+             ", ".join(m.manifest.get("version", str(m.folder)) for m in members), dim, mirror)
+    cfg = TrainConfig(data=str(data), run_dir=str(run_dir), head_epochs=head_epochs, seed=seed)
+    head = keras.models.load_model(train_head(cfg, ModelConfig(window=window), verbose=verbose,
+                                              embed=onnx_embedder(fused)))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("manifest.json", "encoder.int8.onnx"):  # they describe the previous encoder
+        (out_dir / stale).unlink(missing_ok=True)
+    onnx.save(fused, str(out_dir / "encoder.onnx"))
+    head_export = convert(head, "embeddings", (window, dim), "probs", out_dir / "head.onnx")
+    onnx.save(compose_clip(fused, onnx.load(str(head_export.path)), window, dim), str(out_dir / "clip.onnx"))
+
+    faces = load_class_folders(Path(data) / "val", limit_per_class=32).images
+    checks = parity(members, mirror, out_dir, faces, window)
+    checks.update(_head_parity(head, out_dir, faces, window, onnx_embedder(fused)))
+    shapes = {"encoder": ({"face": ["N", *FACE]}, {"embedding": ["N", dim]}),
+              "head": (head_export.inputs, head_export.outputs),
+              "clip": ({"clip": ["N", window, *FACE]}, {"probs": ["N", 7]})}
+    manifest.update(
+        out_dir,
+        version=version,
+        window=window,
+        embed_dim=dim,
+        architecture={"ensemble_of": len(members), "lstm_units": ModelConfig().lstm_units, "window": window},
+        training={"head": {k: v for k, v in asdict(cfg).items() if k not in STAGE1_ONLY},
+                  "members": [m.summary() for m in members]},
+        files={name: manifest.file_entry(out_dir / f"{name}.onnx", out_dir, inputs=i, outputs=o, opset=OPSET)
+               for name, (i, o) in shapes.items()},
+        parity=checks,
+        test_time_augmentation="each member: mean of the face and its mirror image" if mirror else "none",
+    )
+    print(f"{out_dir}: encoder (N,48,48,1)->(N,{dim}) from {len(members)} members, head, clip; "
+          f"parity {json.dumps(checks)}")
+    if max(checks["encoder_max_abs_diff"], checks["head_max_abs_prob_diff"], checks["clip_max_abs_prob_diff"]) > 1e-4:
+        raise ModelError("the fused ONNX models differ from their parts by more than 1e-4; do not ship them")
+    return checks
+
+
+def _head_parity(head, out_dir: Path, faces: np.ndarray, window: int, embed) -> dict:
+    import onnxruntime as ort
+
+    emb = embed(faces)
+    n_clips = len(faces) // window
+    windows = emb[: n_clips * window].reshape(n_clips, window, -1)
+    keras_probs = head.predict(windows, verbose=0)
+    onnx_probs = ort.InferenceSession(str(out_dir / "head.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"embeddings": windows})[0]
+    return {"head_max_abs_prob_diff": float(np.abs(keras_probs - onnx_probs).max()),
+            "head_top1_agreement": float((keras_probs.argmax(1) == onnx_probs.argmax(1)).mean())}

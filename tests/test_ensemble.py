@@ -1,0 +1,114 @@
+"""``model_export ensemble``: fused ONNX encoders compute exactly what their members compute alone,
+the head trains on the joint embedding, and the edge loads the result (needs TensorFlow: slow)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+pytest.importorskip("tf2onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from edge_agent.emotion_model import EmotionModel, ModelError  # noqa: E402
+from model_export import ensemble, manifest  # noqa: E402
+from model_export.datasets import load_class_folders  # noqa: E402
+from model_export.model import ModelConfig, build_encoder  # noqa: E402
+from model_export.onnx_export import convert  # noqa: E402
+
+TINY = ModelConfig(stem_filters=(8, 8, 16), embed_dim=16, depth=1, heads=2, mlp_dim=16, window=4, lstm_units=8)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _member(folder: Path, seed: int) -> Path:
+    """An exported model folder holding a (randomly initialised) tiny encoder."""
+    keras.utils.set_random_seed(seed)
+    exported = convert(build_encoder(TINY), "face", (48, 48, 1), "embedding", folder / "encoder.onnx")
+    manifest.update(folder, version=f"tiny-{seed}", embed_dim=TINY.embed_dim,
+                    files={"encoder": manifest.file_entry(exported.path, folder)})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("members")
+    return [_member(root / "a", 1), _member(root / "b", 2)]
+
+
+@pytest.fixture(scope="module")
+def faces(fer_val: Path) -> np.ndarray:
+    return load_class_folders(fer_val, limit_per_class=4).images
+
+
+def _run(model, faces: np.ndarray) -> np.ndarray:
+    source = model.SerializeToString() if not isinstance(model, Path) else str(model)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    return session.run(None, {"face": faces[..., None].astype(np.float32) / 255.0})[0]
+
+
+@pytest.mark.slow
+def test_fused_encoder_is_the_members_side_by_side(members: list[Path], faces: np.ndarray) -> None:
+    loaded = [ensemble.Member.load(m) for m in members]
+    plain = _run(ensemble.fuse_encoders(loaded, mirror=False), faces)
+    alone = [_run(m / "encoder.onnx", faces) for m in members]
+    np.testing.assert_allclose(plain, np.concatenate(alone, axis=1), atol=1e-5)
+
+    mirrored_model = ensemble.fuse_encoders(loaded, mirror=True)
+    mirrored = _run(mirrored_model, faces)
+    flipped = [_run(m / "encoder.onnx", np.ascontiguousarray(faces[:, :, ::-1])) for m in members]
+    expected = np.concatenate([(a + f) / 2 for a, f in zip(alone, flipped, strict=True)], axis=1)
+    np.testing.assert_allclose(mirrored, expected, atol=1e-5)
+    assert np.abs(mirrored - plain).max() > 1e-3  # the mirror view changes the embedding...
+    np.testing.assert_allclose(_run(mirrored_model, np.ascontiguousarray(faces[:, :, ::-1])), mirrored,
+                               atol=1e-5)  # ...and makes it blind to which way the face is mirrored
+
+
+@pytest.mark.slow
+def test_members_with_different_opsets_are_refused(members: list[Path]) -> None:
+    a, b = (ensemble.Member.load(m) for m in members)
+    b.encoder.opset_import[0].version = 13
+    with pytest.raises(ModelError, match="same --opset"):
+        ensemble.fuse_encoders([a, b], mirror=True)
+
+
+@pytest.mark.slow
+def test_ensemble_trains_a_head_the_edge_can_load(members: list[Path], tmp_path: Path, fer_val: Path,
+                                                  faces: np.ndarray) -> None:
+    data = tmp_path / "data"  # tiny run, 8 faces per class: the head only has to train, not to be good
+    for split in ("train", "val"):
+        for folder in fer_val.iterdir():
+            (data / split / folder.name).mkdir(parents=True)
+            for path in sorted(folder.iterdir())[:8]:
+                shutil.copy(path, data / split / folder.name / path.name)
+    out = tmp_path / "models"
+    out.mkdir()
+    (out / "encoder.int8.onnx").write_bytes(b"stale")  # a previous model's file must not survive
+    checks = ensemble.run(members, out, tmp_path / "run", data, mirror=True, version="tiny-ensemble",
+                          window=4, head_epochs=1, seed=0, verbose=0)
+    assert checks["encoder_max_abs_diff"] <= 1e-4 and checks["clip_max_abs_prob_diff"] <= 1e-4
+    assert checks["head_top1_agreement"] == 1.0 and checks["clip_top1_agreement"] == 1.0
+    assert not (out / "encoder.int8.onnx").exists()
+
+    written = json.loads((out / "manifest.json").read_text())
+    assert written["embed_dim"] == 2 * TINY.embed_dim and written["window"] == 4
+    assert [m["version"] for m in written["training"]["members"]] == ["tiny-1", "tiny-2"]
+    model = EmotionModel.load(out, backend="onnxruntime")  # sha256 of every file checked
+    emb = model.embed(faces)
+    assert emb.shape == (len(faces), 32)
+    probs = model.classify(np.repeat(emb[:, None], 4, axis=1))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_cli_names_a_missing_member(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "model_export", "ensemble", "--member", str(tmp_path / "nope"),
+                             "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"model_export ensemble: member encoder {tmp_path / 'nope' / 'encoder.onnx'} does not exist: "
+        "export its run first: model_export export --out DIR"]
