@@ -161,9 +161,9 @@ def compose_clip(encoder: onnx.ModelProto, head: onnx.ModelProto, window: int, d
                   _opsets([encoder, head]), "clip", max(encoder.ir_version, head.ir_version))
 
 
-def parity(members: list[Member], mirror: bool, out_dir: Path, faces: np.ndarray, window: int) -> dict:
-    """On real faces: the fused encoder vs each member run alone (max |Δ|), and clip.onnx vs
-    encoder.onnx followed by head.onnx."""
+def parity(members: list[Member], mirror: bool, out_dir: Path, faces: np.ndarray, window: int, head) -> dict:
+    """On real faces: the fused encoder vs each member run alone (max |Δ|), head.onnx vs the Keras
+    ``head`` it was converted from, and clip.onnx vs encoder.onnx followed by head.onnx."""
     import onnxruntime as ort
 
     def session(model) -> ort.InferenceSession:
@@ -182,11 +182,14 @@ def parity(members: list[Member], mirror: bool, out_dir: Path, faces: np.ndarray
     n_clips = len(faces) // window
     windows = fused[: n_clips * window].reshape(n_clips, window, -1)
     stepwise = session(out_dir / "head.onnx").run(None, {"embeddings": windows})[0]
+    keras_probs = head.predict(windows, verbose=0)
     clip_in = x[: n_clips * window].reshape(n_clips, window, *FACE)
     fused_clip = session(out_dir / "clip.onnx").run(None, {"clip": clip_in})[0]
     return {
         "faces": len(faces),
         "encoder_max_abs_diff": float(np.abs(fused - np.concatenate(expected, axis=1)).max()),
+        "head_max_abs_prob_diff": float(np.abs(keras_probs - stepwise).max()),
+        "head_top1_agreement": float((keras_probs.argmax(1) == stepwise.argmax(1)).mean()),
         "clip_max_abs_prob_diff": float(np.abs(fused_clip - stepwise).max()),
         "clip_top1_agreement": float((fused_clip.argmax(1) == stepwise.argmax(1)).mean()),
     }
@@ -222,8 +225,8 @@ def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirro
     log.info("fused %d members (%s), embedding %d, mirror %s", len(members),
              ", ".join(m.manifest.get("version", str(m.folder)) for m in members), dim, mirror)
     cfg = TrainConfig(data=str(data), run_dir=str(run_dir), head_epochs=head_epochs, seed=seed)
-    head = keras.models.load_model(train_head(cfg, ModelConfig(window=window), verbose=verbose,
-                                              embed=onnx_embedder(fused)))
+    model_cfg = ModelConfig(window=window)
+    head = keras.models.load_model(train_head(cfg, model_cfg, verbose=verbose, embed=onnx_embedder(fused)))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("manifest.json", "encoder.int8.onnx"):  # they describe the previous encoder
@@ -233,8 +236,7 @@ def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirro
     onnx.save(compose_clip(fused, onnx.load(str(head_export.path)), window, dim), str(out_dir / "clip.onnx"))
 
     faces = load_class_folders(Path(data) / "val", limit_per_class=32).images
-    checks = parity(members, mirror, out_dir, faces, window)
-    checks.update(_head_parity(head, out_dir, faces, window, onnx_embedder(fused)))
+    checks = parity(members, mirror, out_dir, faces, window, head)
     shapes = {"encoder": ({"face": ["N", *FACE]}, {"embedding": ["N", dim]}),
               "head": (head_export.inputs, head_export.outputs),
               "clip": ({"clip": ["N", window, *FACE]}, {"probs": ["N", 7]})}
@@ -243,7 +245,7 @@ def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirro
         version=version,
         window=window,
         embed_dim=dim,
-        architecture={"ensemble_of": len(members), "lstm_units": ModelConfig().lstm_units, "window": window},
+        architecture={"ensemble_of": len(members), "lstm_units": model_cfg.lstm_units, "window": window},
         training={"head": {k: v for k, v in asdict(cfg).items() if k not in STAGE1_ONLY},
                   "members": [m.summary() for m in members]},
         files={name: manifest.file_entry(out_dir / f"{name}.onnx", out_dir, inputs=i, outputs=o, opset=OPSET)
@@ -257,15 +259,3 @@ def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirro
         raise ModelError("the fused ONNX models differ from their parts by more than 1e-4; do not ship them")
     return checks
 
-
-def _head_parity(head, out_dir: Path, faces: np.ndarray, window: int, embed) -> dict:
-    import onnxruntime as ort
-
-    emb = embed(faces)
-    n_clips = len(faces) // window
-    windows = emb[: n_clips * window].reshape(n_clips, window, -1)
-    keras_probs = head.predict(windows, verbose=0)
-    onnx_probs = ort.InferenceSession(str(out_dir / "head.onnx"), providers=["CPUExecutionProvider"]).run(
-        None, {"embeddings": windows})[0]
-    return {"head_max_abs_prob_diff": float(np.abs(keras_probs - onnx_probs).max()),
-            "head_top1_agreement": float((keras_probs.argmax(1) == onnx_probs.argmax(1)).mean())}
