@@ -28,14 +28,24 @@ def _existing(path: Path, what: str, hint: str) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from model_export.model import ModelConfig
+    _existing(args.data, "dataset", "unpack ../shared/datasets/fer2013/*.tar.gz into data/ or pass --data")
+    architecture, init_from = {}, None
+    if args.init_from:
+        manifest_path = _existing(args.init_from / "manifest.json", "model manifest",
+                                  "pass --init-from a folder written by `model_export export` (e.g. models/members/v2)")
+        init_from = _existing(args.init_from / "encoder.onnx", "encoder", "the folder has no encoder.onnx")
+        architecture = json.loads(manifest_path.read_text()).get("architecture")
+        if not architecture:
+            raise UsageError(f"{manifest_path} records no 'architecture': re-export the model with this version")
+
+    from model_export.model import ModelConfig  # TensorFlow loads here, after the arguments are checked
     from model_export.train import TrainConfig, train_encoder, train_head
 
-    _existing(args.data, "dataset", "unpack ../shared/datasets/fer2013/*.tar.gz into data/ or pass --data")
+    model_cfg = (ModelConfig.from_dict({**architecture, "window": args.window}) if architecture
+                 else ModelConfig(window=args.window))
     cfg = TrainConfig(data=str(args.data), run_dir=str(args.run), epochs=args.epochs,
                       head_epochs=args.head_epochs, batch_size=args.batch_size,
-                      learning_rate=args.lr, seed=args.seed)
-    model_cfg = ModelConfig(window=args.window)
+                      learning_rate=args.lr, seed=args.seed, init_from=init_from and str(init_from))
     verbose = 1 if sys.stdout.isatty() else 2  # a progress bar on a terminal, one line per epoch in logs
     if args.stage in ("all", "encoder"):
         train_encoder(cfg, model_cfg, resume=args.resume, verbose=verbose)
@@ -70,13 +80,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from model_export import manifest
     from model_export.datasets import load_class_folders
-    from model_export.onnx_export import OPSET, export_all, parity
+    from model_export.model import INPUT_SIZE
+    from model_export.onnx_export import OPSET, convert, export_all, parity
 
     best = _existing(args.run / "encoder_best.keras", "checkpoint", "train first: model_export train --run RUN")
-    head_file = _existing(args.run / "head.keras", "head checkpoint", "run: model_export train --stage head")
     encoder = keras.models.load_model(best).get_layer("encoder")
-    head = keras.models.load_model(head_file)
-    exported = export_all(encoder, head, args.out, args.opset)
+    if args.encoder_only:
+        head = None
+        exported = [convert(encoder, "face", (INPUT_SIZE, INPUT_SIZE, 1), "embedding", args.out / "encoder.onnx",
+                            args.opset)]
+    else:
+        head_file = _existing(args.run / "head.keras", "head checkpoint",
+                              "run: model_export train --stage head, or export an ensemble member with --encoder-only")
+        head = keras.models.load_model(head_file)
+        exported = export_all(encoder, head, args.out, args.opset)
     config = json.loads((args.run / "config.json").read_text())
     faces = load_class_folders(args.data, limit_per_class=32).images if args.data.exists() else None
     checks = parity(encoder, head, args.out, faces) if faces is not None else {}
@@ -84,8 +101,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     manifest.update(
         args.out,
         version=version,
-        window=int(head.input_shape[1]),
-        embed_dim=int(head.input_shape[2]),
+        window=int(config["model"]["window"]),
+        embed_dim=int(encoder.output_shape[-1]),
         architecture=config["model"],
         training=config["train"],
         source_checkpoint=str(best.relative_to(ROOT) if best.is_relative_to(ROOT) else best),
@@ -98,7 +115,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"{e.path}  inputs {e.inputs}  outputs {e.outputs}")
     if checks:
         print("parity with Keras on real faces: " + json.dumps(checks))
-        if max(checks["head_max_abs_prob_diff"], checks["clip_max_abs_prob_diff"]) > 1e-4:
+        if max(v for k, v in checks.items() if k.endswith("diff")) > 1e-4:
             raise UsageError("ONNX differs from Keras by more than 1e-4; do not ship this export")
     return 0
 
@@ -165,6 +182,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--window", type=int, default=8, help="frames per window T")
     t.add_argument("--seed", type=int, default=1337)
     t.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint in --run")
+    t.add_argument("--init-from", type=Path, metavar="MODEL_DIR",
+                   help="start the encoder from an exported one (a folder with manifest.json and encoder.onnx, "
+                        "e.g. models/members/v2), in its architecture, instead of from random weights")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="accuracy, P/R/F1, confusion, ROC-AUC (+ plots) of the shipped model")
@@ -186,6 +206,8 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--data", type=Path, default=DEFAULT_DATA / "val", help="real faces for the parity check")
     x.add_argument("--opset", type=int, default=17)
     x.add_argument("--version", help="model version string (default: vit-bilstm-<run name>)")
+    x.add_argument("--encoder-only", action="store_true",
+                   help="export only encoder.onnx (an ensemble member for `model_export ensemble --member`)")
     x.set_defaults(func=cmd_export)
 
     m = sub.add_parser(

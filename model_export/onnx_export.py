@@ -93,17 +93,21 @@ def export_all(encoder: keras.Model, head: keras.Model, out_dir: Path, opset: in
     ]
 
 
-def parity(encoder: keras.Model, head: keras.Model, out_dir: Path, faces: np.ndarray) -> dict:
-    """Keras vs ONNX Runtime on real faces: max |Δ| per model and top-1 agreement of the clip model."""
+def parity(encoder: keras.Model, head: keras.Model | None, out_dir: Path, faces: np.ndarray) -> dict:
+    """Keras vs ONNX Runtime on real faces: max |Δ| per model and top-1 agreement of the clip model
+    (the encoder alone when there is no ``head``: an ensemble member)."""
     import onnxruntime as ort
 
     def session(name: str):
         return ort.InferenceSession(str(out_dir / f"{name}.onnx"), providers=["CPUExecutionProvider"])
 
-    window = head.input_shape[1]
     x = faces[..., None].astype(np.float32) / 255.0
     emb_keras = encoder.predict(x, batch_size=256, verbose=0)
     emb_onnx = session("encoder").run(None, {"face": x})[0]
+    checks = {"faces": len(faces), "encoder_max_abs_diff": float(np.abs(emb_keras - emb_onnx).max())}
+    if head is None:
+        return checks
+    window = head.input_shape[1]
     n_clips = len(faces) // window
     windows = emb_keras[: n_clips * window].reshape(n_clips, window, -1)
     head_keras = head.predict(windows, verbose=0)
@@ -112,8 +116,7 @@ def parity(encoder: keras.Model, head: keras.Model, out_dir: Path, faces: np.nda
     clip_keras = build_clip_model(encoder, head, window).predict(clip_in, verbose=0)
     clip_onnx = session("clip").run(None, {"clip": clip_in})[0]
     return {
-        "faces": len(faces),
-        "encoder_max_abs_diff": float(np.abs(emb_keras - emb_onnx).max()),
+        **checks,
         "head_max_abs_prob_diff": float(np.abs(head_keras - head_onnx).max()),
         "clip_max_abs_prob_diff": float(np.abs(clip_keras - clip_onnx).max()),
         "head_top1_agreement": float((head_keras.argmax(1) == head_onnx.argmax(1)).mean()),

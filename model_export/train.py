@@ -43,6 +43,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     class_weight_power: float = 0.5
     seed: int = 1337
+    init_from: str | None = None  # an exported encoder.onnx to start stage 1 from (model_export.warm_start)
 
 
 def class_weights(counts: np.ndarray, power: float) -> np.ndarray:
@@ -138,7 +139,10 @@ def train_encoder(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, verbos
         model.jit_compile = _jit()
     else:
         history.unlink(missing_ok=True)
-        model = build_frame_classifier(build_encoder(model_cfg))
+        encoder = build_encoder(model_cfg)
+        model = build_frame_classifier(encoder)
+        if cfg.init_from:
+            _warm_start(model, Path(cfg.init_from), train, weights, cfg)
         model.compile(
             optimizer=keras.optimizers.AdamW(_schedule(cfg, steps), weight_decay=cfg.weight_decay),
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
@@ -161,6 +165,29 @@ def train_encoder(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, verbos
             ],
         )
     return run / "encoder_best.keras"
+
+
+def _warm_start(model: keras.Model, onnx_path: Path, train: Faces, weights: np.ndarray, cfg: TrainConfig) -> None:
+    """Start from an exported encoder, with a linear classifier fitted to its embeddings first.
+
+    Fitting the classifier before fine-tuning (linear probe, then fine-tune) keeps the random
+    classifier's early gradients from wrecking the trained features in the first epochs.
+    """
+    from model_export.warm_start import load_encoder
+
+    rng = np.random.default_rng(cfg.seed)
+    encoder = encoder_of(model)
+    load_encoder(encoder, onnx_path, train.images[rng.choice(len(train), min(len(train), 2048), replace=False)])
+    log.info("fitting the frame classifier to the embeddings of %d training faces", len(train))
+    embeddings = encoder.predict(train.images[..., None].astype(np.float32) / 255.0, batch_size=512, verbose=0)
+    classifier = model.get_layer("frame_probs")
+    probe = keras.Sequential([keras.Input((embeddings.shape[1],)), classifier])
+    probe.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+                  metrics=["accuracy"])
+    fitted = probe.fit(embeddings, keras.utils.to_categorical(train.labels, len(EMOTIONS)),
+                       sample_weight=weights[train.labels], batch_size=256, epochs=10, verbose=0)
+    log.info("linear probe: training accuracy %.4f", fitted.history["accuracy"][-1])
 
 
 def encoder_of(frame_classifier: keras.Model) -> keras.Model:

@@ -1,0 +1,151 @@
+"""Warm-start a Keras encoder from an exported ``encoder.onnx``, so a shipped encoder can train on.
+
+Why: ``runs/`` is not in git, so the Keras checkpoint behind a shipped encoder may be gone while
+its ONNX file (``models/members/<name>/``) is kept. tf2onnx keeps every weight as an initializer
+named after the Keras layer that owned it (``encoder_1/<layer>_<uniquifier>/...``), with each
+BatchNorm folded into the conv before it. So the weights map back one layer type at a time, in
+call order, and :func:`load_encoder` then checks the rebuilt encoder against ONNX Runtime on real
+faces: a naming change in a future tf2onnx fails loudly instead of training from wrong weights.
+
+A folded BatchNorm cannot be split back into its statistics. It comes back as ``x + bias`` in
+inference mode, and :func:`_recalibrate` re-derives moving statistics from training faces (with a
+matching scale and offset, so inference is unchanged) so that training-mode batch statistics
+start where the folded layer was.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import keras
+import numpy as np
+import onnx
+from keras import layers
+from onnx import numpy_helper
+
+from edge_agent.emotion_model import ModelError
+
+log = logging.getLogger(__name__)
+
+#: Keras layer types whose weights an exported encoder carries, by tf2onnx scope name
+SCOPES = {
+    "conv2d": layers.Conv2D,
+    "batch_normalization": layers.BatchNormalization,
+    "layer_normalization": layers.LayerNormalization,
+    "multi_head_attention": layers.MultiHeadAttention,
+    "dense": layers.Dense,
+}
+_SCOPE = re.compile(r"^(?P<kind>conv2d|batch_normalization|layer_normalization|multi_head_attention|dense"
+                    r"|position_embedding|embedding)(?:_(?P<index>\d+))?_\d+$")
+PARITY_TOLERANCE = 1e-4
+
+
+def _scoped_weights(model: onnx.ModelProto) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Initializers grouped as ``{kind: [weights of the 1st layer, of the 2nd, ...]}`` in Keras call order.
+
+    A tf2onnx scope is the Keras layer name plus a uniquifier: ``conv2d_1`` is Keras' ``conv2d``,
+    ``conv2d_1_2`` its ``conv2d_1``; the Keras index orders the layers of one kind.
+    """
+    found: dict[str, dict[int, dict[str, np.ndarray]]] = defaultdict(dict)
+    for tensor in model.graph.initializer:
+        parts = tensor.name.split("/")
+        match = _SCOPE.match(parts[1]) if len(parts) > 2 else None
+        if match:
+            weights = found[match["kind"]].setdefault(int(match["index"] or 0), {})
+            weights["/".join(parts[2:])] = numpy_helper.to_array(tensor)
+    return {kind: [layers_[i] for i in sorted(layers_)] for kind, layers_ in found.items()}
+
+
+def _layers_of(encoder: keras.Model, kind: type) -> list:
+    return [layer for layer in encoder.layers if type(layer) is kind]
+
+
+def _pick(weights: dict[str, np.ndarray], *suffixes: str) -> np.ndarray:
+    for suffix in suffixes:
+        for name, value in weights.items():
+            if name.endswith(suffix):
+                return value
+    raise ModelError(f"no initializer ending in {' or '.join(suffixes)} among {sorted(weights)}")
+
+
+def _assign(encoder: keras.Model, onnx_weights: dict[str, list[dict[str, np.ndarray]]]) -> None:
+    counts = {kind: len(onnx_weights.get(kind, [])) for kind in SCOPES}
+    expected = {kind: len(_layers_of(encoder, cls)) for kind, cls in SCOPES.items()}
+    if counts != expected:
+        raise ModelError(f"the ONNX encoder's layers {counts} do not match the architecture {expected}: "
+                         "pass the member's own architecture (its manifest's 'architecture')")
+    convs = _layers_of(encoder, layers.Conv2D)
+    norms = iter(_layers_of(encoder, layers.BatchNormalization))
+    folded = iter(onnx_weights["batch_normalization"])
+    for conv, weights in zip(convs, onnx_weights["conv2d"], strict=True):
+        kernel = _pick(weights, "merged_input:0", "ReadVariableOp:0").transpose(2, 3, 1, 0)  # OIHW -> HWIO
+        if conv.use_bias:  # tf2onnx drops an all-zero bias
+            bias = weights.get("Squeeze:0", np.zeros(kernel.shape[-1], np.float32))
+            conv.set_weights([kernel, bias])
+            continue
+        conv.set_weights([kernel])
+        norm, bias = next(norms), _pick(next(folded), "batchnorm/sub:0")
+        # identity scale, the folded offset as beta; _recalibrate gives it real statistics
+        norm.set_weights([np.ones_like(bias), bias, np.zeros_like(bias), np.full_like(bias, 1 - norm.epsilon)])
+    for norm, weights in zip(_layers_of(encoder, layers.LayerNormalization),
+                             onnx_weights["layer_normalization"], strict=True):
+        norm.set_weights([_pick(weights, "Reshape:0").ravel(), _pick(weights, "Reshape_1:0").ravel()])
+    for mha, weights in zip(_layers_of(encoder, layers.MultiHeadAttention),
+                            onnx_weights["multi_head_attention"], strict=True):
+        for part, kernel, bias in (("query", "query_1/Reshape:0", "query_1/Add/ReadVariableOp:0"),
+                                   ("key", "key_1/Reshape:0", "key_1/Add/ReadVariableOp:0"),
+                                   ("value", "value_1/Reshape:0", "value_1/Add/ReadVariableOp:0"),
+                                   ("output", "attention_output_1/Reshape_1:0",
+                                    "attention_output_1/BiasAdd/ReadVariableOp:0")):
+            dense = getattr(mha, f"_{part}_dense")  # EinsumDense: (in, heads, key_dim) / (heads, key_dim, out)
+            dense.set_weights([_pick(weights, kernel).reshape(dense.kernel.shape),
+                               _pick(weights, bias).reshape(dense.bias.shape)])
+    for dense, weights in zip(_layers_of(encoder, layers.Dense), onnx_weights["dense"], strict=True):
+        dense.set_weights([_pick(weights, "Cast/ReadVariableOp:0"), _pick(weights, "BiasAdd/ReadVariableOp:0")])
+    position = next(layer for layer in encoder.layers if hasattr(layer, "pos"))
+    position.set_weights([_pick(onnx_weights["position_embedding"][0], "ReadVariableOp:0")])
+    pooling = onnx_weights["embedding"][0]  # SequencePooling's scoring Dense
+    encoder.get_layer("embedding").set_weights([_pick(pooling, "Cast/ReadVariableOp:0"),
+                                                _pick(pooling, "Add/ReadVariableOp:0")])
+
+
+def _recalibrate(encoder: keras.Model, faces: np.ndarray) -> None:
+    """Give each folded BatchNorm the statistics of its input on ``faces``, inference unchanged.
+
+    With moving mean ``m``, variance ``v``, scale ``sqrt(v + eps)`` and offset ``m + b`` the layer
+    still computes ``x + b`` in inference mode, and about the same in training mode.
+    """
+    norms = _layers_of(encoder, layers.BatchNormalization)
+    probe = keras.Model(encoder.input, [norm.input for norm in norms])
+    outputs = probe.predict(faces[..., None].astype(np.float32) / 255.0, batch_size=256, verbose=0)
+    for norm, x in zip(norms, outputs, strict=True):
+        x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+        mean, var = x.mean(axis=0), x.var(axis=0)
+        _, bias, _, _ = norm.get_weights()
+        norm.set_weights([np.sqrt(var + norm.epsilon), mean + bias, mean, var])
+
+
+def load_encoder(encoder: keras.Model, onnx_path: Path, faces: np.ndarray) -> float:
+    """Copy the weights of ``onnx_path`` into ``encoder`` (same architecture) and check them.
+
+    ``faces`` (N, 48, 48) uint8 are training faces: BatchNorm statistics come from them and the
+    rebuilt encoder must match ONNX Runtime on them. Returns the largest difference found.
+    """
+    import onnxruntime as ort
+
+    model = onnx.load(str(onnx_path))
+    _assign(encoder, _scoped_weights(model))
+    _recalibrate(encoder, faces)
+    x = faces[:256, ..., None].astype(np.float32) / 255.0
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {session.get_inputs()[0].name: x})[0]
+    got = np.asarray(encoder.predict(x, batch_size=256, verbose=0))
+    diff = float(np.abs(got - expected).max())
+    if not diff <= PARITY_TOLERANCE:
+        raise ModelError(f"{onnx_path} did not load into the Keras encoder (max |diff| {diff:.2e}): "
+                         "it was not exported from this architecture by `model_export export`")
+    log.info("warm start from %s: Keras matches ONNX Runtime to %.1e on %d faces", onnx_path, diff, len(x))
+    return diff
