@@ -78,6 +78,16 @@ class ModelSection(Section):
     backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
     #: inference threads per session; default: min(2, cores)
     threads: int | None = Field(None, ge=1, le=64)
+    #: run the statically quantized encoder.int8.onnx on ONNX Runtime: faster on CPUs with VNNI
+    #: (AVX-512 VNNI, AVX-VNNI), no faster on AVX2 alone; accuracy within 0.1 point (MODEL_CARD.md)
+    int8: bool = False
+
+    @model_validator(mode="after")
+    def _int8_is_for_onnxruntime(self) -> ModelSection:
+        if self.int8 and self.backend == "tensorrt":
+            raise ValueError("int8 picks the ONNX Runtime encoder; for INT8 on TensorRT build the engine with "
+                             "`model_export build --int8` and leave int8 = false")
+        return self
 
 
 class OutputSection(Section):

@@ -52,10 +52,13 @@ class EmotionModel:
     window: int
     embed_dim: int
     version: str
+    int8: bool = False
 
     @property
     def backend(self) -> str:
-        return self.encoder.backend
+        """What the encoder runs on, as status messages and benches report it: ``onnxruntime-int8``
+        names the quantized encoder, like ``model_export bench --backend``."""
+        return f"{self.encoder.backend}-int8" if self.int8 else self.encoder.backend
 
     @classmethod
     def load(cls, models_dir: Path, backend: str = "auto", threads: int | None = None,
@@ -72,9 +75,10 @@ class EmotionModel:
             if verify and path.exists() and sha256(path) != entry["sha256"]:
                 raise ModelError(f"{path} does not match the sha256 in manifest.json; reinstall the model files")
             sessions[name] = open_session(path, backend, threads)
-        log.info("model %s on %s (window %d)", manifest["version"], sessions["encoder"].backend, manifest["window"])
-        return cls(sessions["encoder"], sessions["head"], int(manifest["window"]),
-                   int(manifest["embed_dim"]), manifest["version"])
+        model = cls(sessions["encoder"], sessions["head"], int(manifest["window"]),
+                    int(manifest["embed_dim"]), manifest["version"], int8)
+        log.info("model %s on %s (window %d)", model.version, model.backend, model.window)
+        return model
 
     def embed(self, faces: np.ndarray) -> np.ndarray:
         """(N, 48, 48) uint8 aligned faces -> (N, D) float32 embeddings."""

@@ -66,7 +66,7 @@ def watchdog_period() -> float | None:
 
 def load_models(config: AgentConfig) -> tuple[EmotionModel, FaceDetector]:
     m, d = config.model, config.detection
-    model = EmotionModel.load(m.dir, m.backend, m.threads)
+    model = EmotionModel.load(m.dir, m.backend, m.threads, int8=m.int8)
     detector = FaceDetector(m.dir / "mtcnn", m.backend, d.min_face_size, d.thresholds, d.scale_factor, m.threads)
     return model, detector
 

@@ -163,6 +163,7 @@ def test_check_reports_one_line_per_check(mosquitto, tmp_path: Path):
     ('[mqtt]\nprotocol = "4"\n', "mqtt.protocol"),
     ("[[cameras]]\nid = \"a\"\n[[cameras]]\nid = \"a\"\n", "camera ids must be unique"),
     ("[agent\n", "not valid TOML"),
+    ('[model]\nbackend = "tensorrt"\nint8 = true\n', "model_export build --int8"),
     (None, "no such config file"),
 ])
 def test_config_errors_exit_2_with_one_line(tmp_path: Path, body, expected):
@@ -214,6 +215,18 @@ def test_bench_reports_throughput_stages_and_resources(tmp_path: Path):
     assert report["latency_ms"]["n"] > 0
     assert report["frames_with_face_pct"] > 90 and report["rss_mb"] > 0
     assert "frames/s" in result.stdout
+
+
+@needs_models
+def test_bench_runs_the_int8_encoder_when_configured(tmp_path: Path):
+    config = write_config(tmp_path / "agent.toml", free_port())
+    config.write_text(config.read_text().replace('backend = "onnxruntime"', 'backend = "onnxruntime"\nint8 = true'))
+    out = tmp_path / "bench.json"
+    result = subprocess.run([*AGENT_CMD, "bench", "--video", str(SAMPLE), "--frames", "20", "--config", str(config),
+                             "--json", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["backend"] == "onnxruntime-int8" and report["stages_ms"]["encode"]["n"] > 0
 
 
 def test_missing_model_files_exit_2_with_one_line(tmp_path: Path):
