@@ -80,20 +80,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from model_export import manifest
     from model_export.datasets import load_class_folders
-    from model_export.model import INPUT_SIZE
-    from model_export.onnx_export import OPSET, convert, export_all, parity
+    from model_export.onnx_export import OPSET, export_all, parity
 
     best = _existing(args.run / "encoder_best.keras", "checkpoint", "train first: model_export train --run RUN")
     encoder = keras.models.load_model(best).get_layer("encoder")
-    if args.encoder_only:
-        head = None
-        exported = [convert(encoder, "face", (INPUT_SIZE, INPUT_SIZE, 1), "embedding", args.out / "encoder.onnx",
-                            args.opset)]
-    else:
+    head = None  # --encoder-only: an ensemble member
+    if not args.encoder_only:
         head_file = _existing(args.run / "head.keras", "head checkpoint",
                               "run: model_export train --stage head, or export an ensemble member with --encoder-only")
         head = keras.models.load_model(head_file)
-        exported = export_all(encoder, head, args.out, args.opset)
+    exported = export_all(encoder, head, args.out, args.opset)
     config = json.loads((args.run / "config.json").read_text())
     faces = load_class_folders(args.data, limit_per_class=32).images if args.data.exists() else None
     checks = parity(encoder, head, args.out, faces) if faces is not None else {}

@@ -81,13 +81,17 @@ def convert(model: keras.Model, input_name: str, input_shape: tuple, output_name
     )
 
 
-def export_all(encoder: keras.Model, head: keras.Model, out_dir: Path, opset: int = OPSET) -> list[Exported]:
-    """encoder.onnx ``(N,48,48,1)->(N,D)``, head.onnx ``(N,T,D)->(N,7)``, clip.onnx ``(N,T,48,48,1)->(N,7)``."""
+def export_all(encoder: keras.Model, head: keras.Model | None, out_dir: Path, opset: int = OPSET) -> list[Exported]:
+    """encoder.onnx ``(N,48,48,1)->(N,D)``, head.onnx ``(N,T,D)->(N,7)``, clip.onnx ``(N,T,48,48,1)->(N,7)``;
+    the encoder alone when there is no ``head`` (an ensemble member)."""
+    face = (INPUT_SIZE, INPUT_SIZE, 1)
+    exported = [convert(encoder, "face", face, "embedding", out_dir / "encoder.onnx", opset)]
+    if head is None:
+        return exported
     window, dim = head.input_shape[1], head.input_shape[2]
     clip = build_clip_model(encoder, head, window)
-    face = (INPUT_SIZE, INPUT_SIZE, 1)
     return [
-        convert(encoder, "face", face, "embedding", out_dir / "encoder.onnx", opset),
+        *exported,
         convert(head, "embeddings", (window, dim), "probs", out_dir / "head.onnx", opset),
         convert(clip, "clip", (window, *face), "probs", out_dir / "clip.onnx", opset),
     ]

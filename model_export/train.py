@@ -179,7 +179,7 @@ def _warm_start(model: keras.Model, onnx_path: Path, train: Faces, weights: np.n
     encoder = encoder_of(model)
     load_encoder(encoder, onnx_path, train.images[rng.choice(len(train), min(len(train), 2048), replace=False)])
     log.info("fitting the frame classifier to the embeddings of %d training faces", len(train))
-    embeddings = encoder.predict(train.images[..., None].astype(np.float32) / 255.0, batch_size=512, verbose=0)
+    embeddings = embed_faces(encoder, train.images)
     classifier = model.get_layer("frame_probs")
     probe = keras.Sequential([keras.Input((embeddings.shape[1],)), classifier])
     probe.compile(optimizer=keras.optimizers.Adam(1e-2),
@@ -198,14 +198,15 @@ def encoder_of(frame_classifier: keras.Model) -> keras.Model:
 Embedder = Callable[[np.ndarray], np.ndarray]
 
 
+def embed_faces(encoder: keras.Model, faces: np.ndarray) -> np.ndarray:
+    """``(N, 48, 48) uint8 -> (N, D)`` through a Keras encoder in inference mode."""
+    return encoder.predict(faces[..., None].astype(np.float32) / 255.0, batch_size=1024, verbose=0)
+
+
 def keras_embedder(run: Path) -> Embedder:
     """The run's best stage-1 encoder as ``(N, 48, 48) uint8 -> (N, D)``."""
     encoder = encoder_of(keras.models.load_model(run / "encoder_best.keras"))
-
-    def embed(faces: np.ndarray) -> np.ndarray:
-        return encoder.predict(faces[..., None].astype(np.float32) / 255.0, batch_size=1024, verbose=0)
-
-    return embed
+    return lambda faces: embed_faces(encoder, faces)
 
 
 def train_head(cfg: TrainConfig, model_cfg: ModelConfig, verbose: int = 1, clip_data: Path | None = None,
