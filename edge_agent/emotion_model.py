@@ -45,6 +45,12 @@ def read_manifest(models_dir: Path) -> dict:
     return manifest
 
 
+def face_tensor(faces: np.ndarray) -> np.ndarray:
+    """(N, 48, 48) uint8 aligned faces -> (N, 48, 48, 1) float32 in [0, 1]: the encoder's input
+    (the manifest's ``normalisation``), one definition for the edge and every offline tool."""
+    return faces.astype(np.float32)[..., None] * np.float32(1 / 255)
+
+
 @dataclass
 class EmotionModel:
     encoder: Session
@@ -82,8 +88,7 @@ class EmotionModel:
 
     def embed(self, faces: np.ndarray) -> np.ndarray:
         """(N, 48, 48) uint8 aligned faces -> (N, D) float32 embeddings."""
-        x = faces.astype(np.float32)[..., None] * np.float32(1 / 255)
-        return self.encoder.run({"face": x})[0]
+        return self.encoder.run({"face": face_tensor(faces)})[0]
 
     def classify(self, windows: np.ndarray) -> np.ndarray:
         """(N, T, D) embeddings -> (N, 7) probabilities in EMOTIONS order."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.emotion_model import EmotionModel
+from edge_agent.emotion_model import EmotionModel, face_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def _keras_model(run_dir: Path):
 
     encoder = keras.models.load_model(run_dir / "encoder_best.keras").get_layer("encoder")
     head = keras.models.load_model(run_dir / "head.keras")
-    return (lambda faces: encoder(faces[..., None].astype(np.float32) / 255, training=False),
+    return (lambda faces: encoder(face_tensor(faces), training=False),
             lambda windows: head(windows, training=False), int(head.input_shape[1]), int(head.input_shape[2]))
 
 

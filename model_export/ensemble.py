@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, compose, helper, numpy_helper
 
-from edge_agent.emotion_model import ModelError
+from edge_agent.emotion_model import ModelError, face_tensor
 from edge_agent.faces.align import SIZE
 from model_export.manifest import shown
 
@@ -170,7 +170,7 @@ def parity(members: list[Member], mirror: bool, out_dir: Path, faces: np.ndarray
         source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
         return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
 
-    x = faces[..., None].astype(np.float32) / 255.0
+    x = face_tensor(faces)
     expected = []
     for member in members:
         alone = session(member.encoder)
@@ -202,7 +202,7 @@ def onnx_embedder(encoder: onnx.ModelProto, batch: int = 512):
     session = ort.InferenceSession(encoder.SerializeToString(), providers=["CPUExecutionProvider"])
 
     def embed(faces: np.ndarray) -> np.ndarray:
-        x = faces[..., None].astype(np.float32) / 255.0
+        x = face_tensor(faces)
         return np.concatenate([session.run(None, {"face": x[i:i + batch]})[0] for i in range(0, len(x), batch)])
 
     return embed

@@ -21,6 +21,7 @@ import tensorflow as tf
 import tf2onnx
 from onnx import helper, numpy_helper
 
+from edge_agent.emotion_model import face_tensor
 from model_export.model import INPUT_SIZE, build_clip_model
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def parity(encoder: keras.Model, head: keras.Model | None, out_dir: Path, faces:
     def session(name: str):
         return ort.InferenceSession(str(out_dir / f"{name}.onnx"), providers=["CPUExecutionProvider"])
 
-    x = faces[..., None].astype(np.float32) / 255.0
+    x = face_tensor(faces)
     emb_keras = encoder.predict(x, batch_size=256, verbose=0)
     emb_onnx = session("encoder").run(None, {"face": x})[0]
     checks = {"faces": len(faces), "encoder_max_abs_diff": float(np.abs(emb_keras - emb_onnx).max())}

@@ -18,7 +18,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from edge_agent.emotion_model import EmotionModel
+from edge_agent.emotion_model import EmotionModel, face_tensor
 from model_export import manifest
 from model_export.datasets import load_class_folders
 from model_export.evaluate import Predictor, metrics
@@ -28,7 +28,7 @@ class FaceReader(CalibrationDataReader):
     """Feeds real faces to the calibrator in batches of 32."""
 
     def __init__(self, faces: np.ndarray, batch: int = 32):
-        x = faces[..., None].astype(np.float32) / 255.0
+        x = face_tensor(faces)
         self._batches = iter([{"face": x[i:i + batch]} for i in range(0, len(x), batch)])
 
     def get_next(self):

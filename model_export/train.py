@@ -22,6 +22,7 @@ import keras
 import numpy as np
 
 from affectedge.labels import EMOTIONS
+from edge_agent.emotion_model import face_tensor
 from model_export import clips
 from model_export.augment import TRAIN, perturb
 from model_export.datasets import Faces, load_cached, load_clip_folders
@@ -200,7 +201,7 @@ Embedder = Callable[[np.ndarray], np.ndarray]
 
 def embed_faces(encoder: keras.Model, faces: np.ndarray) -> np.ndarray:
     """``(N, 48, 48) uint8 -> (N, D)`` through a Keras encoder in inference mode."""
-    return encoder.predict(faces[..., None].astype(np.float32) / 255.0, batch_size=1024, verbose=0)
+    return encoder.predict(face_tensor(faces), batch_size=1024, verbose=0)
 
 
 def keras_embedder(run: Path) -> Embedder:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.emotion_model import sha256
+from edge_agent.emotion_model import face_tensor, sha256
 from edge_agent.tensorrt_runtime import TrtSession, gpu_tag, unavailable_reason
 from model_export.datasets import load_class_folders
 
@@ -55,7 +55,7 @@ def _calibrator(faces: np.ndarray, cache_file: Path):
         def get_batch(self, names):
             if not self.batches:
                 return None
-            batch = self.batches.pop()[..., None].astype(np.float32) / 255.0
+            batch = face_tensor(self.batches.pop())
             cuda.memcpy_htod(self.device, np.ascontiguousarray(batch))
             return [int(self.device)]
 
@@ -128,12 +128,12 @@ def _real_inputs(onnx_path: Path, faces: np.ndarray, window: int, models: Path) 
 
     faces = faces[: 8 * window]
     if onnx_path.stem == "head":
-        emb = OrtSession(models / "encoder.onnx").run({"face": faces[..., None].astype(np.float32) / 255})[0]
+        emb = OrtSession(models / "encoder.onnx").run({"face": face_tensor(faces)})[0]
         return {"embeddings": emb.reshape(8, window, -1)}
     graph_input = onnx.load(str(onnx_path)).graph.input[0]
     dims = [d.dim_value or 0 for d in graph_input.type.tensor_type.shape.dim]
     if dims[-1] == 1:  # the encoder: (N, 48, 48, 1) in [0, 1]
-        return {graph_input.name: faces[..., None].astype(np.float32) / 255}
+        return {graph_input.name: face_tensor(faces)}
     channels_last = dims[-1] == 3
     h, w = (dims[1], dims[2]) if channels_last else (dims[2], dims[3])
     h, w = h or 96, w or 96  # P-Net's dynamic H, W: a 96x96 pyramid level

@@ -26,7 +26,7 @@ import onnx
 from keras import layers
 from onnx import numpy_helper
 
-from edge_agent.emotion_model import ModelError
+from edge_agent.emotion_model import ModelError, face_tensor
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _recalibrate(encoder: keras.Model, faces: np.ndarray) -> None:
     """
     norms = _layers_of(encoder, layers.BatchNormalization)
     probe = keras.Model(encoder.input, [norm.input for norm in norms])
-    outputs = probe.predict(faces[..., None].astype(np.float32) / 255.0, batch_size=256, verbose=0)
+    outputs = probe.predict(face_tensor(faces), batch_size=256, verbose=0)
     for norm, x in zip(norms, outputs, strict=True):
         x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
         mean, var = x.mean(axis=0), x.var(axis=0)
@@ -139,7 +139,7 @@ def load_encoder(encoder: keras.Model, onnx_path: Path, faces: np.ndarray) -> fl
     model = onnx.load(str(onnx_path))
     _assign(encoder, _scoped_weights(model))
     _recalibrate(encoder, faces)
-    x = faces[:256, ..., None].astype(np.float32) / 255.0
+    x = face_tensor(faces[:256])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     expected = session.run(None, {session.get_inputs()[0].name: x})[0]
     got = np.asarray(encoder.predict(x, batch_size=256, verbose=0))
