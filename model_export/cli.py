@@ -21,6 +21,12 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def _existing(path: Path, what: str, hint: str) -> Path:
     if not path.exists():
         raise UsageError(f"{what} {path} does not exist: {hint}")
@@ -37,12 +43,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         architecture = json.loads(manifest_path.read_text()).get("architecture")
         if not architecture:
             raise UsageError(f"{manifest_path} records no 'architecture': re-export the model with this version")
+        for flag, key in (("--depth", "depth"), ("--mlp-dim", "mlp_dim")):
+            wanted = getattr(args, key)
+            if wanted is not None and wanted < architecture[key]:
+                raise UsageError(f"{flag} {wanted} is smaller than the --init-from encoder's {architecture[key]}: "
+                                 "an encoder can only be grown; leave it out to keep the member's")
 
     from model_export.model import ModelConfig  # TensorFlow loads here, after the arguments are checked
     from model_export.train import TrainConfig, train_encoder, train_head
 
-    model_cfg = (ModelConfig.from_dict({**architecture, "window": args.window}) if architecture
-                 else ModelConfig(window=args.window))
+    sizes = {k: v for k, v in (("depth", args.depth), ("mlp_dim", args.mlp_dim)) if v is not None}
+    model_cfg = ModelConfig.from_dict({**(architecture or ModelConfig().to_dict()), "window": args.window, **sizes})
     cfg = TrainConfig(data=str(args.data), run_dir=str(args.run), epochs=args.epochs,
                       head_epochs=args.head_epochs, batch_size=args.batch_size,
                       learning_rate=args.lr, seed=args.seed, init_from=init_from and str(init_from))
@@ -181,6 +192,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--init-from", type=Path, metavar="MODEL_DIR",
                    help="start the encoder from an exported one (a folder with manifest.json and encoder.onnx, "
                         "e.g. models/members/v2), in its architecture, instead of from random weights")
+    t.add_argument("--depth", type=_positive,
+                   help="transformer blocks in the encoder (default 4, or the --init-from encoder's; "
+                        "more than that grows it: the new blocks start as the identity)")
+    t.add_argument("--mlp-dim", type=_positive,
+                   help="hidden units of each block's MLP (default 256, or the --init-from encoder's; "
+                        "more grows it: the new units start with zero output weights)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="accuracy, P/R/F1, confusion, ROC-AUC (+ plots) of the shipped model")

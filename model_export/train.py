@@ -143,7 +143,7 @@ def train_encoder(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, verbos
         encoder = build_encoder(model_cfg)
         model = build_frame_classifier(encoder)
         if cfg.init_from:
-            _warm_start(model, Path(cfg.init_from), train, weights, cfg)
+            _warm_start(model, model_cfg, Path(cfg.init_from), train, weights, cfg)
         model.compile(
             optimizer=keras.optimizers.AdamW(_schedule(cfg, steps), weight_decay=cfg.weight_decay),
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
@@ -168,17 +168,28 @@ def train_encoder(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, verbos
     return run / "encoder_best.keras"
 
 
-def _warm_start(model: keras.Model, onnx_path: Path, train: Faces, weights: np.ndarray, cfg: TrainConfig) -> None:
+def _warm_start(model: keras.Model, model_cfg: ModelConfig, onnx_path: Path, train: Faces, weights: np.ndarray,
+                cfg: TrainConfig) -> None:
     """Start from an exported encoder, with a linear classifier fitted to its embeddings first.
+
+    ``model_cfg`` may be deeper or have a wider MLP than the exported encoder's architecture: the
+    encoder is then grown (:func:`model_export.warm_start.grow`), computing the same function.
 
     Fitting the classifier before fine-tuning (linear probe, then fine-tune) keeps the random
     classifier's early gradients from wrecking the trained features in the first epochs.
     """
-    from model_export.warm_start import load_encoder
+    from model_export.warm_start import grow, load_encoder
 
     rng = np.random.default_rng(cfg.seed)
     encoder = encoder_of(model)
-    load_encoder(encoder, onnx_path, train.images[rng.choice(len(train), min(len(train), 2048), replace=False)])
+    sample = train.images[rng.choice(len(train), min(len(train), 2048), replace=False)]
+    member = ModelConfig.from_dict(json.loads((onnx_path.parent / "manifest.json").read_text())["architecture"])
+    if (member.depth, member.mlp_dim) == (model_cfg.depth, model_cfg.mlp_dim):
+        load_encoder(encoder, onnx_path, sample)
+    else:  # a larger encoder than the member's: load the member, then grow it into this one
+        small = build_encoder(member)
+        load_encoder(small, onnx_path, sample)
+        grow(small, encoder, sample)
     log.info("fitting the frame classifier to the embeddings of %d training faces", len(train))
     embeddings = embed_faces(encoder, train.images)
     classifier = model.get_layer("frame_probs")

@@ -23,7 +23,7 @@ from model_export.datasets import load_class_folders  # noqa: E402
 from model_export.model import ModelConfig, build_encoder  # noqa: E402
 from model_export.onnx_export import convert  # noqa: E402
 from model_export.train import TrainConfig, encoder_of, train_encoder  # noqa: E402
-from model_export.warm_start import load_encoder  # noqa: E402
+from model_export.warm_start import grow, load_encoder  # noqa: E402
 
 # two blocks, so a mix-up of which block's weights go where cannot pass the parity check
 SMALL = ModelConfig(stem_filters=(8, 8, 16), embed_dim=16, depth=2, heads=2, mlp_dim=16, window=4, lstm_units=8)
@@ -99,22 +99,32 @@ def test_another_architecture_is_refused(member: Path, faces: np.ndarray) -> Non
         load_encoder(deeper, member / "encoder.onnx", faces)
 
 
-@pytest.mark.slow
-def test_training_continues_from_the_exported_encoder(member: Path, tmp_path: Path, fer_val: Path,
-                                                      faces: np.ndarray) -> None:
-    data = tmp_path / "data"  # 8 faces per class: the run only has to train, not to be good
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, fer_val: Path) -> Path:
+    """train/ and val/ of 8 faces per class: a run only has to train, not to be good."""
+    root = tmp_path_factory.mktemp("data")
     for split in ("train", "val"):
         for folder in fer_val.iterdir():
-            (data / split / folder.name).mkdir(parents=True)
+            (root / split / folder.name).mkdir(parents=True)
             for path in sorted(folder.iterdir())[:8]:
-                shutil.copy(path, data / split / folder.name / path.name)
+                shutil.copy(path, root / split / folder.name / path.name)
+    return root
+
+
+def _member_outputs(member: Path, faces: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(member / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    return session.run(None, {"face": faces[..., None].astype(np.float32) / 255.0})[0]
+
+
+@pytest.mark.slow
+def test_training_continues_from_the_exported_encoder(member: Path, tmp_path: Path, data: Path,
+                                                      faces: np.ndarray) -> None:
     cfg = TrainConfig(data=str(data), run_dir=str(tmp_path / "run"), epochs=1, batch_size=16,
                       learning_rate=0.0, init_from=str(member / "encoder.onnx"))
     best = train_encoder(cfg, SMALL, resume=False, verbose=0)
     # at a learning rate of zero only the BatchNorm statistics move: the encoder is still the member
     x = faces[..., None].astype(np.float32) / 255.0
-    session = ort.InferenceSession(str(member / "encoder.onnx"), providers=["CPUExecutionProvider"])
-    expected = session.run(None, {"face": x})[0]
+    expected = _member_outputs(member, faces)
     trained = encoder_of(keras.models.load_model(best)).predict(x, verbose=0)
     assert np.abs(trained - expected).max() < 0.05 * np.abs(expected).max()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["init_from"] == cfg.init_from
@@ -138,3 +148,43 @@ def test_cli_names_a_folder_without_a_manifest(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         f"model_export train: model manifest {tmp_path / 'nope' / 'manifest.json'} does not exist: "
         "pass --init-from a folder written by `model_export export` (e.g. models/members/v2)"]
+
+
+@pytest.mark.slow
+def test_a_member_grows_into_a_larger_encoder_that_computes_the_same(member: Path, faces: np.ndarray) -> None:
+    small = build_encoder(SMALL)
+    load_encoder(small, member / "encoder.onnx", faces)
+    big = build_encoder(replace(SMALL, depth=3, mlp_dim=24))
+    assert big.count_params() > small.count_params()
+    assert grow(small, big, faces) <= 1e-5
+    np.testing.assert_allclose(big.predict(faces[..., None] / 255.0, verbose=0), _member_outputs(member, faces),
+                               atol=1e-4)
+
+
+@pytest.mark.slow
+def test_training_grows_a_member_and_trains_its_new_weights(member: Path, tmp_path: Path, data: Path,
+                                                            faces: np.ndarray) -> None:
+    bigger = replace(SMALL, depth=3, mlp_dim=24)
+    runs = {}
+    for lr in (0.0, 1e-2):
+        cfg = TrainConfig(data=str(data), run_dir=str(tmp_path / f"run-{lr}"), epochs=1, batch_size=16,
+                          learning_rate=lr, init_from=str(member / "encoder.onnx"))
+        runs[lr] = encoder_of(keras.models.load_model(train_encoder(cfg, bigger, resume=False, verbose=0)))
+    # grown, at a learning rate of zero: the member's function (BatchNorm statistics aside)
+    expected = _member_outputs(member, faces)
+    grown = runs[0.0].predict(faces[..., None] / 255.0, verbose=0)
+    assert np.abs(grown - expected).max() < 0.05 * np.abs(expected).max()
+    # the new block's residual branches start at zero and learn: their output weights move off it
+    new_block_outputs = [layer for layer in runs[0.0].layers if isinstance(layer, keras.layers.Dense)][-1:]
+    assert all(not np.any(w) for layer in new_block_outputs for w in layer.get_weights())
+    trained = [layer for layer in runs[1e-2].layers if isinstance(layer, keras.layers.Dense)][-1]
+    assert np.abs(trained.get_weights()[0]).max() > 1e-6
+
+
+def test_cli_refuses_to_shrink_a_member(member: Path, tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "model_export", "train", "--data", str(tmp_path),
+                             "--init-from", str(member), "--depth", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"model_export train: --depth 1 is smaller than the --init-from encoder's {SMALL.depth}: "
+        "an encoder can only be grown; leave it out to keep the member's"]
