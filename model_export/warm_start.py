@@ -132,6 +132,14 @@ def _recalibrate(encoder: keras.Model, faces: np.ndarray) -> None:
         norm.set_weights([np.sqrt(var + norm.epsilon), mean + bias, mean, var])
 
 
+def _check_outputs(encoder: keras.Model, x: np.ndarray, expected: np.ndarray, what: str, why: str) -> float:
+    """The largest difference between ``encoder`` on ``x`` and ``expected``; refused above the tolerance."""
+    diff = float(np.abs(np.asarray(encoder.predict(x, batch_size=256, verbose=0)) - expected).max())
+    if not diff <= PARITY_TOLERANCE:
+        raise ModelError(f"{what} (max |diff| {diff:.2e}): {why}")
+    return diff
+
+
 def load_encoder(encoder: keras.Model, onnx_path: Path, faces: np.ndarray) -> float:
     """Copy the weights of ``onnx_path`` into ``encoder`` (same architecture) and check them.
 
@@ -145,12 +153,9 @@ def load_encoder(encoder: keras.Model, onnx_path: Path, faces: np.ndarray) -> fl
     _recalibrate(encoder, faces)
     x = face_tensor(faces[:256])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    expected = session.run(None, {session.get_inputs()[0].name: x})[0]
-    got = np.asarray(encoder.predict(x, batch_size=256, verbose=0))
-    diff = float(np.abs(got - expected).max())
-    if not diff <= PARITY_TOLERANCE:
-        raise ModelError(f"{onnx_path} did not load into the Keras encoder (max |diff| {diff:.2e}): "
-                         "it was not exported from this architecture by `model_export export`")
+    diff = _check_outputs(encoder, x, session.run(None, {session.get_inputs()[0].name: x})[0],
+                          f"{onnx_path} did not load into the Keras encoder",
+                          "it was not exported from this architecture by `model_export export`")
     log.info("warm start from %s: Keras matches ONNX Runtime to %.1e on %d faces", onnx_path, diff, len(x))
     return diff
 
@@ -200,10 +205,9 @@ def grow(small: keras.Model, big: keras.Model, faces: np.ndarray) -> float:
         output.set_weights([np.zeros_like(w) for w in output.get_weights()])
         mlp_out.set_weights([np.zeros_like(w) for w in mlp_out.get_weights()])
     x = face_tensor(faces[:256])
-    diff = float(np.abs(np.asarray(big.predict(x, batch_size=256, verbose=0))
-                        - np.asarray(small.predict(x, batch_size=256, verbose=0))).max())
-    if not diff <= PARITY_TOLERANCE:
-        raise ModelError(f"the grown encoder differs from the one it was grown from by {diff:.2e}")
+    diff = _check_outputs(big, x, small.predict(x, batch_size=256, verbose=0),
+                          "the grown encoder differs from the one it was grown from",
+                          "train without --depth/--mlp-dim to keep the member's size")
     log.info("grown from %d to %d transformer blocks, MLP %d -> %d units: same outputs to %.1e",
              depth, len(big_attention), small_mlps[0][0].units, big_mlps[0][0].units, diff)
     return diff

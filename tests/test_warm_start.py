@@ -63,12 +63,16 @@ def faces(fer_val: Path) -> np.ndarray:
     return load_class_folders(fer_val, limit_per_class=12).images
 
 
+def _member_outputs(member: Path, faces: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(member / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    return session.run(None, {"face": faces[..., None].astype(np.float32) / 255.0})[0]
+
+
 @pytest.mark.slow
 def test_exported_encoder_loads_back_exactly(member: Path, faces: np.ndarray) -> None:
     fresh = build_encoder(SMALL)  # other random weights, other layer names
     x = faces[..., None].astype(np.float32) / 255.0
-    session = ort.InferenceSession(str(member / "encoder.onnx"), providers=["CPUExecutionProvider"])
-    expected = session.run(None, {"face": x})[0]
+    expected = _member_outputs(member, faces)
     assert np.abs(fresh.predict(x, verbose=0) - expected).max() > 1e-2  # not equal by accident
 
     assert load_encoder(fresh, member / "encoder.onnx", faces) <= 1e-4
@@ -109,11 +113,6 @@ def data(tmp_path_factory, fer_val: Path) -> Path:
             for path in sorted(folder.iterdir())[:8]:
                 shutil.copy(path, root / split / folder.name / path.name)
     return root
-
-
-def _member_outputs(member: Path, faces: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(str(member / "encoder.onnx"), providers=["CPUExecutionProvider"])
-    return session.run(None, {"face": faces[..., None].astype(np.float32) / 255.0})[0]
 
 
 @pytest.mark.slow
