@@ -27,6 +27,16 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0 and at most 1")
+    return value
+
+
 def _existing(path: Path, what: str, hint: str) -> Path:
     if not path.exists():
         raise UsageError(f"{what} {path} does not exist: {hint}")
@@ -48,6 +58,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             if wanted is not None and wanted < architecture[key]:
                 raise UsageError(f"{flag} {wanted} is smaller than the --init-from encoder's {architecture[key]}: "
                                  "an encoder can only be grown; leave it out to keep the member's")
+    if args.distill_weight is not None and not args.teacher:
+        raise UsageError("--distill-weight needs --teacher MODEL_DIR: the model whose probabilities to learn")
+    if args.teacher:
+        _existing(args.teacher / "manifest.json", "teacher manifest",
+                  "pass --teacher a folder written by `model_export export` or `ensemble` (e.g. models)")
 
     from model_export.model import ModelConfig  # TensorFlow loads here, after the arguments are checked
     from model_export.train import TrainConfig, train_encoder, train_head
@@ -56,7 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_cfg = ModelConfig.from_dict({**(architecture or ModelConfig().to_dict()), "window": args.window, **sizes})
     cfg = TrainConfig(data=str(args.data), run_dir=str(args.run), epochs=args.epochs,
                       head_epochs=args.head_epochs, batch_size=args.batch_size,
-                      learning_rate=args.lr, seed=args.seed, init_from=init_from and str(init_from))
+                      learning_rate=args.lr, seed=args.seed, init_from=init_from and str(init_from),
+                      teacher=args.teacher and str(args.teacher), distill_weight=args.distill_weight or 0.5)
     verbose = 1 if sys.stdout.isatty() else 2  # a progress bar on a terminal, one line per epoch in logs
     if args.stage in ("all", "encoder"):
         train_encoder(cfg, model_cfg, resume=args.resume, verbose=verbose)
@@ -201,6 +217,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--mlp-dim", type=_positive,
                    help="hidden units of each block's MLP (default 256, or the --init-from encoder's; "
                         "more grows it: the new units start with zero output weights)")
+    t.add_argument("--teacher", type=Path, metavar="MODEL_DIR",
+                   help="distil an exported model (e.g. an ensemble from `model_export ensemble`) into the encoder: "
+                        "stage 1 learns its probabilities on each training face along with the label")
+    t.add_argument("--distill-weight", type=_fraction,
+                   help="share of the teacher's probabilities in each target, above 0 and at most 1 (default 0.5)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="accuracy, P/R/F1, confusion, ROC-AUC (+ plots) of the shipped model")

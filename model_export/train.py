@@ -6,6 +6,7 @@ A run directory holds everything needed to resume, evaluate and export::
     RUN/encoder_last.keras   stage 1 checkpoint (every epoch, with optimizer state, for --resume)
     RUN/encoder_best.keras   stage 1 frame classifier with the best val accuracy
     RUN/history.csv          stage 1 learning curves
+    RUN/cache/               decoded faces (and, with a teacher, its probabilities) for --resume
     RUN/head.keras           stage 2 temporal head;  RUN/head_history.csv its curves
 """
 
@@ -45,6 +46,8 @@ class TrainConfig:
     class_weight_power: float = 0.5
     seed: int = 1337
     init_from: str | None = None  # an exported encoder.onnx to start stage 1 from (model_export.warm_start)
+    teacher: str | None = None  # an exported model folder whose probabilities stage 1 also learns (distillation)
+    distill_weight: float = 0.5  # share of the teacher's probabilities in each stage-1 target
 
 
 def class_weights(counts: np.ndarray, power: float) -> np.ndarray:
@@ -57,12 +60,51 @@ def class_weights(counts: np.ndarray, power: float) -> np.ndarray:
     return (weights / (weights * counts).sum() * counts.sum()).astype(np.float32)
 
 
-class FrameBatches(keras.utils.PyDataset):
-    """Shuffled, augmented single-frame batches with per-sample class weights."""
+def teacher_probabilities(teacher: Path, faces: Faces, cache_dir: Path) -> np.ndarray:
+    """``(N, 7)`` probabilities of an exported model (each face as a still window, through ONNX
+    Runtime, exactly as ``model_export evaluate`` runs it), cached per teacher encoder for --resume.
 
-    def __init__(self, faces: Faces, batch_size: int, weights: np.ndarray, seed: int, augment: bool):
+    They are computed once on the un-augmented faces: a mirror-averaged teacher gives a flipped
+    face the same answer, and the small warps of augmentation rarely change what a face shows.
+    """
+    from edge_agent.emotion_model import EmotionModel, read_manifest
+    from model_export.evaluate import Predictor, metrics
+
+    digest = read_manifest(teacher)["files"]["encoder"]["sha256"][:16]
+    cache = cache_dir / f"teacher-{digest}.npy"
+    if cache.exists():
+        probs = np.load(cache)
+        if len(probs) == len(faces):
+            return probs
+    log.info("running the teacher %s on %d training faces", teacher, len(faces))
+    probs = Predictor(EmotionModel.load(teacher, backend="onnxruntime")).still(faces.images)
+    log.info("teacher accuracy on the training faces %.4f", metrics(faces.labels, probs)["accuracy"])
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    np.save(cache, probs)
+    return probs
+
+
+def frame_targets(labels: np.ndarray, teacher_probs: np.ndarray | None = None, weight: float = 0.0) -> np.ndarray:
+    """One target distribution per face: its label, mixed with a teacher's probabilities.
+
+    Knowledge distillation (Hinton et al., 2015): the teacher's spread over the other classes
+    (this fear face looks a bit surprised) carries more than the one crowd label, which FER2013
+    often gets wrong. It is how an ensemble's accuracy reaches a single encoder's speed.
+    """
+    onehot = np.eye(len(EMOTIONS), dtype=np.float32)[labels]
+    if teacher_probs is None:
+        return onehot
+    return ((1 - weight) * onehot + weight * teacher_probs).astype(np.float32)
+
+
+class FrameBatches(keras.utils.PyDataset):
+    """Shuffled, augmented single-frame batches of (face, target distribution, class weight)."""
+
+    def __init__(self, faces: Faces, targets: np.ndarray, batch_size: int, weights: np.ndarray, seed: int,
+                 augment: bool):
         super().__init__(workers=2, use_multiprocessing=False)
-        self.faces, self.batch_size, self.weights, self.augment = faces, batch_size, weights, augment
+        self.faces, self.targets, self.batch_size, self.weights = faces, targets, batch_size, weights
+        self.augment = augment
         self.rng = np.random.default_rng(seed)
         self.order = self.rng.permutation(len(faces)) if augment else np.arange(len(faces))
 
@@ -71,13 +113,12 @@ class FrameBatches(keras.utils.PyDataset):
 
     def __getitem__(self, index: int):
         idx = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-        images, labels = self.faces.images[idx], self.faces.labels[idx]
+        images = self.faces.images[idx]
         if self.augment:
             x = perturb(images, np.random.default_rng(self.rng.integers(1 << 63)), TRAIN)
         else:
             x = images.astype(np.float32) / 255.0
-        y = keras.utils.to_categorical(labels, len(EMOTIONS))
-        return x[..., None], y, self.weights[labels]
+        return x[..., None], self.targets[idx], self.weights[self.faces.labels[idx]]
 
     def on_epoch_end(self) -> None:
         if self.augment:
@@ -151,9 +192,12 @@ def train_encoder(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, verbos
             jit_compile=_jit(),
         )
     if initial_epoch < cfg.epochs:
+        teacher = teacher_probabilities(Path(cfg.teacher), train, run / "cache") if cfg.teacher else None
+        targets = frame_targets(train.labels, teacher, cfg.distill_weight)
         model.fit(
-            FrameBatches(train, cfg.batch_size, weights, cfg.seed + initial_epoch, augment=True),
-            validation_data=FrameBatches(val, 512, np.ones(len(EMOTIONS), np.float32), 0, augment=False),
+            FrameBatches(train, targets, cfg.batch_size, weights, cfg.seed + initial_epoch, augment=True),
+            validation_data=FrameBatches(val, frame_targets(val.labels), 512, np.ones(len(EMOTIONS), np.float32),
+                                         0, augment=False),
             epochs=cfg.epochs,
             initial_epoch=initial_epoch,
             verbose=verbose,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +18,16 @@ pytest.importorskip("tf2onnx")
 from model_export.datasets import load_class_folders  # noqa: E402
 from model_export.model import ModelConfig, build_encoder, build_head  # noqa: E402
 from model_export.onnx_export import export_all, parity  # noqa: E402
-from model_export.train import TrainConfig, train_encoder, train_head  # noqa: E402
+from model_export.train import (  # noqa: E402
+    FrameBatches,
+    TrainConfig,
+    frame_targets,
+    teacher_probabilities,
+    train_encoder,
+    train_head,
+)
 
+MODELS = Path(__file__).resolve().parents[1] / "models"
 TINY = ModelConfig(stem_filters=(8, 8, 16), embed_dim=16, depth=1, heads=2, mlp_dim=16, window=4, lstm_units=8)
 
 
@@ -77,3 +87,50 @@ def test_train_resume_head_and_export_parity(tiny_data: Path, tmp_path: Path, fe
     assert checks["head_top1_agreement"] == 1.0 and checks["clip_top1_agreement"] == 1.0
     assert np.isfinite(list(checks.values())).all()
 
+
+
+def test_distillation_targets_mix_the_label_with_the_teacher(tiny_data: Path) -> None:
+    faces = load_class_folders(tiny_data / "train")
+    teacher = np.random.default_rng(0).dirichlet(np.ones(7), size=len(faces)).astype(np.float32)
+    targets = frame_targets(faces.labels, teacher, weight=0.25)
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0, atol=1e-6)
+    rows = np.arange(len(faces))
+    np.testing.assert_allclose(targets[rows, faces.labels], 0.75 + 0.25 * teacher[rows, faces.labels], atol=1e-6)
+    assert (frame_targets(faces.labels).argmax(axis=1) == faces.labels).all()
+    # the batches carry those targets, face for face, whatever the shuffle
+    batches = FrameBatches(faces, targets, 8, np.ones(7, np.float32), seed=3, augment=True)
+    x, y, _ = batches[1]
+    np.testing.assert_array_equal(y, targets[batches.order[8:16]])
+    assert x.shape == (8, 48, 48, 1)
+
+
+@pytest.mark.slow
+def test_training_with_a_teacher_learns_its_probabilities(tiny_data: Path, tmp_path: Path) -> None:
+    from edge_agent.emotion_model import EmotionModel
+
+    run = tmp_path / "run"
+    cfg = TrainConfig(data=str(tiny_data), run_dir=str(run), epochs=1, batch_size=16, teacher=str(MODELS),
+                      distill_weight=0.5)
+    train_encoder(cfg, TINY, resume=False, verbose=0)
+    assert json.loads((run / "config.json").read_text())["train"]["teacher"] == str(MODELS)
+    [cache] = (run / "cache").glob("teacher-*.npy")
+    faces = load_class_folders(tiny_data / "train")
+    shipped = EmotionModel.load(MODELS, backend="onnxruntime")
+    embeddings = shipped.embed(faces.images)
+    expected = shipped.classify(np.repeat(embeddings[:, None], shipped.window, axis=1))
+    np.testing.assert_allclose(np.load(cache), expected, atol=1e-5)
+    # a resumed run reads the cache instead of running the teacher again
+    np.save(cache, np.full_like(expected, 1 / 7))
+    np.testing.assert_allclose(teacher_probabilities(MODELS, faces, run / "cache"), 1 / 7, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--distill-weight", "0.3"], "--distill-weight needs --teacher MODEL_DIR: the model whose probabilities to learn"),
+    (["--teacher", "nope"], "teacher manifest nope/manifest.json does not exist: pass --teacher a folder written by "
+                            "`model_export export` or `ensemble` (e.g. models)"),
+])
+def test_cli_names_what_is_wrong_with_a_teacher(tmp_path: Path, extra: list[str], message: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "model_export", "train", "--data", str(tmp_path), *extra],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"model_export train: {message}"]
