@@ -78,7 +78,7 @@ def convert(model: keras.Model, input_name: str, input_shape: tuple, output_name
     """Convert one Keras model with a single input and output; runs ``onnx.checker``."""
     spec = [tf.TensorSpec((None, *input_shape), tf.float32, name=input_name)]
 
-    @tf.function(input_signature=spec)
+    @tf.function(input_signature=spec, autograph=False)  # plain calls: nothing to convert, no warning
     def forward(x):
         return {output_name: model(x, training=False)}
 
