@@ -89,6 +89,17 @@ def dispatcher_for(p: Parts) -> WebhookDispatcher:
     return dispatcher
 
 
+def publish_until(p: Parts, status: str) -> tuple[pb.AdaptationSignal, db.Delivery]:
+    """Publish one signal with a running dispatcher and return it with its first webhook delivery in `status`."""
+    dispatcher = dispatcher_for(p)
+    try:
+        signal = publish_signal(p)
+        row = wait_until(lambda: [r for r in deliveries(p, "webhook") if r.status == status], what=status)[0]
+    finally:
+        dispatcher.stop()
+    return signal, row
+
+
 def hook(url: str, **extra) -> dict:
     return {"url": url, "secret": SECRET, "backoff_s": 0.05, **extra}
 
@@ -140,13 +151,7 @@ def test_verify_signature_rejects_tampering_wrong_secret_and_replays():
 def test_failures_are_retried_until_the_receiver_accepts(tmp_path, receiver):
     receiver.statuses = [503, 500]
     p = parts(tmp_path, webhooks=[hook(receiver.url, max_attempts=5)])
-    dispatcher = dispatcher_for(p)
-    try:
-        signal = publish_signal(p)
-        row = wait_until(lambda: [r for r in deliveries(p, "webhook") if r.status == "delivered"],
-                         what="delivery after retries")[0]
-    finally:
-        dispatcher.stop()
+    signal, row = publish_until(p, "delivered")
     assert (row.attempts, row.last_error, len(receiver.requests)) == (3, "", 3)
     # every retry carries the same delivery id and byte-identical body
     assert {r.headers[DELIVERY_HEADER] for r in receiver.requests} == {str(row.id)}
@@ -157,12 +162,7 @@ def test_failures_are_retried_until_the_receiver_accepts(tmp_path, receiver):
 def test_a_receiver_that_keeps_failing_ends_in_the_dead_letter_table(tmp_path, receiver):
     receiver.always = 500
     p = parts(tmp_path, webhooks=[hook(receiver.url, max_attempts=3)])
-    dispatcher = dispatcher_for(p)
-    try:
-        publish_signal(p)
-        row = wait_until(lambda: [r for r in deliveries(p, "webhook") if r.status == "dead"], what="dead")[0]
-    finally:
-        dispatcher.stop()
+    _, row = publish_until(p, "dead")
     assert row.attempts == 3 and len(receiver.requests) == 3
     assert row.last_error == "HTTP 500: receiver says 500"
     assert row.next_attempt_at is None
@@ -171,12 +171,7 @@ def test_a_receiver_that_keeps_failing_ends_in_the_dead_letter_table(tmp_path, r
 def test_a_rejected_payload_is_not_retried(tmp_path, receiver):
     receiver.always = 400
     p = parts(tmp_path, webhooks=[hook(receiver.url, max_attempts=5)])
-    dispatcher = dispatcher_for(p)
-    try:
-        publish_signal(p)
-        row = wait_until(lambda: [r for r in deliveries(p, "webhook") if r.status == "dead"], what="dead")[0]
-    finally:
-        dispatcher.stop()
+    _, row = publish_until(p, "dead")
     assert (row.attempts, len(receiver.requests)) == (1, 1)
     assert row.last_error.startswith("HTTP 400")
 
