@@ -27,6 +27,13 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _filters(text: str) -> tuple[int, int, int]:
+    parts = text.split(",")
+    if len(parts) != 3 or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not three whole numbers above 0, like 32,64,128")
+    return tuple(int(part) for part in parts)
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -58,6 +65,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             if wanted is not None and wanted < architecture[key]:
                 raise UsageError(f"{flag} {wanted} is smaller than the --init-from encoder's {architecture[key]}: "
                                  "an encoder can only be grown; leave it out to keep the member's")
+    shape = {k: v for k, v in (("stem_filters", args.stem_filters), ("embed_dim", args.embed_dim),
+                               ("heads", args.heads)) if v is not None}
+    if shape and args.init_from:
+        raise UsageError(f"--{next(iter(shape)).replace('_', '-')} sets the shape of a new encoder: leave it out "
+                         "with --init-from, which keeps the member's (only --depth and --mlp-dim can grow it)")
+    recorded = args.run / "config.json"
+    if args.resume and recorded.exists():
+        if shape or args.depth or args.mlp_dim:
+            raise UsageError("--resume continues the run's own encoder: leave out --stem-filters, --embed-dim, "
+                             f"--heads, --depth and --mlp-dim (its architecture is in {recorded})")
+        architecture = json.loads(recorded.read_text())["model"]
     if args.distill_weight is not None and not args.teacher:
         raise UsageError("--distill-weight needs --teacher MODEL_DIR: the model whose probabilities to learn")
     if args.teacher:
@@ -68,7 +86,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from model_export.train import TrainConfig, train_encoder, train_head
 
     sizes = {k: v for k, v in (("depth", args.depth), ("mlp_dim", args.mlp_dim)) if v is not None}
-    model_cfg = ModelConfig.from_dict({**(architecture or ModelConfig().to_dict()), "window": args.window, **sizes})
+    model_cfg = ModelConfig.from_dict({**(architecture or ModelConfig().to_dict()), "window": args.window,
+                                       **shape, **sizes})
+    if model_cfg.embed_dim % model_cfg.heads:
+        raise UsageError(f"--embed-dim {model_cfg.embed_dim} does not split into {model_cfg.heads} attention heads: "
+                         "pick an --embed-dim that is a multiple of --heads")
     cfg = TrainConfig(data=str(args.data), run_dir=str(args.run), epochs=args.epochs,
                       head_epochs=args.head_epochs, batch_size=args.batch_size,
                       learning_rate=args.lr, seed=args.seed, init_from=init_from and str(init_from),
@@ -217,6 +239,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--mlp-dim", type=_positive,
                    help="hidden units of each block's MLP (default 256, or the --init-from encoder's; "
                         "more grows it: the new units start with zero output weights)")
+    t.add_argument("--stem-filters", type=_filters, metavar="F1,F2,F3",
+                   help="filters of the conv stem's 48x48 and 24x24 stages and of its 6x6 tokenizer "
+                        "(default 32,64,128; a new encoder only)")
+    t.add_argument("--embed-dim", type=_positive, help="token and embedding width (default 128; a new encoder only)")
+    t.add_argument("--heads", type=_positive, help="attention heads per block (default 4; a new encoder only)")
     t.add_argument("--teacher", type=Path, metavar="MODEL_DIR",
                    help="distil an exported model (e.g. an ensemble from `model_export ensemble`) into the encoder: "
                         "stage 1 learns its probabilities on each training face along with the label")

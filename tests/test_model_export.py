@@ -139,3 +139,51 @@ def test_cli_names_what_is_wrong_with_a_teacher(tmp_path: Path, extra: list[str]
                             cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"model_export train: {message}"]
+
+
+def _train_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "model_export", "train", *args], cwd=cwd, capture_output=True,
+                          text=True)
+
+
+@pytest.mark.slow
+def test_cli_trains_a_new_shape_and_resumes_it_in_that_shape(tiny_data: Path, tmp_path: Path) -> None:
+    shape = ["--stem-filters", "8,8,24", "--embed-dim", "24", "--heads", "3", "--depth", "1", "--mlp-dim", "16"]
+    common = ["--data", str(tiny_data), "--run", "run", "--stage", "encoder", "--batch-size", "16"]
+    first = _train_cli(*common, *shape, "--epochs", "1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    resumed = _train_cli(*common, "--epochs", "2", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["model"]["stem_filters"] == [8, 8, 24]
+    assert (recorded["model"]["embed_dim"], recorded["model"]["heads"]) == (24, 3)
+    assert recorded["train"]["epochs"] == 2
+    encoder = keras.models.load_model(tmp_path / "run" / "encoder_last.keras").get_layer("encoder")
+    assert encoder.output_shape == (None, 24)
+    with (tmp_path / "run" / "history.csv").open() as handle:
+        assert [row["epoch"] for row in csv.DictReader(handle)] == ["0", "1"]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--stem-filters", "32,64"],
+     "argument --stem-filters: '32,64' is not three whole numbers above 0, like 32,64,128"),
+    (["--embed-dim", "100", "--heads", "3"],
+     "--embed-dim 100 does not split into 3 attention heads: pick an --embed-dim that is a multiple of --heads"),
+    (["--init-from", str(MODELS / "members" / "v2"), "--heads", "8"],
+     "--heads sets the shape of a new encoder: leave it out with --init-from, which keeps the member's "
+     "(only --depth and --mlp-dim can grow it)"),
+])
+def test_cli_names_what_is_wrong_with_an_encoder_shape(tmp_path: Path, extra: list[str], message: str) -> None:
+    result = _train_cli("--data", str(tmp_path), *extra, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(message)
+
+
+def test_cli_resume_keeps_the_recorded_shape(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"model": ModelConfig().to_dict()}))
+    result = _train_cli("--data", str(tmp_path), "--run", "run", "--resume", "--depth", "6", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "model_export train: --resume continues the run's own encoder: leave out --stem-filters, --embed-dim, "
+        "--heads, --depth and --mlp-dim (its architecture is in run/config.json)"]
