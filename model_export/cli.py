@@ -65,14 +65,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             if wanted is not None and wanted < architecture[key]:
                 raise UsageError(f"{flag} {wanted} is smaller than the --init-from encoder's {architecture[key]}: "
                                  "an encoder can only be grown; leave it out to keep the member's")
-    shape = {k: v for k, v in (("stem_filters", args.stem_filters), ("embed_dim", args.embed_dim),
-                               ("heads", args.heads)) if v is not None}
+    shape = {k: getattr(args, k) for k in ("stem_filters", "embed_dim", "heads") if getattr(args, k) is not None}
+    sizes = {k: getattr(args, k) for k in ("depth", "mlp_dim") if getattr(args, k) is not None}
     if shape and args.init_from:
         raise UsageError(f"--{next(iter(shape)).replace('_', '-')} sets the shape of a new encoder: leave it out "
                          "with --init-from, which keeps the member's (only --depth and --mlp-dim can grow it)")
     recorded = args.run / "config.json"
     if args.resume and recorded.exists():
-        if shape or args.depth or args.mlp_dim:
+        if shape or sizes:
             raise UsageError("--resume continues the run's own encoder: leave out --stem-filters, --embed-dim, "
                              f"--heads, --depth and --mlp-dim (its architecture is in {recorded})")
         architecture = json.loads(recorded.read_text())["model"]
@@ -85,7 +85,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from model_export.model import ModelConfig  # TensorFlow loads here, after the arguments are checked
     from model_export.train import TrainConfig, train_encoder, train_head
 
-    sizes = {k: v for k, v in (("depth", args.depth), ("mlp_dim", args.mlp_dim)) if v is not None}
     model_cfg = ModelConfig.from_dict({**(architecture or ModelConfig().to_dict()), "window": args.window,
                                        **shape, **sizes})
     if model_cfg.embed_dim % model_cfg.heads:

@@ -129,21 +129,20 @@ def test_training_with_a_teacher_learns_its_probabilities(tiny_data: Path, tmp_p
     np.testing.assert_allclose(teacher_probabilities(MODELS, faces, run / "cache"), 1 / 7, rtol=1e-6)
 
 
+def _train_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "model_export", "train", *args], cwd=cwd, capture_output=True,
+                          text=True)
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--distill-weight", "0.3"], "--distill-weight needs --teacher MODEL_DIR: the model whose probabilities to learn"),
     (["--teacher", "nope"], "teacher manifest nope/manifest.json does not exist: pass --teacher a folder written by "
                             "`model_export export` or `ensemble` (e.g. models)"),
 ])
 def test_cli_names_what_is_wrong_with_a_teacher(tmp_path: Path, extra: list[str], message: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "model_export", "train", "--data", str(tmp_path), *extra],
-                            cwd=tmp_path, capture_output=True, text=True)
+    result = _train_cli("--data", str(tmp_path), *extra, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"model_export train: {message}"]
-
-
-def _train_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "model_export", "train", *args], cwd=cwd, capture_output=True,
-                          text=True)
 
 
 @pytest.mark.slow
@@ -179,7 +178,7 @@ def test_cli_names_what_is_wrong_with_an_encoder_shape(tmp_path: Path, extra: li
     assert result.stderr.strip().splitlines()[-1].endswith(message)
 
 
-def test_cli_resume_keeps_the_recorded_shape(tmp_path: Path) -> None:
+def test_cli_resume_refuses_to_reshape_the_run(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps({"model": ModelConfig().to_dict()}))
     result = _train_cli("--data", str(tmp_path), "--run", "run", "--resume", "--depth", "6", cwd=tmp_path)
