@@ -29,9 +29,15 @@ class AugmentConfig:
 
 
 TRAIN = AugmentConfig()
+#: Only the changes a face crop of the test set also shows (pose, framing, exposure), no blur,
+#: noise or occluders: for a last fine-tune of an encoder trained with TRAIN.
+LIGHT = AugmentConfig(rotate_deg=6.0, scale=0.05, shift_px=2.0, brightness=0.1, contrast=0.15,
+                      blur=0.0, noise=0.0, occlude=0.0)
 #: Frame-to-frame changes of one face on a webcam: a little motion, light and noise; no flips.
 JITTER = AugmentConfig(flip=0.0, rotate_deg=4.0, scale=0.04, shift_px=1.5, brightness=0.08,
                        contrast=0.1, blur=0.2, noise=0.4, occlude=0.05)
+#: The stage-1 choices of ``model_export train --augment``.
+PRESETS = {"webcam": TRAIN, "light": LIGHT}
 
 
 def perturb(faces: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig = TRAIN) -> np.ndarray:

@@ -25,7 +25,7 @@ import numpy as np
 from affectedge.labels import EMOTIONS
 from edge_agent.emotion_model import face_tensor
 from model_export import clips
-from model_export.augment import TRAIN, perturb
+from model_export.augment import PRESETS, AugmentConfig, perturb
 from model_export.datasets import Faces, load_cached, load_clip_folders
 from model_export.model import INPUT_SIZE, ModelConfig, build_encoder, build_frame_classifier, build_head
 
@@ -43,6 +43,8 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: int = 2
     label_smoothing: float = 0.1
+    augment: str = "webcam"  # a model_export.augment.PRESETS name
+    xla: bool = True  # compile stage-1 steps with XLA (see _jit)
     class_weight_power: float = 0.5
     seed: int = 1337
     init_from: str | None = None  # an exported encoder.onnx to start stage 1 from (model_export.warm_start)
@@ -101,12 +103,12 @@ class FrameBatches(keras.utils.PyDataset):
     """Shuffled, augmented single-frame batches of (face, target distribution, class weight)."""
 
     def __init__(self, faces: Faces, targets: np.ndarray, batch_size: int, weights: np.ndarray, seed: int,
-                 augment: bool):
+                 augment: AugmentConfig | None):
         super().__init__(workers=2, use_multiprocessing=False)
         self.faces, self.targets, self.batch_size, self.weights = faces, targets, batch_size, weights
         self.augment = augment
         self.rng = np.random.default_rng(seed)
-        self.order = self.rng.permutation(len(faces)) if augment else np.arange(len(faces))
+        self.order = self.rng.permutation(len(faces)) if augment is not None else np.arange(len(faces))
 
     def __len__(self) -> int:
         return int(np.ceil(len(self.faces) / self.batch_size))
@@ -114,14 +116,14 @@ class FrameBatches(keras.utils.PyDataset):
     def __getitem__(self, index: int):
         idx = self.order[index * self.batch_size:(index + 1) * self.batch_size]
         images = self.faces.images[idx]
-        if self.augment:
-            x = perturb(images, np.random.default_rng(self.rng.integers(1 << 63)), TRAIN)
+        if self.augment is not None:
+            x = perturb(images, np.random.default_rng(self.rng.integers(1 << 63)), self.augment)
         else:
             x = images.astype(np.float32) / 255.0
         return x[..., None], self.targets[idx], self.weights[self.faces.labels[idx]]
 
     def on_epoch_end(self) -> None:
-        if self.augment:
+        if self.augment is not None:
             self.order = self.rng.permutation(len(self.faces))
 
 
@@ -152,9 +154,15 @@ def _best_so_far(history: Path) -> float | None:
     return max(scores) if scores else None
 
 
-def _jit() -> bool | str:
-    """XLA for the TensorFlow backend: Keras' "auto" left it off there, and on 2 CPU cores a
-    stage-1 step (batch 128) ran about twice as fast with it."""
+def _jit(cfg: TrainConfig) -> bool | str:
+    """XLA for the TensorFlow backend unless ``cfg.xla`` is off.
+
+    Keras' "auto" leaves it off on TensorFlow. Which is faster depends on the CPU: a stage-1 epoch
+    (v2 architecture, batch 128, 2 cores) took about half as long with XLA on an AMD EPYC (AVX2),
+    and 192 s with it against 150 s without on an Intel Xeon (AVX-512, AMX).
+    """
+    if not cfg.xla:
+        return False
     return True if keras.backend.backend() == "tensorflow" else "auto"
 
 
@@ -178,7 +186,7 @@ def train_encoder(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, verbos
         model = keras.models.load_model(last)
         # the schedule follows --epochs, so a run can be shortened or extended when resumed
         model.optimizer.learning_rate = _schedule(cfg, steps)
-        model.jit_compile = _jit()
+        model.jit_compile = _jit(cfg)
     else:
         history.unlink(missing_ok=True)
         encoder = build_encoder(model_cfg)
@@ -189,15 +197,16 @@ def train_encoder(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, verbos
             optimizer=keras.optimizers.AdamW(_schedule(cfg, steps), weight_decay=cfg.weight_decay),
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
             metrics=["accuracy"],
-            jit_compile=_jit(),
+            jit_compile=_jit(cfg),
         )
     if initial_epoch < cfg.epochs:
         teacher = teacher_probabilities(Path(cfg.teacher), train, run / "cache") if cfg.teacher else None
         targets = frame_targets(train.labels, teacher, cfg.distill_weight)
         model.fit(
-            FrameBatches(train, targets, cfg.batch_size, weights, cfg.seed + initial_epoch, augment=True),
+            FrameBatches(train, targets, cfg.batch_size, weights, cfg.seed + initial_epoch,
+                         augment=PRESETS[cfg.augment]),
             validation_data=FrameBatches(val, frame_targets(val.labels), 512, np.ones(len(EMOTIONS), np.float32),
-                                         0, augment=False),
+                                         0, augment=None),
             epochs=cfg.epochs,
             initial_epoch=initial_epoch,
             verbose=verbose,

@@ -11,7 +11,7 @@ import pytest
 
 from affectedge.labels import EMOTIONS
 from model_export import clips
-from model_export.augment import JITTER, TRAIN, perturb
+from model_export.augment import JITTER, LIGHT, TRAIN, perturb
 from model_export.datasets import (
     DatasetError,
     load_class_folders,
@@ -73,6 +73,15 @@ def test_perturb_keeps_shape_range_and_is_seeded() -> None:
     np.testing.assert_array_equal(a, b)
     jitter = perturb(faces, np.random.default_rng(2), JITTER)
     assert np.abs(jitter - faces / 255.0).mean() < np.abs(a - faces / 255.0).mean()
+
+
+def test_light_augmentation_adds_no_noise_blur_or_occlusion() -> None:
+    # a flat face stays flat under warps and exposure changes; noise and occluders break it up
+    flat = np.full((64, 48, 48), 128, np.uint8)
+    light = perturb(flat, np.random.default_rng(3), LIGHT)
+    assert light.std(axis=(1, 2)).max() < 1e-5
+    assert np.ptp(light.mean(axis=(1, 2))) > 0.05  # exposure still varies between faces
+    assert (perturb(flat, np.random.default_rng(3), TRAIN).std(axis=(1, 2)) > 0.01).sum() > 10
 
 
 def test_clip_indices_transitions_and_drops() -> None:

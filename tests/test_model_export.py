@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -18,12 +19,15 @@ pytest.importorskip("tf2onnx")
 
 from conftest import MODELS  # noqa: E402
 
+from model_export.augment import TRAIN  # noqa: E402
 from model_export.datasets import load_class_folders  # noqa: E402
 from model_export.model import ModelConfig, build_encoder, build_head  # noqa: E402
 from model_export.onnx_export import export_all, parity  # noqa: E402
 from model_export.train import (  # noqa: E402
     FrameBatches,
     TrainConfig,
+    embed_faces,
+    encoder_of,
     frame_targets,
     teacher_probabilities,
     train_encoder,
@@ -104,7 +108,7 @@ def test_distillation_targets_mix_the_label_with_the_teacher(tiny_data: Path) ->
     np.testing.assert_allclose(targets[rows, faces.labels], 0.75 + 0.25 * teacher[rows, faces.labels], atol=1e-6)
     assert (frame_targets(faces.labels).argmax(axis=1) == faces.labels).all()
     # the batches carry those targets, face for face, whatever the shuffle
-    batches = FrameBatches(faces, targets, 8, np.ones(7, np.float32), seed=3, augment=True)
+    batches = FrameBatches(faces, targets, 8, np.ones(7, np.float32), seed=3, augment=TRAIN)
     x, y, _ = batches[1]
     np.testing.assert_array_equal(y, targets[batches.order[8:16]])
     assert x.shape == (8, 48, 48, 1)
@@ -129,6 +133,46 @@ def test_training_with_a_teacher_learns_its_probabilities(tiny_data: Path, tmp_p
     np.testing.assert_allclose(teacher_probabilities(MODELS, faces, run / "cache"), 1 / 7, rtol=1e-6)
 
 
+#: Stage 1 in a process on Keras' JAX backend with TensorFlow unimportable, as on the GPU machines,
+#: saving the best encoder's embeddings of the val faces next to the checkpoint.
+_TRAIN_ON_JAX = """
+import importlib.abc, json, sys
+class NoTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("tensorflow", "tf2onnx"):
+            raise ImportError(f"{name} is not installed on this machine")
+sys.meta_path.insert(0, NoTensorFlow())
+from pathlib import Path
+import keras, numpy as np
+from model_export.datasets import load_class_folders
+from model_export.model import ModelConfig
+from model_export.train import TrainConfig, embed_faces, encoder_of, train_encoder
+assert keras.backend.backend() == "jax", keras.backend.backend()
+data, run, architecture = sys.argv[1:]
+best = train_encoder(TrainConfig(data=data, run_dir=run, epochs=1, batch_size=16),
+                     ModelConfig.from_dict(json.loads(architecture)), resume=False, verbose=0)
+faces = load_class_folders(Path(data) / "val").images
+np.save(Path(run) / "jax_embeddings.npy", embed_faces(encoder_of(keras.models.load_model(best)), faces))
+assert "tensorflow" not in sys.modules
+"""
+
+
+@pytest.mark.slow
+def test_an_encoder_trained_on_jax_loads_on_tensorflow_with_the_same_outputs(tiny_data: Path, tmp_path: Path) -> None:
+    pytest.importorskip("jax")
+    run = tmp_path / "run"
+    architecture = json.dumps(TINY.to_dict())
+    trained = subprocess.run([sys.executable, "-c", _TRAIN_ON_JAX, str(tiny_data), str(run), architecture],
+                             env={**os.environ, "KERAS_BACKEND": "jax"}, capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert keras.backend.backend() == "tensorflow"
+    with (run / "history.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 1
+    encoder = encoder_of(keras.models.load_model(run / "encoder_best.keras"))
+    faces = load_class_folders(tiny_data / "val").images
+    np.testing.assert_allclose(embed_faces(encoder, faces), np.load(run / "jax_embeddings.npy"), atol=1e-4)
+
+
 def _train_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "model_export", "train", *args], cwd=cwd, capture_output=True,
                           text=True)
@@ -148,7 +192,8 @@ def test_cli_names_what_is_wrong_with_a_teacher(tmp_path: Path, extra: list[str]
 @pytest.mark.slow
 def test_cli_trains_a_new_shape_and_resumes_it_in_that_shape(tiny_data: Path, tmp_path: Path) -> None:
     shape = ["--stem-filters", "8,8,24", "--embed-dim", "24", "--heads", "3", "--depth", "1", "--mlp-dim", "16"]
-    common = ["--data", str(tiny_data), "--run", "run", "--stage", "encoder", "--batch-size", "16"]
+    common = ["--data", str(tiny_data), "--run", "run", "--stage", "encoder", "--batch-size", "16",
+              "--augment", "light", "--label-smoothing", "0", "--no-xla"]
     first = _train_cli(*common, *shape, "--epochs", "1", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     resumed = _train_cli(*common, "--epochs", "2", "--resume", cwd=tmp_path)
@@ -156,7 +201,8 @@ def test_cli_trains_a_new_shape_and_resumes_it_in_that_shape(tiny_data: Path, tm
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())
     assert recorded["model"]["stem_filters"] == [8, 8, 24]
     assert (recorded["model"]["embed_dim"], recorded["model"]["heads"]) == (24, 3)
-    assert recorded["train"]["epochs"] == 2
+    assert {k: recorded["train"][k] for k in ("epochs", "augment", "label_smoothing", "xla")} == {
+        "epochs": 2, "augment": "light", "label_smoothing": 0.0, "xla": False}
     encoder = keras.models.load_model(tmp_path / "run" / "encoder_last.keras").get_layer("encoder")
     assert encoder.output_shape == (None, 24)
     with (tmp_path / "run" / "history.csv").open() as handle:
