@@ -238,7 +238,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--head-epochs", type=int, default=12)
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule, warm-up)")
-    t.add_argument("--augment", choices=sorted(PRESETS, reverse=True), default="webcam",
+    t.add_argument("--augment", choices=list(PRESETS), default="webcam",
                    help="stage-1 augmentation: webcam (default: flips, warps, light, blur, noise, occlusion) or "
                         "light (flips, small warps and light only; for a last fine-tune with --init-from)")
     t.add_argument("--label-smoothing", type=_smoothing, default=0.1,
