@@ -30,11 +30,19 @@ def _positive(text: str) -> int:
     return int(text)
 
 
-def _filters(text: str) -> tuple[int, int, int]:
+def _triple(text: str, least: int, example: str) -> tuple[int, int, int]:
     parts = text.split(",")
-    if len(parts) != 3 or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
-        raise argparse.ArgumentTypeError(f"{text!r} is not three whole numbers above 0, like 32,64,128")
+    if len(parts) != 3 or not all(part.strip().isdigit() and int(part) >= least for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not three whole numbers of at least {least}, like {example}")
     return tuple(int(part) for part in parts)
+
+
+def _filters(text: str) -> tuple[int, int, int]:
+    return _triple(text, 1, "32,64,128")
+
+
+def _depths(text: str) -> tuple[int, int, int]:
+    return _triple(text, 0, "2,2,0")
 
 
 def _number(text: str, within: Callable[[float], bool], what: str) -> float:
@@ -76,7 +84,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             if wanted is not None and wanted < architecture[key]:
                 raise UsageError(f"{flag} {wanted} is smaller than the --init-from encoder's {architecture[key]}: "
                                  "an encoder can only be grown; leave it out to keep the member's")
-    shape = {k: getattr(args, k) for k in ("stem_filters", "embed_dim", "heads") if getattr(args, k) is not None}
+    shape = {k: getattr(args, k) for k in ("stem_filters", "stem_depths", "embed_dim", "heads")
+             if getattr(args, k) is not None}
     sizes = {k: getattr(args, k) for k in ("depth", "mlp_dim") if getattr(args, k) is not None}
     if shape and args.init_from:
         raise UsageError(f"--{next(iter(shape)).replace('_', '-')} sets the shape of a new encoder: leave it out "
@@ -84,8 +93,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     recorded = args.run / "config.json"
     if args.resume and recorded.exists():
         if shape or sizes:
-            raise UsageError("--resume continues the run's own encoder: leave out --stem-filters, --embed-dim, "
-                             f"--heads, --depth and --mlp-dim (its architecture is in {recorded})")
+            raise UsageError("--resume continues the run's own encoder: leave out --stem-filters, --stem-depths, "
+                             f"--embed-dim, --heads, --depth and --mlp-dim (its architecture is in {recorded})")
         architecture = json.loads(recorded.read_text())["model"]
     if args.distill_weight is not None and not args.teacher:
         raise UsageError("--distill-weight needs --teacher MODEL_DIR: the model whose probabilities to learn")
@@ -261,6 +270,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--stem-filters", type=_filters, metavar="F1,F2,F3",
                    help="filters of the conv stem's 48x48 and 24x24 stages and of its 6x6 tokenizer "
                         "(default 32,64,128; a new encoder only)")
+    t.add_argument("--stem-depths", type=_depths, metavar="N1,N2,N3",
+                   help="3x3 convs of the conv stem at 48x48, 24x24 and 12x12, before the strided conv to "
+                        "6x6 tokens (default 2,2,0; a new encoder only)")
     t.add_argument("--embed-dim", type=_positive, help="token and embedding width (default 128; a new encoder only)")
     t.add_argument("--heads", type=_positive, help="attention heads per block (default 4; a new encoder only)")
     t.add_argument("--teacher", type=Path, metavar="MODEL_DIR",

@@ -31,6 +31,9 @@ class ModelConfig:
     """Hyper-parameters of the architecture (saved next to every run)."""
 
     stem_filters: tuple[int, int, int] = (32, 64, 128)
+    # 3x3 convs at 48x48, 24x24 and 12x12 (with the matching stem_filters), before the strided
+    # conv to 6x6 tokens; v1-v3 used (2, 2, 0)
+    stem_depths: tuple[int, int, int] = (2, 2, 0)
     embed_dim: int = 128
     depth: int = 4
     heads: int = 4
@@ -46,6 +49,7 @@ class ModelConfig:
     def from_dict(cls, data: dict) -> ModelConfig:
         data = dict(data)
         data["stem_filters"] = tuple(data["stem_filters"])
+        data["stem_depths"] = tuple(data.get("stem_depths", cls.stem_depths))
         return cls(**data)
 
 
@@ -100,12 +104,12 @@ def build_encoder(cfg: ModelConfig) -> keras.Model:
     """Face ``(N, 48, 48, 1)`` in [0, 1] -> embedding ``(N, embed_dim)``."""
     face = keras.Input((INPUT_SIZE, INPUT_SIZE, 1), name="face")
     x = layers.Rescaling(2.0, offset=-1.0)(face)
-    f1, f2, f3 = cfg.stem_filters
-    x = _conv_bn(_conv_bn(x, f1), f1)
-    x = layers.MaxPooling2D()(x)  # 24x24
-    x = _conv_bn(_conv_bn(x, f2), f2)
-    x = layers.MaxPooling2D()(x)  # 12x12
-    x = _conv_bn(x, f3, strides=2)  # 6x6 tokens
+    for stage, (filters, convs) in enumerate(zip(cfg.stem_filters, cfg.stem_depths, strict=True)):
+        for _ in range(convs):
+            x = _conv_bn(x, filters)
+        if stage < 2:
+            x = layers.MaxPooling2D()(x)  # 48 -> 24 -> 12
+    x = _conv_bn(x, cfg.stem_filters[2], strides=2)  # 6x6 tokens
     x = layers.Conv2D(cfg.embed_dim, 1)(x)
     tokens = layers.Reshape((-1, cfg.embed_dim))(x)
     tokens = PositionEmbedding()(tokens)

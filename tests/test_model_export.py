@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,16 @@ def test_default_encoder_is_small_and_shapes_are_right() -> None:
     assert encoder.count_params() <= 5_000_000
     assert encoder.output_shape == (None, cfg.embed_dim)
     assert build_head(cfg).output_shape == (None, 7)
+
+
+@pytest.mark.parametrize("depths", [(2, 2, 0), (1, 2, 2), (0, 0, 3)])
+def test_stem_depths_place_the_convs_at_their_resolutions(depths: tuple[int, int, int]) -> None:
+    encoder = build_encoder(replace(TINY, stem_depths=depths))
+    convs = [layer for layer in encoder.layers if isinstance(layer, keras.layers.Conv2D)]
+    # the stem's 3x3 convs, then the strided conv to 6x6 tokens and the 1x1 projection to embed_dim
+    assert [conv.output.shape[1] for conv in convs] == [48] * depths[0] + [24] * depths[1] + [12] * depths[2] + [6, 6]
+    assert [conv.filters for conv in convs[:-1]] == [8] * depths[0] + [8] * depths[1] + [16] * (depths[2] + 1)
+    assert encoder.output_shape == (None, TINY.embed_dim)
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +202,8 @@ def test_cli_names_what_is_wrong_with_a_teacher(tmp_path: Path, extra: list[str]
 
 @pytest.mark.slow
 def test_cli_trains_a_new_shape_and_resumes_it_in_that_shape(tiny_data: Path, tmp_path: Path) -> None:
-    shape = ["--stem-filters", "8,8,24", "--embed-dim", "24", "--heads", "3", "--depth", "1", "--mlp-dim", "16"]
+    shape = ["--stem-filters", "8,8,24", "--stem-depths", "1,1,1", "--embed-dim", "24", "--heads", "3",
+             "--depth", "1", "--mlp-dim", "16"]
     common = ["--data", str(tiny_data), "--run", "run", "--stage", "encoder", "--batch-size", "16",
               "--augment", "light", "--label-smoothing", "0", "--no-xla"]
     first = _train_cli(*common, *shape, "--epochs", "1", cwd=tmp_path)
@@ -199,7 +211,7 @@ def test_cli_trains_a_new_shape_and_resumes_it_in_that_shape(tiny_data: Path, tm
     resumed = _train_cli(*common, "--epochs", "2", "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert recorded["model"]["stem_filters"] == [8, 8, 24]
+    assert (recorded["model"]["stem_filters"], recorded["model"]["stem_depths"]) == ([8, 8, 24], [1, 1, 1])
     assert (recorded["model"]["embed_dim"], recorded["model"]["heads"]) == (24, 3)
     assert {k: recorded["train"][k] for k in ("epochs", "augment", "label_smoothing", "xla")} == {
         "epochs": 2, "augment": "light", "label_smoothing": 0.0, "xla": False}
@@ -211,7 +223,9 @@ def test_cli_trains_a_new_shape_and_resumes_it_in_that_shape(tiny_data: Path, tm
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--stem-filters", "32,64"],
-     "argument --stem-filters: '32,64' is not three whole numbers above 0, like 32,64,128"),
+     "argument --stem-filters: '32,64' is not three whole numbers of at least 1, like 32,64,128"),
+    (["--stem-depths", "2,-1,0"],
+     "argument --stem-depths: '2,-1,0' is not three whole numbers of at least 0, like 2,2,0"),
     (["--embed-dim", "100", "--heads", "3"],
      "--embed-dim 100 does not split into 3 attention heads: pick an --embed-dim that is a multiple of --heads"),
     (["--init-from", str(MODELS / "members" / "v2"), "--heads", "8"],
@@ -230,5 +244,5 @@ def test_cli_resume_refuses_to_reshape_the_run(tmp_path: Path) -> None:
     result = _train_cli("--data", str(tmp_path), "--run", "run", "--resume", "--depth", "6", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "model_export train: --resume continues the run's own encoder: leave out --stem-filters, --embed-dim, "
-        "--heads, --depth and --mlp-dim (its architecture is in run/config.json)"]
+        "model_export train: --resume continues the run's own encoder: leave out --stem-filters, --stem-depths, "
+        "--embed-dim, --heads, --depth and --mlp-dim (its architecture is in run/config.json)"]
