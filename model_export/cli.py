@@ -42,7 +42,7 @@ def _filters(text: str) -> tuple[int, int, int]:
 
 
 def _depths(text: str) -> tuple[int, int, int]:
-    return _triple(text, 0, "2,2,0")
+    return _triple(text, 0, "1,2,2")
 
 
 def _number(text: str, within: Callable[[float], bool], what: str) -> float:
@@ -243,7 +243,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--clip-data", type=Path,
                    help="real clips for the head: DIR/<class>/<clip>/<frames> (optionally under train/ and val/); "
                         "default: clips synthesised from the still faces")
-    t.add_argument("--epochs", type=int, default=36, help="encoder epochs (default 36)")
+    t.add_argument("--epochs", type=int, default=50, help="encoder epochs (default 50)")
     t.add_argument("--head-epochs", type=int, default=12)
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule, warm-up)")
@@ -272,7 +272,7 @@ def parser() -> argparse.ArgumentParser:
                         "(default 32,64,128; a new encoder only)")
     t.add_argument("--stem-depths", type=_depths, metavar="N1,N2,N3",
                    help="3x3 convs of the conv stem at 48x48, 24x24 and 12x12, before the strided conv to "
-                        "6x6 tokens (default 2,2,0; a new encoder only)")
+                        "6x6 tokens (default 1,2,2; releases before v4 used 2,2,0; a new encoder only)")
     t.add_argument("--embed-dim", type=_positive, help="token and embedding width (default 128; a new encoder only)")
     t.add_argument("--heads", type=_positive, help="attention heads per block (default 4; a new encoder only)")
     t.add_argument("--teacher", type=Path, metavar="MODEL_DIR",

@@ -3,7 +3,7 @@
 Three parts, exported separately so the edge never runs the encoder T times per window:
 
 * ``encoder``  — one aligned 48x48 grayscale face -> one embedding. A compact convolutional
-  tokenizer (two conv stages, then a strided conv) turns the face into 6x6 = 36 tokens; pre-norm
+  tokenizer (conv stages at 48, 24 and 12 px, then a strided conv) turns the face into 6x6 = 36 tokens; pre-norm
   transformer blocks with multi-head self-attention mix them; attention ("sequence") pooling,
   as in Compact Convolutional Transformers, gives one vector. The conv stem is what makes a
   sub-million-parameter ViT learn from 28k faces instead of needing ImageNet pre-training.
@@ -24,6 +24,8 @@ from keras import layers, ops
 from affectedge.labels import EMOTIONS
 
 INPUT_SIZE = 48
+#: the stem of encoders recorded before ``stem_depths`` existed (releases v1-v3, members/v2)
+LEGACY_STEM_DEPTHS = (2, 2, 0)
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,8 @@ class ModelConfig:
 
     stem_filters: tuple[int, int, int] = (32, 64, 128)
     # 3x3 convs at 48x48, 24x24 and 12x12 (with the matching stem_filters), before the strided
-    # conv to 6x6 tokens; v1-v3 used (2, 2, 0)
-    stem_depths: tuple[int, int, int] = (2, 2, 0)
+    # conv to 6x6 tokens: release v4's (1, 2, 2) learns more per epoch than v1-v3's LEGACY_STEM_DEPTHS
+    stem_depths: tuple[int, int, int] = (1, 2, 2)
     embed_dim: int = 128
     depth: int = 4
     heads: int = 4
@@ -49,7 +51,7 @@ class ModelConfig:
     def from_dict(cls, data: dict) -> ModelConfig:
         data = dict(data)
         data["stem_filters"] = tuple(data["stem_filters"])
-        data["stem_depths"] = tuple(data.get("stem_depths", cls.stem_depths))
+        data["stem_depths"] = tuple(data.get("stem_depths", LEGACY_STEM_DEPTHS))
         return cls(**data)
 
 

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     data: str
     run_dir: str
-    epochs: int = 36
+    epochs: int = 50
     head_epochs: int = 12
     batch_size: int = 128
     learning_rate: float = 1e-3

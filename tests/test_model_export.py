@@ -22,7 +22,7 @@ from conftest import MODELS  # noqa: E402
 
 from model_export.augment import TRAIN  # noqa: E402
 from model_export.datasets import load_class_folders  # noqa: E402
-from model_export.model import ModelConfig, build_encoder, build_head  # noqa: E402
+from model_export.model import LEGACY_STEM_DEPTHS, ModelConfig, build_encoder, build_head  # noqa: E402
 from model_export.onnx_export import export_all, parity  # noqa: E402
 from model_export.train import (  # noqa: E402
     FrameBatches,
@@ -44,6 +44,11 @@ def test_default_encoder_is_small_and_shapes_are_right() -> None:
     assert encoder.count_params() <= 5_000_000
     assert encoder.output_shape == (None, cfg.embed_dim)
     assert build_head(cfg).output_shape == (None, 7)
+
+
+def test_an_architecture_recorded_without_stem_depths_is_the_legacy_stem() -> None:
+    recorded = {k: v for k, v in ModelConfig().to_dict().items() if k != "stem_depths"}
+    assert ModelConfig.from_dict(recorded).stem_depths == LEGACY_STEM_DEPTHS != ModelConfig().stem_depths
 
 
 @pytest.mark.parametrize("depths", [(2, 2, 0), (1, 2, 2), (0, 0, 3)])
@@ -225,7 +230,7 @@ def test_cli_trains_a_new_shape_and_resumes_it_in_that_shape(tiny_data: Path, tm
     (["--stem-filters", "32,64"],
      "argument --stem-filters: '32,64' is not three whole numbers of at least 1, like 32,64,128"),
     (["--stem-depths", "2,-1,0"],
-     "argument --stem-depths: '2,-1,0' is not three whole numbers of at least 0, like 2,2,0"),
+     "argument --stem-depths: '2,-1,0' is not three whole numbers of at least 0, like 1,2,2"),
     (["--embed-dim", "100", "--heads", "3"],
      "--embed-dim 100 does not split into 3 attention heads: pick an --embed-dim that is a multiple of --heads"),
     (["--init-from", str(MODELS / "members" / "v2"), "--heads", "8"],
