@@ -268,8 +268,8 @@ def parser() -> argparse.ArgumentParser:
                    help="hidden units of each block's MLP (default 256, or the --init-from encoder's; "
                         "more grows it: the new units start with zero output weights)")
     t.add_argument("--stem-filters", type=_filters, metavar="F1,F2,F3",
-                   help="filters of the conv stem's 48x48 and 24x24 stages and of its 6x6 tokenizer "
-                        "(default 32,64,128; a new encoder only)")
+                   help="filters of the conv stem's 48x48, 24x24 and 12x12 stages (the last also of the strided "
+                        "conv to 6x6 tokens; default 32,64,128; a new encoder only)")
     t.add_argument("--stem-depths", type=_depths, metavar="N1,N2,N3",
                    help="3x3 convs of the conv stem at 48x48, 24x24 and 12x12, before the strided conv to "
                         "6x6 tokens (default 1,2,2; releases before v4 used 2,2,0; a new encoder only)")
