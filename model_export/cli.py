@@ -20,6 +20,15 @@ DEFAULT_MODELS = ROOT / "models"
 DEFAULT_DATA = ROOT / "data"
 
 
+#: ``train`` options that set the shape of a new encoder, and those that can also grow an --init-from one
+SHAPE_KEYS = ("stem_filters", "stem_depths", "embed_dim", "heads")
+GROWABLE_KEYS = ("depth", "mlp_dim")
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
 
@@ -79,22 +88,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         architecture = json.loads(manifest_path.read_text()).get("architecture")
         if not architecture:
             raise UsageError(f"{manifest_path} records no 'architecture': re-export the model with this version")
-        for flag, key in (("--depth", "depth"), ("--mlp-dim", "mlp_dim")):
+        for key in GROWABLE_KEYS:
             wanted = getattr(args, key)
             if wanted is not None and wanted < architecture[key]:
-                raise UsageError(f"{flag} {wanted} is smaller than the --init-from encoder's {architecture[key]}: "
-                                 "an encoder can only be grown; leave it out to keep the member's")
-    shape = {k: getattr(args, k) for k in ("stem_filters", "stem_depths", "embed_dim", "heads")
-             if getattr(args, k) is not None}
-    sizes = {k: getattr(args, k) for k in ("depth", "mlp_dim") if getattr(args, k) is not None}
+                raise UsageError(f"{_flag(key)} {wanted} is smaller than the --init-from encoder's "
+                                 f"{architecture[key]}: an encoder can only be grown; "
+                                 "leave it out to keep the member's")
+    shape = {k: getattr(args, k) for k in SHAPE_KEYS if getattr(args, k) is not None}
+    sizes = {k: getattr(args, k) for k in GROWABLE_KEYS if getattr(args, k) is not None}
     if shape and args.init_from:
-        raise UsageError(f"--{next(iter(shape)).replace('_', '-')} sets the shape of a new encoder: leave it out "
-                         "with --init-from, which keeps the member's (only --depth and --mlp-dim can grow it)")
+        raise UsageError(f"{_flag(next(iter(shape)))} sets the shape of a new encoder: leave it out with --init-from, "
+                         f"which keeps the member's (only {' and '.join(map(_flag, GROWABLE_KEYS))} can grow it)")
     recorded = args.run / "config.json"
     if args.resume and recorded.exists():
         if shape or sizes:
-            raise UsageError("--resume continues the run's own encoder: leave out --stem-filters, --stem-depths, "
-                             f"--embed-dim, --heads, --depth and --mlp-dim (its architecture is in {recorded})")
+            *rest, last = map(_flag, SHAPE_KEYS + GROWABLE_KEYS)
+            raise UsageError(f"--resume continues the run's own encoder: leave out {', '.join(rest)} and {last} "
+                             f"(its architecture is in {recorded})")
         architecture = json.loads(recorded.read_text())["model"]
     if args.distill_weight is not None and not args.teacher:
         raise UsageError("--distill-weight needs --teacher MODEL_DIR: the model whose probabilities to learn")
