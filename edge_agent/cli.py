@@ -161,6 +161,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if not args.video.is_file():
         raise UsageError(f"{args.video}: no such video file; pass --video with an existing file")
+    for flag, value in (("--frames", args.frames), ("--detect-every", args.detect_every)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: pass a whole number of at least 1")
     config = agent_config.load(args.config)
     if args.detect_every:
         config = config.model_copy(update={"detection": config.detection.model_copy(
@@ -185,17 +188,22 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-agent", description="AffectEdge edge agent: cameras -> emotions -> MQTT")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the agent (what the systemd unit starts)")
-    run.add_argument("--config", type=Path, default=agent_config.DEFAULT_PATH)
+    run.add_argument("--config", type=Path, default=agent_config.DEFAULT_PATH,
+                     help=f"agent config (default: {agent_config.DEFAULT_PATH})")
     run.set_defaults(func=cmd_run)
     chk = sub.add_parser("check", help="check model, cameras, TLS files and broker; one line each")
-    chk.add_argument("--config", type=Path, default=agent_config.DEFAULT_PATH)
+    chk.add_argument("--config", type=Path, default=agent_config.DEFAULT_PATH,
+                     help=f"agent config (default: {agent_config.DEFAULT_PATH})")
     chk.set_defaults(func=cmd_check)
     ben = sub.add_parser("bench", help="measure the pipeline on a video file, as fast as it goes")
-    ben.add_argument("--video", type=Path, required=True)
+    ben.add_argument("--video", type=Path, required=True,
+                     help="a video file read as if it were a camera (e.g. edge_agent/sample/classroom.mp4)")
     ben.add_argument("--config", type=Path, default=None, help="agent config (default: built-in defaults)")
     ben.add_argument("--json", type=Path, default=None, help="also write the results here")
-    ben.add_argument("--frames", type=int, default=None, help="stop after this many frames")
-    ben.add_argument("--detect-every", type=int, default=None, help="override detection.every")
+    ben.add_argument("--frames", type=int, default=None, help="stop after this many frames (default: the whole video)")
+    ben.add_argument("--detect-every", type=int, default=None,
+                     help="run the face detector on every Nth frame, tracking in between (default: the "
+                          "config's detection.every)")
     ben.set_defaults(func=cmd_bench)
     ins = sub.add_parser("install-service", help="install the systemd service (runs deploy/systemd/install.sh)")
     ins.set_defaults(func=cmd_install_service)

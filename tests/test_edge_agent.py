@@ -229,6 +229,18 @@ def test_bench_runs_the_int8_encoder_when_configured(tmp_path: Path):
     assert report["backend"] == "onnxruntime-int8" and report["stages_ms"]["encode"]["n"] > 0
 
 
+@pytest.mark.parametrize(("extra", "expected"), [
+    (["--video", "missing.mp4"], "no such video file"),
+    (["--video", str(SAMPLE), "--frames", "0"], "--frames 0: pass a whole number of at least 1"),
+    (["--video", str(SAMPLE), "--detect-every", "-2"], "--detect-every -2: pass a whole number of at least 1"),
+])
+def test_bench_usage_errors_exit_2_with_one_line(extra, expected):
+    result = subprocess.run([*AGENT_CMD, "bench", *extra], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert expected in line
+
+
 def test_missing_model_files_exit_2_with_one_line(tmp_path: Path):
     config = write_config(tmp_path / "agent.toml", free_port())
     config.write_text(config.read_text().replace(f'dir = "{ROOT / "models"}"', f'dir = "{tmp_path}"'))
