@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from affectedge.cli_args import positive_int
 from affectedge.settings import ConfigError
 from edge_agent import config as agent_config
 from edge_agent.capture import describe, open_capture
@@ -161,9 +162,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if not args.video.is_file():
         raise UsageError(f"{args.video}: no such video file; pass --video with an existing file")
-    for flag, value in (("--frames", args.frames), ("--detect-every", args.detect_every)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} {value}: pass a whole number of at least 1")
     config = agent_config.load(args.config)
     if args.detect_every:
         config = config.model_copy(update={"detection": config.detection.model_copy(
@@ -200,8 +198,9 @@ def parser() -> argparse.ArgumentParser:
                      help="a video file read as if it were a camera (e.g. edge_agent/sample/classroom.mp4)")
     ben.add_argument("--config", type=Path, default=None, help="agent config (default: built-in defaults)")
     ben.add_argument("--json", type=Path, default=None, help="also write the results here")
-    ben.add_argument("--frames", type=int, default=None, help="stop after this many frames (default: the whole video)")
-    ben.add_argument("--detect-every", type=int, default=None,
+    ben.add_argument("--frames", type=positive_int, default=None,
+                     help="stop after this many frames (default: the whole video)")
+    ben.add_argument("--detect-every", type=positive_int, default=None,
                      help="run the face detector on every Nth frame, tracking in between (default: the "
                           "config's detection.every)")
     ben.set_defaults(func=cmd_bench)

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from affectedge.cli_args import positive_int
 from model_export.augment import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,12 +32,6 @@ def _flag(key: str) -> str:
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return int(text)
 
 
 def _triple(text: str, least: int, example: str) -> tuple[int, int, int]:
@@ -253,9 +248,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--clip-data", type=Path,
                    help="real clips for the head: DIR/<class>/<clip>/<frames> (optionally under train/ and val/); "
                         "default: clips synthesised from the still faces")
-    t.add_argument("--epochs", type=int, default=50, help="encoder epochs (default 50)")
-    t.add_argument("--head-epochs", type=int, default=12)
-    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--epochs", type=positive_int, default=50, help="encoder epochs (default 50)")
+    t.add_argument("--head-epochs", type=positive_int, default=12)
+    t.add_argument("--batch-size", type=positive_int, default=128)
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule, warm-up)")
     t.add_argument("--augment", choices=list(PRESETS), default="webcam",
                    help="stage-1 augmentation: webcam (default: flips, warps, light, blur, noise, occlusion) or "
@@ -265,16 +260,16 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--no-xla", action="store_true",
                    help="train without XLA compilation: XLA halved an epoch's time on an AMD EPYC but made it 1.28x "
                         "longer on an Intel Xeon with AMX; time one epoch each way on a new machine")
-    t.add_argument("--window", type=int, default=8, help="frames per window T")
+    t.add_argument("--window", type=positive_int, default=8, help="frames per window T")
     t.add_argument("--seed", type=int, default=1337)
     t.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint in --run")
     t.add_argument("--init-from", type=Path, metavar="MODEL_DIR",
                    help="start the encoder from an exported one (a folder with manifest.json and encoder.onnx, "
                         "e.g. models/members/v2), in its architecture, instead of from random weights")
-    t.add_argument("--depth", type=_positive,
+    t.add_argument("--depth", type=positive_int,
                    help="transformer blocks in the encoder (default 4, or the --init-from encoder's; "
                         "more than that grows it: the new blocks start as the identity)")
-    t.add_argument("--mlp-dim", type=_positive,
+    t.add_argument("--mlp-dim", type=positive_int,
                    help="hidden units of each block's MLP (default 256, or the --init-from encoder's; "
                         "more grows it: the new units start with zero output weights)")
     t.add_argument("--stem-filters", type=_filters, metavar="F1,F2,F3",
@@ -283,8 +278,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--stem-depths", type=_depths, metavar="N1,N2,N3",
                    help="3x3 convs of the conv stem at 48x48, 24x24 and 12x12, before the strided conv to "
                         "6x6 tokens (default 1,2,2; releases before v4 used 2,2,0; a new encoder only)")
-    t.add_argument("--embed-dim", type=_positive, help="token and embedding width (default 128; a new encoder only)")
-    t.add_argument("--heads", type=_positive, help="attention heads per block (default 4; a new encoder only)")
+    t.add_argument("--embed-dim", type=positive_int, help="token and embedding width (default 128; a new encoder only)")
+    t.add_argument("--heads", type=positive_int, help="attention heads per block (default 4; a new encoder only)")
     t.add_argument("--teacher", type=Path, metavar="MODEL_DIR",
                    help="distil an exported model (e.g. an ensemble from `model_export ensemble`) into the encoder: "
                         "stage 1 learns its probabilities on each training face along with the label")
@@ -332,8 +327,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--run", type=Path, default=ROOT / "runs" / "ensemble", help="run directory for the head")
     m.add_argument("--data", type=Path, default=DEFAULT_DATA, help="DATA with train/ and val/ class folders")
     m.add_argument("--no-mirror", action="store_true", help="do not average each member over the mirror image")
-    m.add_argument("--window", type=int, default=8, help="frames per window T")
-    m.add_argument("--head-epochs", type=int, default=12)
+    m.add_argument("--window", type=positive_int, default=8, help="frames per window T")
+    m.add_argument("--head-epochs", type=positive_int, default=12)
     m.add_argument("--seed", type=int, default=1337)
     m.add_argument("--version", help="model version string (default: vit-bilstm-ensemble-<members>)")
     m.set_defaults(func=cmd_ensemble)
@@ -341,7 +336,7 @@ def parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="ONNX Runtime static INT8 (QDQ) encoder, calibrated on real faces")
     q.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     q.add_argument("--calib", type=Path, default=DEFAULT_DATA / "val")
-    q.add_argument("--calib-size", type=int, default=512, help="faces used for calibration")
+    q.add_argument("--calib-size", type=positive_int, default=512, help="faces used for calibration")
     q.add_argument("--data", type=Path, default=DEFAULT_DATA / "val", help="faces for the accuracy comparison")
     q.set_defaults(func=cmd_quantize)
 
@@ -350,8 +345,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--fp16", action="store_true", help="allow FP16 kernels")
     b.add_argument("--int8", action="store_true", help="INT8 with entropy calibration (needs --calib)")
     b.add_argument("--calib", type=Path, default=DEFAULT_DATA / "val", help="real faces for INT8 calibration")
-    b.add_argument("--max-batch", type=int, default=32)
-    b.add_argument("--workspace", type=int, default=1024, help="builder workspace in MB")
+    b.add_argument("--max-batch", type=positive_int, default=32)
+    b.add_argument("--workspace", type=positive_int, default=1024, help="builder workspace in MB")
     b.add_argument("--timing-cache", type=Path, help="reuse/update a TensorRT timing cache file")
     b.set_defaults(func=cmd_build)
 

@@ -231,6 +231,7 @@ def test_cli_trains_a_new_shape_and_resumes_it_in_that_shape(tiny_data: Path, tm
      "argument --stem-filters: '32,64' is not three whole numbers of at least 1, like 32,64,128"),
     (["--stem-depths", "2,-1,0"],
      "argument --stem-depths: '2,-1,0' is not three whole numbers of at least 0, like 1,2,2"),
+    (["--epochs", "0"], "argument --epochs: '0' is not a whole number of at least 1"),
     (["--embed-dim", "100", "--heads", "3"],
      "--embed-dim 100 does not split into 3 attention heads: pick an --embed-dim that is a multiple of --heads"),
     (["--init-from", str(MODELS / "members" / "v2"), "--heads", "8"],
