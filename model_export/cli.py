@@ -315,16 +315,18 @@ def parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser(
         "ensemble",
-        help="fuse exported encoders (each run on the face and its mirror) into one, train a BiLSTM head on it",
+        help="fuse exported encoders (each run on the face and its mirror) into one, train a BiLSTM head per member",
         description="Fuse the encoders of several exported models into one ONNX encoder (each member sees the "
                     "face and its mirror image; their embeddings are averaged per member and concatenated), "
-                    "train the BiLSTM head on clips of the joint embedding, and write encoder/head/clip.onnx "
+                    "train one BiLSTM head per member on clips of its own embedding, average their "
+                    "probabilities in head.onnx, and write encoder/head/clip.onnx "
                     "and a fresh manifest to --out. Members are folders written by `model_export export`.",
     )
     m.add_argument("--member", type=Path, action="append", default=[], required=True,
                    help="an exported model folder (repeat for each member)")
     m.add_argument("--out", type=Path, default=DEFAULT_MODELS, help="where to write the fused model (default: models/)")
-    m.add_argument("--run", type=Path, default=ROOT / "runs" / "ensemble", help="run directory for the head")
+    m.add_argument("--run", type=Path, default=ROOT / "runs" / "ensemble",
+                   help="run directory for the heads (one folder per member)")
     m.add_argument("--data", type=Path, default=DEFAULT_DATA, help="DATA with train/ and val/ class folders")
     m.add_argument("--no-mirror", action="store_true", help="do not average each member over the mirror image")
     m.add_argument("--window", type=positive_int, default=8, help="frames per window T")

@@ -101,8 +101,15 @@ def test_ensemble_trains_a_head_the_edge_can_load(members: list[Path], tmp_path:
     model = EmotionModel.load(out, backend="onnxruntime")  # sha256 of every file checked
     emb = model.embed(faces)
     assert emb.shape == (len(faces), 32)
-    probs = model.classify(np.repeat(emb[:, None], 4, axis=1))
+    windows = np.repeat(emb[:, None], 4, axis=1)
+    probs = model.classify(windows)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    # head.onnx is each member's own head on its own part of the embedding, the probabilities averaged
+    heads = [keras.models.load_model(tmp_path / "run" / f"member{i}" / "head.keras") for i in range(2)]
+    dim = TINY.embed_dim
+    own = [heads[0].predict(windows[:, :, :dim], verbose=0), heads[1].predict(windows[:, :, dim:], verbose=0)]
+    np.testing.assert_allclose(probs, (own[0] + own[1]) / 2, atol=1e-5)
+    assert np.abs(own[0] - own[1]).max() > 1e-3  # two heads, not one counted twice
 
 
 def test_cli_names_a_missing_member(tmp_path: Path) -> None:
