@@ -6,8 +6,8 @@ on the face and on its mirror (one batch of 2N), averages the two views per memb
 concatenates the members' embeddings. Each member then gets its own BiLSTM head, trained on clips
 of its own part of that embedding (stage 2 of :mod:`model_export.train`, unchanged), and
 ``head.onnx`` averages the heads' probabilities. One head over the joint embedding was measured
-first and gained nothing over the best member (d1 + s3: 0.6695 against 0.6704); averaging their own
-heads gained 1.2 points on the same faces (McNemar p = 0.0054; MODEL_CARD.md). The edge sees an
+first and gained nothing (d1 + s3: 0.6695; d1 alone, release v4: 0.6704; s3 alone: 0.6707); averaging
+their own heads gained 1.2 points over v4 on the same faces (McNemar p = 0.0054; MODEL_CARD.md). The edge sees an
 ordinary ``encoder.onnx`` / ``head.onnx`` pair with a wider embedding, so nothing downstream changes.
 
 Members are exported model folders (``manifest.json`` + ``encoder.onnx``), so an earlier shipped
@@ -54,6 +54,11 @@ class Member:
             if not path.exists():
                 raise FileNotFoundError(f"{path} is missing: a member is a folder written by `model_export export`")
         return cls(folder, json.loads(manifest_path.read_text()), onnx.load(str(encoder_path)))
+
+    @property
+    def name(self) -> str:
+        """How logs name the member: its version, or its folder when the manifest has none."""
+        return self.manifest.get("version", str(self.folder))
 
     @property
     def embed_dim(self) -> int:
@@ -246,12 +251,12 @@ def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirro
     fused = fuse_encoders(members, mirror)
     dim = sum(m.embed_dim for m in members)
     log.info("fused %d members (%s), embedding %d, mirror %s", len(members),
-             ", ".join(m.manifest.get("version", str(m.folder)) for m in members), dim, mirror)
+             ", ".join(m.name for m in members), dim, mirror)
     cfg = TrainConfig(data=str(data), run_dir=str(run_dir), head_epochs=head_epochs, seed=seed)
     model_cfg = ModelConfig(window=window)
     heads = []
     for i, member in enumerate(members):
-        log.info("head %d of %d, on %s's embedding", i + 1, len(members), member.manifest.get("version", member.folder))
+        log.info("head %d of %d, on %s's embedding", i + 1, len(members), member.name)
         member_cfg = replace(cfg, run_dir=str(run_dir / f"member{i}"))
         embed = onnx_embedder(fuse_encoders([member], mirror))
         heads.append(keras.models.load_model(train_head(member_cfg, model_cfg, verbose=verbose, embed=embed)))
