@@ -244,13 +244,16 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--data", type=Path, default=DEFAULT_DATA,
                    help="DATA with train/ and val/ class folders, or a fer2013.csv / fer2013new.csv (default: data/)")
     t.add_argument("--run", type=Path, default=ROOT / "runs" / "latest", help="run directory (checkpoints, history)")
-    t.add_argument("--stage", choices=["all", "encoder", "head"], default="all")
+    t.add_argument("--stage", choices=["all", "encoder", "head"], default="all",
+                   help="encoder: stage 1 only (frames); head: stage 2 only, on the encoder in --run; "
+                        "all: both (default)")
     t.add_argument("--clip-data", type=Path,
                    help="real clips for the head: DIR/<class>/<clip>/<frames> (optionally under train/ and val/); "
                         "default: clips synthesised from the still faces")
     t.add_argument("--epochs", type=positive_int, default=50, help="encoder epochs (default 50)")
-    t.add_argument("--head-epochs", type=positive_int, default=12)
-    t.add_argument("--batch-size", type=positive_int, default=128)
+    t.add_argument("--head-epochs", type=positive_int, default=12, help="BiLSTM head epochs (default 12)")
+    t.add_argument("--batch-size", type=positive_int, default=128,
+                   help="faces (stage 1) or clips (stage 2) per step (default 128)")
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule, warm-up)")
     t.add_argument("--augment", choices=list(PRESETS), default="webcam",
                    help="stage-1 augmentation: webcam (default: flips, warps, light, blur, noise, occlusion) or "
@@ -261,7 +264,8 @@ def parser() -> argparse.ArgumentParser:
                    help="train without XLA compilation: XLA halved an epoch's time on an AMD EPYC but made it 1.28x "
                         "longer on an Intel Xeon with AMX; time one epoch each way on a new machine")
     t.add_argument("--window", type=positive_int, default=8, help="frames per window T")
-    t.add_argument("--seed", type=int, default=1337)
+    t.add_argument("--seed", type=int, default=1337,
+                   help="seed of weights, augmentation and clip synthesis (default 1337)")
     t.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint in --run")
     t.add_argument("--init-from", type=Path, metavar="MODEL_DIR",
                    help="start the encoder from an exported one (a folder with manifest.json and encoder.onnx, "
@@ -304,10 +308,12 @@ def parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     x = sub.add_parser("export", help="Keras run -> ONNX encoder/head/clip + manifest, with parity checks")
-    x.add_argument("--run", type=Path, default=ROOT / "runs" / "latest")
-    x.add_argument("--out", type=Path, default=DEFAULT_MODELS)
+    x.add_argument("--run", type=Path, default=ROOT / "runs" / "latest",
+                   help="training run directory holding encoder_best.keras (and head.keras) (default: runs/latest)")
+    x.add_argument("--out", type=Path, default=DEFAULT_MODELS,
+                   help="where to write the ONNX files and manifest (default: models/)")
     x.add_argument("--data", type=Path, default=DEFAULT_DATA / "val", help="real faces for the parity check")
-    x.add_argument("--opset", type=int, default=17)
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset for tf2onnx (default 17)")
     x.add_argument("--version", help="model version string (default: vit-bilstm-<run name>)")
     x.add_argument("--encoder-only", action="store_true",
                    help="export only encoder.onnx (an ensemble member for `model_export ensemble --member`)")
@@ -330,35 +336,41 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--data", type=Path, default=DEFAULT_DATA, help="DATA with train/ and val/ class folders")
     m.add_argument("--no-mirror", action="store_true", help="do not average each member over the mirror image")
     m.add_argument("--window", type=positive_int, default=8, help="frames per window T")
-    m.add_argument("--head-epochs", type=positive_int, default=12)
-    m.add_argument("--seed", type=int, default=1337)
+    m.add_argument("--head-epochs", type=positive_int, default=12, help="epochs of each member's head (default 12)")
+    m.add_argument("--seed", type=int, default=1337,
+                   help="seed of the heads' weights and clip synthesis (default 1337)")
     m.add_argument("--version", help="model version string (default: vit-bilstm-ensemble-<members>)")
     m.set_defaults(func=cmd_ensemble)
 
     q = sub.add_parser("quantize", help="ONNX Runtime static INT8 (QDQ) encoder, calibrated on real faces")
-    q.add_argument("--models", type=Path, default=DEFAULT_MODELS)
-    q.add_argument("--calib", type=Path, default=DEFAULT_DATA / "val")
+    q.add_argument("--models", type=Path, default=DEFAULT_MODELS,
+                   help="models folder whose encoder.onnx is quantized; encoder.int8.onnx is written next to it "
+                        "(default: models/)")
+    q.add_argument("--calib", type=Path, default=DEFAULT_DATA / "val",
+                   help="class folders of real faces whose activations set the INT8 ranges (default: data/val)")
     q.add_argument("--calib-size", type=positive_int, default=512, help="faces used for calibration")
     q.add_argument("--data", type=Path, default=DEFAULT_DATA / "val", help="faces for the accuracy comparison")
     q.set_defaults(func=cmd_quantize)
 
     b = sub.add_parser("build", help="TensorRT engines for this GPU (NVIDIA only)")
-    b.add_argument("--models", type=Path, default=DEFAULT_MODELS)
+    b.add_argument("--models", type=Path, default=DEFAULT_MODELS,
+                   help="models folder to build engines for (default: models/)")
     b.add_argument("--fp16", action="store_true", help="allow FP16 kernels")
     b.add_argument("--int8", action="store_true", help="INT8 with entropy calibration (needs --calib)")
     b.add_argument("--calib", type=Path, default=DEFAULT_DATA / "val", help="real faces for INT8 calibration")
-    b.add_argument("--max-batch", type=positive_int, default=32)
+    b.add_argument("--max-batch", type=positive_int, default=32,
+                   help="largest encoder batch the engine accepts (default 32)")
     b.add_argument("--workspace", type=positive_int, default=1024, help="builder workspace in MB")
     b.add_argument("--timing-cache", type=Path, help="reuse/update a TensorRT timing cache file")
     b.set_defaults(func=cmd_build)
 
     n = sub.add_parser("bench", help="latency p50/p95 and throughput of encoder, head and MTCNN")
     n.add_argument("--backend", choices=["onnxruntime", "onnxruntime-int8", "tensorrt", "keras"],
-                   default="onnxruntime")
-    n.add_argument("--models", type=Path, default=DEFAULT_MODELS)
+                   default="onnxruntime", help="runtime to time (default: onnxruntime)")
+    n.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="models folder (default: models/)")
     n.add_argument("--run", type=Path, default=ROOT / "runs" / "latest", help="Keras run (for --backend keras)")
     n.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
-    n.add_argument("--json", type=Path)
+    n.add_argument("--json", type=Path, help="also write the results here")
     n.set_defaults(func=cmd_bench)
     return p
 
