@@ -259,7 +259,8 @@ def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirro
         log.info("head %d of %d, on %s's embedding", i + 1, len(members), member.name)
         member_cfg = replace(cfg, run_dir=str(run_dir / f"member{i}"))
         embed = onnx_embedder(fuse_encoders([member], mirror))
-        heads.append(keras.models.load_model(train_head(member_cfg, model_cfg, verbose=verbose, embed=embed)))
+        heads.append(keras.models.load_model(train_head(member_cfg, model_cfg, verbose=verbose, embed=embed,
+                                                        cache_dir=run_dir / "cache")))
     head = AveragedHeads(heads, [m.embed_dim for m in members])
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -275,12 +275,14 @@ def keras_embedder(run: Path) -> Embedder:
 
 
 def train_head(cfg: TrainConfig, model_cfg: ModelConfig, verbose: int = 1, clip_data: Path | None = None,
-               embed: Embedder | None = None) -> Path:
+               embed: Embedder | None = None, cache_dir: Path | None = None) -> Path:
     """Stage 2: freeze the encoder, train the BiLSTM head on clips of embeddings.
 
     Clips are synthesised from the still faces of ``cfg.data`` unless ``clip_data`` holds real
     ones (``<class>/<clip>/<frames>``, optionally under ``train/`` and ``val/``). The encoder is
     the run's own unless ``embed`` is given (``model_export ensemble`` passes its fused ONNX one).
+    The decoded faces are cached in ``cache_dir`` (default ``RUN/cache``); an ensemble shares one
+    cache among its members' heads.
     """
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -298,8 +300,9 @@ def train_head(cfg: TrainConfig, model_cfg: ModelConfig, verbose: int = 1, clip_
     ]
     if clip_data is not None:
         return _train_head_on_real_clips(head, embed, clip_data, cfg, model_cfg, callbacks, verbose)
-    train = load_cached(Path(cfg.data), "train", run / "cache")
-    val = load_cached(Path(cfg.data), "val", run / "cache")
+    cache_dir = cache_dir or run / "cache"
+    train = load_cached(Path(cfg.data), "train", cache_dir)
+    val = load_cached(Path(cfg.data), "val", cache_dir)
     rng = np.random.default_rng(cfg.seed)
     log.info("embedding %d jittered views of the training faces", clips.VIEWS)
     train_bank = clips.embedding_bank(embed, train.images, rng)

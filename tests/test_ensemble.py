@@ -110,6 +110,9 @@ def test_ensemble_trains_a_head_the_edge_can_load(members: list[Path], tmp_path:
     own = [heads[0].predict(windows[:, :, :dim], verbose=0), heads[1].predict(windows[:, :, dim:], verbose=0)]
     np.testing.assert_allclose(probs, (own[0] + own[1]) / 2, atol=1e-5)
     assert np.abs(own[0] - own[1]).max() > 1e-3  # two heads, not one counted twice
+    # the faces are decoded once for the run, not once per member
+    assert (tmp_path / "run" / "cache" / "train.npz").exists()
+    assert not any((tmp_path / "run" / f"member{i}" / "cache").exists() for i in range(2))
 
 
 def test_cli_names_a_missing_member(tmp_path: Path) -> None:
