@@ -177,7 +177,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         window=int(config["model"]["window"]),
         embed_dim=int(encoder.output_shape[-1]),
         architecture=config["model"],
-        training=config["train"],
+        training=manifest.shown_training(config["train"]),
         source_checkpoint=str(best.relative_to(ROOT) if best.is_relative_to(ROOT) else best),
         files={e.name: manifest.file_entry(e.path, args.out, inputs=e.inputs, outputs=e.outputs, opset=OPSET)
                for e in exported},

@@ -282,7 +282,7 @@ def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirro
         embed_dim=dim,
         architecture={"ensemble_of": len(members), "lstm_units": model_cfg.lstm_units, "window": window,
                       "heads": "one per member, on its own embedding; probabilities averaged"},
-        training={"head": {k: v for k, v in asdict(cfg).items() if k not in STAGE1_ONLY},
+        training={"head": manifest.shown_training({k: v for k, v in asdict(cfg).items() if k not in STAGE1_ONLY}),
                   "members": [m.summary() for m in members]},
         files={name: manifest.file_entry(out_dir / f"{name}.onnx", out_dir, inputs=i, outputs=o, opset=OPSET)
                for name, (i, o) in shapes.items()},

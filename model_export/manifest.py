@@ -46,6 +46,18 @@ def shown(path: Path) -> str:
     return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
+PATH_SETTINGS = ("data", "run_dir", "init_from", "teacher")
+
+
+def shown_training(settings: dict) -> dict:
+    """Training settings as a manifest records them: their paths through :func:`shown`.
+
+    ``model_export``'s defaults are absolute (``data/`` under the repository), and a manifest ships
+    to machines where the build machine's paths mean nothing.
+    """
+    return {k: shown(v) if k in PATH_SETTINGS and v is not None else v for k, v in settings.items()}
+
+
 def file_entry(path: Path, models_dir: Path, **extra) -> dict:
     return {"file": str(path.relative_to(models_dir)), "sha256": sha256(path),
             "bytes": path.stat().st_size, **extra}

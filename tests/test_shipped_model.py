@@ -31,6 +31,31 @@ def test_manifest_matches_files() -> None:
     assert manifest["files"]["head"]["inputs"] == {"embeddings": ["N", manifest["window"], manifest["embed_dim"]]}
 
 
+def test_manifest_records_no_build_machine_path() -> None:
+    """Every path a shipped manifest records is relative to the repository: it is read on other machines."""
+    from model_export.manifest import PATH_SETTINGS
+
+    def paths(node: object) -> list[str]:
+        if isinstance(node, dict):
+            return [v for k, v in node.items() if k in (*PATH_SETTINGS, "folder", "source_checkpoint") and v] + \
+                [p for v in node.values() for p in paths(v)]
+        return [p for v in node for p in paths(v)] if isinstance(node, list) else []
+
+    for folder in [MODELS, *sorted((MODELS / "members").iterdir())]:
+        recorded = paths(json.loads((folder / "manifest.json").read_text()))
+        assert recorded and not [p for p in recorded if Path(p).is_absolute()], (folder, recorded)
+
+
+def test_training_settings_are_recorded_relative_to_the_repository(monkeypatch: pytest.MonkeyPatch) -> None:
+    from model_export.manifest import shown_training
+
+    monkeypatch.chdir(ROOT)
+    settings = {"data": str(ROOT / "data"), "run_dir": "runs/x", "init_from": None, "teacher": "/elsewhere/v5",
+                "seed": 1337}
+    assert shown_training(settings) == {"data": "data", "run_dir": "runs/x", "init_from": None,
+                                        "teacher": "/elsewhere/v5", "seed": 1337}
+
+
 def test_shipped_encoder_is_its_members_seen_twice(fer_val: Path) -> None:
     """The shipped encoder was fused by `model_export ensemble` from models/members/: each member,
     run alone on a face and on its mirror image, averaged and concatenated, gives its embedding."""
