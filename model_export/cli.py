@@ -103,8 +103,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         architecture = json.loads(recorded.read_text())["model"]
     if args.distill_weight is not None and not args.teacher:
         raise UsageError("--distill-weight needs --teacher MODEL_DIR: the model whose probabilities to learn")
-    if args.teacher:
-        _existing(args.teacher / "manifest.json", "teacher manifest",
+    for teacher in args.teacher or []:
+        _existing(teacher / "manifest.json", "teacher manifest",
                   "pass --teacher a folder written by `model_export export` or `ensemble` (e.g. models)")
 
     from model_export.model import ModelConfig  # TensorFlow loads here, after the arguments are checked
@@ -118,8 +118,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(data=str(args.data), run_dir=str(args.run), epochs=args.epochs,
                       head_epochs=args.head_epochs, batch_size=args.batch_size,
                       learning_rate=args.lr, seed=args.seed, init_from=init_from and str(init_from),
-                      augment=args.augment, label_smoothing=args.label_smoothing, xla=not args.no_xla,
-                      teacher=args.teacher and str(args.teacher), distill_weight=args.distill_weight or 0.5)
+                      augment=args.augment, label_smoothing=args.label_smoothing, xla=args.xla,
+                      teacher=args.teacher and [str(t) for t in args.teacher],
+                      distill_weight=args.distill_weight or 0.5)
     verbose = 1 if sys.stdout.isatty() else 2  # a progress bar on a terminal, one line per epoch in logs
     if args.stage in ("all", "encoder"):
         train_encoder(cfg, model_cfg, resume=args.resume, verbose=verbose)
@@ -178,7 +179,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         embed_dim=int(encoder.output_shape[-1]),
         architecture=config["model"],
         training=manifest.shown_training(config["train"]),
-        source_checkpoint=str(best.relative_to(ROOT) if best.is_relative_to(ROOT) else best),
+        source_checkpoint=manifest.shown(best),
         files={e.name: manifest.file_entry(e.path, args.out, inputs=e.inputs, outputs=e.outputs, opset=OPSET)
                for e in exported},
         parity=checks,
@@ -260,9 +261,10 @@ def parser() -> argparse.ArgumentParser:
                         "light (flips, small warps and light only; for a last fine-tune with --init-from)")
     t.add_argument("--label-smoothing", type=_smoothing, default=0.1,
                    help="label smoothing of the training targets, from 0 up to 1 (default 0.1)")
-    t.add_argument("--no-xla", action="store_true",
-                   help="train without XLA compilation: XLA halved an epoch's time on an AMD EPYC but made it 1.28x "
-                        "longer on an Intel Xeon with AMX; time one epoch each way on a new machine")
+    t.add_argument("--xla", choices=("auto", "on", "off"), default="auto",
+                   help="compile stage 1 with XLA (TensorFlow backend): auto (default) turns it off on CPUs with "
+                        "AVX-512, where TensorFlow's own kernels measured 1.28-1.29x faster, and on elsewhere (it "
+                        "halved an epoch on an AVX2 EPYC); time one epoch each way on a new machine")
     t.add_argument("--window", type=positive_int, default=8, help="frames per window T")
     t.add_argument("--seed", type=int, default=1337,
                    help="seed of weights, augmentation and clip synthesis (default 1337)")
@@ -284,9 +286,10 @@ def parser() -> argparse.ArgumentParser:
                         "6x6 tokens (default 1,2,2; releases before v4 used 2,2,0; a new encoder only)")
     t.add_argument("--embed-dim", type=positive_int, help="token and embedding width (default 128; a new encoder only)")
     t.add_argument("--heads", type=positive_int, help="attention heads per block (default 4; a new encoder only)")
-    t.add_argument("--teacher", type=Path, metavar="MODEL_DIR",
+    t.add_argument("--teacher", type=Path, metavar="MODEL_DIR", action="append",
                    help="distil an exported model (e.g. an ensemble from `model_export ensemble`) into the encoder: "
-                        "stage 1 learns its probabilities on each training face along with the label")
+                        "stage 1 learns its probabilities on each training face along with the label; repeat it "
+                        "to learn the average of several models' probabilities (their late fusion)")
     t.add_argument("--distill-weight", type=_fraction,
                    help="share of the teacher's probabilities in each target, above 0 and at most 1 (default 0.5)")
     t.set_defaults(func=cmd_train)

@@ -40,10 +40,18 @@ def update(models_dir: Path, **sections) -> dict:
     return manifest
 
 
-def shown(path: Path) -> str:
-    """``path`` relative to the working directory when inside it: manifests must not leak home paths."""
+#: The repository: recorded paths are relative to it, whatever the working directory was.
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shown(path: Path | str) -> str:
+    """``path`` relative to the repository when inside it, as the README's commands name it.
+
+    Manifests ship to machines where the build machine's home paths mean nothing, and the same
+    file must be recorded the same way whichever folder a command was started from.
+    """
     path = Path(path).resolve()
-    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 PATH_SETTINGS = ("data", "run_dir", "init_from", "teacher")
@@ -55,7 +63,10 @@ def shown_training(settings: dict) -> dict:
     ``model_export``'s defaults are absolute (``data/`` under the repository), and a manifest ships
     to machines where the build machine's paths mean nothing.
     """
-    return {k: shown(v) if k in PATH_SETTINGS and v is not None else v for k, v in settings.items()}
+    def recorded(value):
+        return [shown(v) for v in value] if isinstance(value, list | tuple) else shown(value)
+
+    return {k: recorded(v) if k in PATH_SETTINGS and v is not None else v for k, v in settings.items()}
 
 
 def file_entry(path: Path, models_dir: Path, **extra) -> dict:

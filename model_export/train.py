@@ -44,11 +44,11 @@ class TrainConfig:
     warmup_epochs: int = 2
     label_smoothing: float = 0.1
     augment: str = "webcam"  # a model_export.augment.PRESETS name
-    xla: bool = True  # compile stage-1 steps with XLA (see _jit)
+    xla: str = "auto"  # compile stage-1 steps with XLA: "auto", "on" or "off" (see _jit)
     class_weight_power: float = 0.5
     seed: int = 1337
     init_from: str | None = None  # an exported encoder.onnx to start stage 1 from (model_export.warm_start)
-    teacher: str | None = None  # an exported model folder whose probabilities stage 1 also learns (distillation)
+    teacher: list[str] | None = None  # exported model folders whose averaged probabilities stage 1 also learns
     distill_weight: float = 0.5  # share of the teacher's probabilities in each stage-1 target
 
 
@@ -62,27 +62,42 @@ def class_weights(counts: np.ndarray, power: float) -> np.ndarray:
     return (weights / (weights * counts).sum() * counts.sum()).astype(np.float32)
 
 
-def teacher_probabilities(teacher: Path, faces: Faces, cache_dir: Path) -> np.ndarray:
-    """``(N, 7)`` probabilities of an exported model (each face as a still window, through ONNX
-    Runtime, exactly as ``model_export evaluate`` runs it), cached per teacher encoder for --resume.
+def teacher_cache(teacher: Path, cache_dir: Path) -> Path:
+    """Where one teacher's probabilities are kept: named by its encoder and head, so two releases
+    that share an encoder (v4 and a retrained head) never read each other's."""
+    from edge_agent.emotion_model import read_manifest
 
-    They are computed once on the un-augmented faces: a mirror-averaged teacher gives a flipped
-    face the same answer, and the small warps of augmentation rarely change what a face shows.
+    files = read_manifest(teacher)["files"]
+    return cache_dir / f"teacher-{files['encoder']['sha256'][:16]}-{files['head']['sha256'][:16]}.npy"
+
+
+def teacher_probabilities(teachers: list[Path], faces: Faces, cache_dir: Path) -> np.ndarray:
+    """``(N, 7)`` probabilities of exported models, averaged: several folders teach as one late fusion.
+
+    Each model runs each face as a still window through ONNX Runtime, exactly as ``model_export
+    evaluate`` runs it, and its probabilities are cached per encoder and head for --resume. They are
+    computed once on the un-augmented faces: a mirror-averaged teacher gives a flipped face the
+    same answer, and the small warps of augmentation rarely change what a face shows. Averaging
+    folders (e.g. two releases) builds a stronger teacher without training a head for it.
     """
-    from edge_agent.emotion_model import EmotionModel, read_manifest
+    from edge_agent.emotion_model import EmotionModel
     from model_export.evaluate import Predictor, metrics
 
-    digest = read_manifest(teacher)["files"]["encoder"]["sha256"][:16]
-    cache = cache_dir / f"teacher-{digest}.npy"
-    if cache.exists():
-        probs = np.load(cache)
-        if len(probs) == len(faces):
-            return probs
-    log.info("running the teacher %s on %d training faces", teacher, len(faces))
-    probs = Predictor(EmotionModel.load(teacher, backend="onnxruntime")).still(faces.images)
-    log.info("teacher accuracy on the training faces %.4f", metrics(faces.labels, probs)["accuracy"])
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    np.save(cache, probs)
+    fused = []
+    for teacher in teachers:
+        cache = teacher_cache(teacher, cache_dir)
+        probs = np.load(cache) if cache.exists() else None
+        if probs is None or len(probs) != len(faces):
+            log.info("running the teacher %s on %d training faces", teacher, len(faces))
+            probs = Predictor(EmotionModel.load(teacher, backend="onnxruntime")).still(faces.images)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            np.save(cache, probs)
+        log.info("teacher %s: accuracy on the training faces %.4f", teacher, metrics(faces.labels, probs)["accuracy"])
+        fused.append(probs)
+    probs = np.mean(fused, axis=0).astype(np.float32)
+    if len(teachers) > 1:
+        log.info("the %d teachers averaged: accuracy on the training faces %.4f", len(teachers),
+                 metrics(faces.labels, probs)["accuracy"])
     return probs
 
 
@@ -154,16 +169,28 @@ def _best_so_far(history: Path) -> float | None:
     return max(scores) if scores else None
 
 
-def _jit(cfg: TrainConfig) -> bool | str:
-    """XLA for the TensorFlow backend unless ``cfg.xla`` is off.
-
-    Keras' "auto" leaves it off on TensorFlow. Which is faster depends on the CPU: a stage-1 epoch
-    (v2 architecture, batch 128, 2 cores) took about half as long with XLA on an AMD EPYC (AVX2),
-    and 192 s with it against 150 s without on an Intel Xeon (AVX-512, AMX).
-    """
-    if not cfg.xla:
+def _cpu_has_avx512() -> bool:
+    try:
+        return " avx512f " in f" {Path('/proc/cpuinfo').read_text()} ".replace("\n", " ")
+    except OSError:  # not Linux: no way to tell, keep XLA
         return False
-    return True if keras.backend.backend() == "tensorflow" else "auto"
+
+
+def _jit(cfg: TrainConfig) -> bool | str:
+    """Whether stage 1 runs XLA-compiled: ``cfg.xla`` "on"/"off", or "auto" to pick by the CPU.
+
+    Keras' own "auto" leaves XLA off on TensorFlow. Which is faster depends on the CPU (stage 1,
+    batch 128, 2 cores): XLA halved an epoch on an AMD EPYC with AVX2, but an epoch took 192 s with
+    it against 150 s without on an Intel Xeon with AVX-512 and AMX, and 40 training steps of the
+    default encoder took 40.2 s with it against 31.3 s without on an AMD EPYC with AVX-512 (median
+    of 3 whole processes each). Without XLA TensorFlow runs oneDNN's kernels, which use AVX-512
+    where the CPU has it; "auto" therefore turns XLA off on AVX-512 CPUs and on elsewhere.
+    """
+    if cfg.xla == "off":
+        return False
+    if keras.backend.backend() != "tensorflow":
+        return "auto"
+    return cfg.xla == "on" or not _cpu_has_avx512()
 
 
 def train_encoder(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, verbose: int = 1) -> Path:
@@ -200,7 +227,7 @@ def train_encoder(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, verbos
             jit_compile=_jit(cfg),
         )
     if initial_epoch < cfg.epochs:
-        teacher = teacher_probabilities(Path(cfg.teacher), train, run / "cache") if cfg.teacher else None
+        teacher = teacher_probabilities([Path(t) for t in cfg.teacher], train, run / "cache") if cfg.teacher else None
         targets = frame_targets(train.labels, teacher, cfg.distill_weight)
         model.fit(
             FrameBatches(train, targets, cfg.batch_size, weights, cfg.seed + initial_epoch,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from model_export.train import (  # noqa: E402
     embed_faces,
     encoder_of,
     frame_targets,
+    teacher_cache,
     teacher_probabilities,
     train_encoder,
     train_head,
@@ -136,17 +138,48 @@ def test_training_with_a_teacher_learns_its_probabilities(tiny_data: Path, tmp_p
     from model_export.evaluate import Predictor
 
     run = tmp_path / "run"
-    cfg = TrainConfig(data=str(tiny_data), run_dir=str(run), epochs=1, batch_size=16, teacher=str(MODELS),
+    cfg = TrainConfig(data=str(tiny_data), run_dir=str(run), epochs=1, batch_size=16, teacher=[str(MODELS)],
                       distill_weight=0.5)
     train_encoder(cfg, TINY, resume=False, verbose=0)
-    assert json.loads((run / "config.json").read_text())["train"]["teacher"] == str(MODELS)
+    assert json.loads((run / "config.json").read_text())["train"]["teacher"] == [str(MODELS)]
     [cache] = (run / "cache").glob("teacher-*.npy")
     faces = load_class_folders(tiny_data / "train")
     expected = Predictor(EmotionModel.load(MODELS, backend="onnxruntime")).still(faces.images)
     np.testing.assert_allclose(np.load(cache), expected, atol=1e-5)
     # a resumed run reads the cache instead of running the teacher again
     np.save(cache, np.full_like(expected, 1 / 7))
-    np.testing.assert_allclose(teacher_probabilities(MODELS, faces, run / "cache"), 1 / 7, rtol=1e-6)
+    np.testing.assert_allclose(teacher_probabilities([MODELS], faces, run / "cache"), 1 / 7, rtol=1e-6)
+
+
+def test_several_teachers_teach_the_average_of_their_probabilities(tiny_data: Path, tmp_path: Path) -> None:
+    """Two releases that share an encoder but not a head are two teachers, each with its own cache."""
+    faces = load_class_folders(tiny_data / "train")
+    manifest = json.loads((MODELS / "manifest.json").read_text())
+    rng = np.random.default_rng(5)
+    teachers, taught = [], []
+    (tmp_path / "cache").mkdir()
+    for name in ("release", "retrained-head"):
+        folder = tmp_path / name
+        folder.mkdir()
+        manifest["files"]["head"]["sha256"] = hashlib.sha256(name.encode()).hexdigest()
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        probs = rng.dirichlet(np.ones(7), size=len(faces)).astype(np.float32)
+        np.save(teacher_cache(folder, tmp_path / "cache"), probs)
+        teachers.append(folder)
+        taught.append(probs)
+    assert len(list((tmp_path / "cache").glob("teacher-*.npy"))) == 2
+    np.testing.assert_allclose(teacher_probabilities(teachers, faces, tmp_path / "cache"), np.mean(taught, axis=0),
+                               atol=1e-7)
+
+
+@pytest.mark.parametrize(("setting", "avx512", "compiled"), [
+    ("auto", True, False), ("auto", False, True), ("on", True, True), ("off", False, False)])
+def test_xla_auto_leaves_avx512_cpus_to_tensorflows_own_kernels(monkeypatch: pytest.MonkeyPatch, setting: str,
+                                                                 avx512: bool, compiled: bool) -> None:
+    from model_export import train
+
+    monkeypatch.setattr(train, "_cpu_has_avx512", lambda: avx512)
+    assert train._jit(TrainConfig(data="data", run_dir="run", xla=setting)) is compiled
 
 
 #: Stage 1 in a process on Keras' JAX backend with TensorFlow unimportable, as on the GPU machines,
@@ -210,7 +243,7 @@ def test_cli_trains_a_new_shape_and_resumes_it_in_that_shape(tiny_data: Path, tm
     shape = ["--stem-filters", "8,8,24", "--stem-depths", "1,1,1", "--embed-dim", "24", "--heads", "3",
              "--depth", "1", "--mlp-dim", "16"]
     common = ["--data", str(tiny_data), "--run", "run", "--stage", "encoder", "--batch-size", "16",
-              "--augment", "light", "--label-smoothing", "0", "--no-xla"]
+              "--augment", "light", "--label-smoothing", "0", "--xla", "off"]
     first = _train_cli(*common, *shape, "--epochs", "1", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     resumed = _train_cli(*common, "--epochs", "2", "--resume", cwd=tmp_path)
@@ -219,7 +252,7 @@ def test_cli_trains_a_new_shape_and_resumes_it_in_that_shape(tiny_data: Path, tm
     assert (recorded["model"]["stem_filters"], recorded["model"]["stem_depths"]) == ([8, 8, 24], [1, 1, 1])
     assert (recorded["model"]["embed_dim"], recorded["model"]["heads"]) == (24, 3)
     assert {k: recorded["train"][k] for k in ("epochs", "augment", "label_smoothing", "xla")} == {
-        "epochs": 2, "augment": "light", "label_smoothing": 0.0, "xla": False}
+        "epochs": 2, "augment": "light", "label_smoothing": 0.0, "xla": "off"}
     encoder = keras.models.load_model(tmp_path / "run" / "encoder_last.keras").get_layer("encoder")
     assert encoder.output_shape == (None, 24)
     with (tmp_path / "run" / "history.csv").open() as handle:

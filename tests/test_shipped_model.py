@@ -37,7 +37,8 @@ def test_manifest_records_no_build_machine_path() -> None:
 
     def paths(node: object) -> list[str]:
         if isinstance(node, dict):
-            return [v for k, v in node.items() if k in (*PATH_SETTINGS, "folder", "source_checkpoint") and v] + \
+            named = [v for k, v in node.items() if k in (*PATH_SETTINGS, "folder", "source_checkpoint") and v]
+            return [p for v in named for p in (v if isinstance(v, list) else [v])] + \
                 [p for v in node.values() for p in paths(v)]
         return [p for v in node for p in paths(v)] if isinstance(node, list) else []
 
@@ -46,14 +47,16 @@ def test_manifest_records_no_build_machine_path() -> None:
         assert recorded and not [p for p in recorded if Path(p).is_absolute()], (folder, recorded)
 
 
-def test_training_settings_are_recorded_relative_to_the_repository(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("cwd", ["repository", "elsewhere"])
+def test_training_settings_are_recorded_relative_to_the_repository(cwd: str, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from model_export.manifest import shown_training
 
-    monkeypatch.chdir(ROOT)
-    settings = {"data": str(ROOT / "data"), "run_dir": "runs/x", "init_from": None, "teacher": "/elsewhere/v5",
-                "seed": 1337}
+    monkeypatch.chdir(ROOT if cwd == "repository" else tmp_path)
+    settings = {"data": str(ROOT / "data"), "run_dir": str(ROOT / "runs" / "x"), "init_from": None,
+                "teacher": [str(ROOT / "models"), "/elsewhere/v5"], "seed": 1337}
     assert shown_training(settings) == {"data": "data", "run_dir": "runs/x", "init_from": None,
-                                        "teacher": "/elsewhere/v5", "seed": 1337}
+                                        "teacher": ["models", "/elsewhere/v5"], "seed": 1337}
 
 
 def test_shipped_encoder_is_its_members_seen_twice(fer_val: Path) -> None:
