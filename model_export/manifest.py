@@ -63,7 +63,7 @@ def shown_training(settings: dict) -> dict:
     ``model_export``'s defaults are absolute (``data/`` under the repository), and a manifest ships
     to machines where the build machine's paths mean nothing.
     """
-    def recorded(value):
+    def recorded(value: str | list[str]) -> str | list[str]:
         return [shown(v) for v in value] if isinstance(value, list | tuple) else shown(value)
 
     return {k: recorded(v) if k in PATH_SETTINGS and v is not None else v for k, v in settings.items()}

@@ -63,8 +63,8 @@ def class_weights(counts: np.ndarray, power: float) -> np.ndarray:
 
 
 def teacher_cache(teacher: Path, cache_dir: Path) -> Path:
-    """Where one teacher's probabilities are kept: named by its encoder and head, so two releases
-    that share an encoder (v4 and a retrained head) never read each other's."""
+    """Where one teacher's probabilities are kept: named by its encoder and head, so two models
+    that share an encoder (a release, and its encoder with a retrained head) never read each other's."""
     from edge_agent.emotion_model import read_manifest
 
     files = read_manifest(teacher)["files"]
