@@ -14,9 +14,20 @@ def listening(port: int) -> bool:
 
 
 def free_port(preferred: int | None = None) -> int:
-    """``preferred`` when nothing listens on it, else any free loopback port."""
-    if preferred and not listening(preferred):
-        return preferred
+    """``preferred`` when a server could bind it now, else any free loopback port.
+
+    Binding is the test, not connecting: a port can be taken with nothing listening on it, as the
+    local end of another program's outgoing connection (Linux hands out ephemeral ports from
+    32768-60999, which holds gRPC's 50051), and a server's bind would then fail.
+    """
+    if preferred:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no obstacle
+            try:
+                s.bind((HOST, preferred))
+                return preferred
+            except OSError:
+                pass
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
