@@ -106,6 +106,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     for teacher in args.teacher or []:
         _existing(teacher / "manifest.json", "teacher manifest",
                   "pass --teacher a folder written by `model_export export` or `ensemble` (e.g. models)")
+        if "head" not in json.loads((teacher / "manifest.json").read_text()).get("files", {}):
+            raise UsageError(f"teacher {teacher} has no head (an --encoder-only member): pass --teacher a model "
+                             "folder written by `model_export ensemble` or `export` without --encoder-only")
 
     from model_export.model import ModelConfig  # TensorFlow loads here, after the arguments are checked
     from model_export.train import TrainConfig, train_encoder, train_head

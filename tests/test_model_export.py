@@ -231,6 +231,9 @@ def _train_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["--distill-weight", "0.3"], "--distill-weight needs --teacher MODEL_DIR: the model whose probabilities to learn"),
     (["--teacher", "nope"], "teacher manifest nope/manifest.json does not exist: pass --teacher a folder written by "
                             "`model_export export` or `ensemble` (e.g. models)"),
+    (["--teacher", str(MODELS), "--teacher", str(MODELS / "members" / "d2t")],
+     f"teacher {MODELS / 'members' / 'd2t'} has no head (an --encoder-only member): pass --teacher a model folder "
+     "written by `model_export ensemble` or `export` without --encoder-only"),
 ])
 def test_cli_names_what_is_wrong_with_a_teacher(tmp_path: Path, extra: list[str], message: str) -> None:
     result = _train_cli("--data", str(tmp_path), *extra, cwd=tmp_path)
