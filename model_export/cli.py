@@ -104,9 +104,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.distill_weight is not None and not args.teacher:
         raise UsageError("--distill-weight needs --teacher MODEL_DIR: the model whose probabilities to learn")
     for teacher in args.teacher or []:
-        _existing(teacher / "manifest.json", "teacher manifest",
-                  "pass --teacher a folder written by `model_export export` or `ensemble` (e.g. models)")
-        if "head" not in json.loads((teacher / "manifest.json").read_text()).get("files", {}):
+        teacher_manifest = _existing(teacher / "manifest.json", "teacher manifest",
+                                     "pass --teacher a folder written by `model_export export` or `ensemble` "
+                                     "(e.g. models)")
+        if "head" not in json.loads(teacher_manifest.read_text()).get("files", {}):
             raise UsageError(f"teacher {teacher} has no head (an --encoder-only member): pass --teacher a model "
                              "folder written by `model_export ensemble` or `export` without --encoder-only")
 
