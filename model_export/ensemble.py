@@ -13,7 +13,8 @@ ordinary ``encoder.onnx`` / ``head.onnx`` pair with a wider embedding, so nothin
 Members are exported model folders (``manifest.json`` + ``encoder.onnx``), so an earlier shipped
 model whose Keras checkpoint is gone can still take part. The graphs are joined with the ``onnx``
 package (each member's nodes and weights prefixed, its input rewired), not re-traced, so every
-member computes exactly what it computed alone; :func:`parity` checks that on real faces.
+member computes what it computed alone, to float rounding once :mod:`model_export.graph_fusion`
+has fused its LayerNorms and GELUs; :func:`parity` checks that on real faces.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from onnx import TensorProto, compose, helper, numpy_helper
 
 from edge_agent.emotion_model import ModelError, face_tensor
 from edge_agent.faces.align import SIZE
+from model_export import graph_fusion
 from model_export.manifest import shown
 
 log = logging.getLogger(__name__)
@@ -110,7 +112,8 @@ def _model(nodes: list, initializers: list, inputs: list, outputs: list, opsets:
 
 def fuse_encoders(members: list[Member], mirror: bool) -> onnx.ModelProto:
     """``face (N,48,48,1) -> embedding (N, sum of member dims)``; with ``mirror``, each member's
-    embedding is the mean of its embeddings of the face and of its left-right mirror image."""
+    embedding is the mean of its embeddings of the face and of its left-right mirror image.
+    LayerNorms and GELUs come out fused (:mod:`model_export.graph_fusion`)."""
     nodes, weights = [], []
     feed = "face"
     if mirror:
@@ -144,10 +147,12 @@ def fuse_encoders(members: list[Member], mirror: bool) -> onnx.ModelProto:
     nodes.append(helper.make_node("Concat", parts, ["embedding"], axis=1, name="join_members"))
     dim = sum(m.embed_dim for m in members)
     encoders = [m.encoder for m in members]
-    return _model(nodes, weights,
-                  [helper.make_tensor_value_info("face", TensorProto.FLOAT, ["N", *FACE])],
-                  [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", dim])],
-                  _opsets(encoders), "ensemble_encoder", max(e.ir_version for e in encoders))
+    fused, _ = graph_fusion.fuse(_model(
+        nodes, weights,
+        [helper.make_tensor_value_info("face", TensorProto.FLOAT, ["N", *FACE])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", dim])],
+        _opsets(encoders), "ensemble_encoder", max(e.ir_version for e in encoders)))
+    return fused  # members exported before graph_fusion existed get their fused kernels here
 
 
 def compose_clip(encoder: onnx.ModelProto, head: onnx.ModelProto, window: int, dim: int) -> onnx.ModelProto:

@@ -7,7 +7,9 @@ who want one graph. Batch is dynamic everywhere.
 Keras' exact GELU lowers to TensorFlow's ``Erfc``, which has no ONNX operator; tf2onnx leaves it
 unconverted, and :func:`_lower_erfc` rewrites each one as ``1 - Erf(x)`` (exact, ONNX has Erf).
 tf2onnx's ERROR lines about ``Erfc`` are therefore dropped (:class:`_HandledErfc`): an admin reading
-an export log should see errors only for what is really left unconverted.
+an export log should see errors only for what is really left unconverted. Every graph then goes
+through :func:`model_export.graph_fusion.fuse`, so ONNX Runtime runs each LayerNorm and GELU as one
+kernel.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import tf2onnx
 from onnx import helper, numpy_helper
 
 from edge_agent.emotion_model import face_tensor
+from model_export import graph_fusion
 from model_export.model import INPUT_SIZE, build_clip_model
 
 log = logging.getLogger(__name__)
@@ -88,7 +91,7 @@ def convert(model: keras.Model, input_name: str, input_shape: tuple, output_name
         proto, _ = tf2onnx.convert.from_function(forward, input_signature=spec, opset=opset)
     finally:
         tf2onnx_log.removeFilter(handled)
-    proto = _lower_erfc(proto)
+    proto, _ = graph_fusion.fuse(_lower_erfc(proto))
     for value in (*proto.graph.input, *proto.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "N"
     onnx.checker.check_model(proto, full_check=True)

@@ -1,0 +1,105 @@
+"""``model_export.graph_fusion`` / ``model_export optimize``: a tf2onnx encoder's LayerNorms and GELUs
+become kernels ONNX Runtime fuses, its outputs stay the same, and a folder's manifest follows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import MODELS
+
+from edge_agent.emotion_model import ModelError, face_tensor, sha256
+from model_export.datasets import load_class_folders
+from model_export.graph_fusion import fuse, fuse_folder
+
+#: a shipped member exported before this pass existed: g5t's architecture, 6 blocks, 3-stage conv stem
+UNFUSED = MODELS / "members" / "g6t"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def faces(fer_val: Path) -> np.ndarray:
+    return load_class_folders(fer_val, limit_per_class=4).images
+
+
+def _ops(model: onnx.ModelProto) -> Counter:
+    return Counter(node.op_type for node in model.graph.node)
+
+
+def _embed(model: onnx.ModelProto | Path, faces: np.ndarray) -> np.ndarray:
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, {"face": face_tensor(faces)})[0]
+
+
+def test_layer_norms_and_gelus_are_rewritten_and_compute_the_same(faces: np.ndarray) -> None:
+    before = onnx.load(str(UNFUSED / "encoder.onnx"))
+    assert _ops(before)["Reciprocal"] == 13 and _ops(before)["Erf"] == 12  # 13 LayerNorms, 12 GELUs
+
+    fused, counts = fuse(onnx.load(str(UNFUSED / "encoder.onnx")))
+    ops = _ops(fused)
+    assert counts == {"layer_norm": 13, "gelu": 12}
+    assert ops["LayerNormalization"] == 13
+    assert not ops["Reciprocal"] and not ops["Sqrt"] and not ops["Neg"] and not ops["Sub"]
+    assert len(fused.graph.node) < len(before.graph.node) - 13 * 12
+    np.testing.assert_allclose(_embed(fused, faces), _embed(UNFUSED / "encoder.onnx", faces), atol=1e-5)
+
+
+def test_onnx_runtime_runs_each_gelu_as_one_kernel(tmp_path: Path) -> None:
+    """The point of the GELU rewrite: ONNX Runtime's own optimiser recognises it."""
+    fused, _ = fuse(onnx.load(str(UNFUSED / "encoder.onnx")))
+
+    def optimised_ops(model: onnx.ModelProto, name: str) -> Counter:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(tmp_path / name)
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return _ops(onnx.load(str(tmp_path / name)))
+
+    assert optimised_ops(fused, "fused.onnx")["Gelu"] == 12
+    assert optimised_ops(fused, "fused.onnx")["Erf"] == 0
+    unfused = optimised_ops(onnx.load(str(UNFUSED / "encoder.onnx")), "unfused.onnx")
+    assert unfused["Gelu"] == 0 and unfused["Erf"] == 12  # what the exported graph ran before
+
+
+def test_a_fused_graph_is_left_as_it_is() -> None:
+    fused, _ = fuse(onnx.load(str(UNFUSED / "encoder.onnx")))
+    again, counts = fuse(onnx.ModelProto.FromString(fused.SerializeToString()))
+    assert counts == {"layer_norm": 0, "gelu": 0}
+    assert again.SerializeToString() == fused.SerializeToString()
+
+
+def test_optimize_rewrites_a_folder_and_its_manifest(tmp_path: Path, fer_val: Path) -> None:
+    folder = tmp_path / "g6t"
+    shutil.copytree(UNFUSED, folder)
+    cmd = [sys.executable, "-m", "model_export", "optimize", "--models", str(folder), "--data", str(fer_val)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert '"layer_norm": 13, "gelu": 12' in done.stdout
+
+    recorded = json.loads((folder / "manifest.json").read_text())
+    assert recorded["files"]["encoder"]["sha256"] == sha256(folder / "encoder.onnx")
+    assert recorded["files"]["encoder"]["sha256"] != sha256(UNFUSED / "encoder.onnx")
+    assert recorded["graph_fusion"]["encoder"]["max_abs_diff"] <= 1e-4
+    assert recorded["version"] == json.loads((UNFUSED / "manifest.json").read_text())["version"]  # rest kept
+
+    rewritten = (folder / "encoder.onnx").read_bytes()
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert again.returncode == 0 and "nothing left to fuse" in again.stdout
+    assert (folder / "encoder.onnx").read_bytes() == rewritten
+
+
+def test_a_rewrite_that_moves_the_outputs_writes_nothing(tmp_path: Path, faces: np.ndarray) -> None:
+    folder = tmp_path / "g6t"
+    shutil.copytree(UNFUSED, folder)
+    before = (folder / "encoder.onnx").read_bytes(), (folder / "manifest.json").read_bytes()
+    with pytest.raises(ModelError, match="the originals are untouched"):
+        fuse_folder(folder, faces, tolerance=0.0)  # float rounding alone exceeds a zero tolerance
+    assert ((folder / "encoder.onnx").read_bytes(), (folder / "manifest.json").read_bytes()) == before
