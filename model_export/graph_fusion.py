@@ -115,10 +115,14 @@ def _gelu(g: _Graph, erf: onnx.NodeProto) -> list[tuple[onnx.NodeProto, onnx.Nod
     name = erf.input[0]
     while (node := g.made_by(name, "Transpose")) is not None:
         name = node.input[0]
+        if len(g.consumers[node.output[0]]) != 1:
+            return None
     times = g.made_by(name, "Mul")
     negated = times and next((g.made_by(i, "Neg") for i in times.input if g.made_by(i, "Neg")), None)
     constant = times and negated and g.scalar(g.other(times, negated.output[0]))
-    if constant is None or abs(constant - SQRT_HALF) > 1e-6 or len(g.consumers[negated.output[0]]) != 1:
+    # the sign flips on the way to Erf only: anything else reading -x/√2 would get x/√2
+    if (constant is None or abs(constant - SQRT_HALF) > 1e-6 or len(g.consumers[negated.output[0]]) != 1
+            or len(g.consumers[times.output[0]]) != 1):
         return None
     if ROOT_TWO not in g.weights:
         g.weights[ROOT_TWO] = numpy_helper.from_array(np.array(np.sqrt(2), np.float32), ROOT_TWO)
@@ -130,12 +134,15 @@ def _gelu(g: _Graph, erf: onnx.NodeProto) -> list[tuple[onnx.NodeProto, onnx.Nod
 
 
 def fuse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """``model`` with its LayerNorms and GELUs rewritten (in place); returns it and how many of each."""
+    """``model`` with its LayerNorms and GELUs rewritten (in place); returns it and how many of each.
+
+    LayerNorms are left as they are below opset 17, which has no ``LayerNormalization``."""
     g = _Graph(model.graph)
     swaps: dict[int, onnx.NodeProto | None] = {}
     counts = {"layer_norm": 0, "gelu": 0}
+    has_layer_norm_op = any(o.domain in ("", "ai.onnx") and o.version >= 17 for o in model.opset_import)
     for node in list(model.graph.node):
-        if node.op_type == "Reciprocal" and (match := _layer_norm(g, node)):
+        if node.op_type == "Reciprocal" and has_layer_norm_op and (match := _layer_norm(g, node)):
             replaced, fused = match
             swaps.update({id(n): None for n in replaced})
             swaps[id(replaced[-1])] = fused
@@ -150,8 +157,6 @@ def fuse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
     kept = [t for t in model.graph.initializer if t.name in used]  # e.g. the old epsilon constants
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
-    if counts["layer_norm"] and not any(o.domain in ("", "ai.onnx") and o.version >= 17 for o in model.opset_import):
-        raise ValueError("LayerNormalization needs opset 17 or newer: export with --opset 17")
     onnx.checker.check_model(model, full_check=True)
     log.info("fused %d LayerNorms and %d GELUs", counts["layer_norm"], counts["gelu"])
     return model, counts

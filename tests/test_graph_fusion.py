@@ -103,3 +103,43 @@ def test_a_rewrite_that_moves_the_outputs_writes_nothing(tmp_path: Path, faces: 
     with pytest.raises(ModelError, match="the originals are untouched"):
         fuse_folder(folder, faces, tolerance=0.0)  # float rounding alone exceeds a zero tolerance
     assert ((folder / "encoder.onnx").read_bytes(), (folder / "manifest.json").read_bytes()) == before
+
+
+def test_below_opset_17_layer_norms_stay_as_they_are() -> None:
+    """ONNX has LayerNormalization from opset 17 on; an older export keeps its moments arithmetic."""
+    model = onnx.load(str(UNFUSED / "encoder.onnx"))
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = 16
+    fused, counts = fuse(model)
+    assert counts == {"layer_norm": 0, "gelu": 12}
+    assert _ops(fused)["Reciprocal"] == 13 and not _ops(fused)["LayerNormalization"]
+
+
+def _erfc_gelu(extra_reader: bool) -> onnx.ModelProto:
+    """``y = 0.5·x·(1 - Erf(-x·(1/√2)))`` as tf2onnx writes it, with ``-x/√2`` also read by another node."""
+    h = onnx.helper
+    consts = {"half": 0.5, "root_half": float(1 / np.sqrt(2)), "one": 1.0}
+    nodes = [h.make_node("Neg", ["x"], ["neg"]), h.make_node("Mul", ["neg", "root_half"], ["scaled"]),
+             h.make_node("Erf", ["scaled"], ["erf"]), h.make_node("Sub", ["one", "erf"], ["erfc"]),
+             h.make_node("Mul", ["half", "x"], ["half_x"]), h.make_node("Mul", ["half_x", "erfc"], ["y"])]
+    outputs = [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])]
+    if extra_reader:
+        nodes.append(h.make_node("Identity", ["scaled"], ["also"]))
+        outputs.append(h.make_tensor_value_info("also", onnx.TensorProto.FLOAT, [4]))
+    weights = [onnx.numpy_helper.from_array(np.array(v, np.float32), k) for k, v in consts.items()]
+    graph = h.make_graph(nodes, "gelu", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])], outputs,
+                         initializer=weights)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("extra_reader", [False, True])
+def test_a_gelu_is_rewritten_only_when_nothing_else_reads_its_inner_values(extra_reader: bool) -> None:
+    model = _erfc_gelu(extra_reader)
+    x = {"x": np.array([-2.0, -0.5, 0.3, 1.7], np.float32)}
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)
+    fused, counts = fuse(model)
+    after = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)
+    assert counts["gelu"] == (0 if extra_reader else 1)
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_allclose(b, a, atol=1e-6)
