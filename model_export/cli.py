@@ -229,7 +229,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     report = graph_fusion.fuse_folder(args.models, faces)
     for name, counts in report.items():
         print(f"{args.models / (name + '.onnx')}: {json.dumps(counts)}")
-    if (args.models / "encoder.int8.onnx").exists() and "encoder" in report and "max_abs_diff" in report["encoder"]:
+    if (args.models / "encoder.int8.onnx").exists() and "max_abs_diff" in report.get("encoder", {}):
         print(f"encoder.int8.onnx was quantized from the previous encoder; rebuild it from the fused one: "
               f"model_export quantize --models {args.models}")
     return 0

@@ -118,7 +118,7 @@ def _gelu(g: _Graph, erf: onnx.NodeProto) -> list[tuple[onnx.NodeProto, onnx.Nod
         if len(g.consumers[node.output[0]]) != 1:
             return None
     times = g.made_by(name, "Mul")
-    negated = times and next((g.made_by(i, "Neg") for i in times.input if g.made_by(i, "Neg")), None)
+    negated = times and next(filter(None, (g.made_by(i, "Neg") for i in times.input)), None)
     constant = times and negated and g.scalar(g.other(times, negated.output[0]))
     # the sign flips on the way to Erf only: anything else reading -x/√2 would get x/√2
     if (constant is None or abs(constant - SQRT_HALF) > 1e-6 or len(g.consumers[negated.output[0]]) != 1
