@@ -80,9 +80,10 @@ def tiny_data(tmp_path_factory, fer_val: Path) -> Path:
 def test_train_resume_head_and_export_parity(tiny_data: Path, tmp_path: Path, fer_val: Path,
                                             caplog: pytest.LogCaptureFixture) -> None:
     run = tmp_path / "run"
-    cfg = TrainConfig(data=str(tiny_data), run_dir=str(run), epochs=1, head_epochs=1, batch_size=16)
+    # XLA off where the mode does not matter: on these tiny runs its compile would take most of the time
+    cfg = TrainConfig(data=str(tiny_data), run_dir=str(run), epochs=1, head_epochs=1, batch_size=16, xla="off")
     train_encoder(cfg, TINY, resume=False, verbose=0)
-    cfg.epochs = 2
+    cfg.epochs, cfg.xla = 2, "on"  # resumed XLA-compiled: that path runs here on every CPU
     train_encoder(cfg, TINY, resume=True, verbose=0)
     with (run / "history.csv").open() as handle:
         assert [row["epoch"] for row in csv.DictReader(handle)] == ["0", "1"]  # resumed, not restarted
@@ -139,7 +140,7 @@ def test_training_with_a_teacher_learns_its_probabilities(tiny_data: Path, tmp_p
 
     run = tmp_path / "run"
     cfg = TrainConfig(data=str(tiny_data), run_dir=str(run), epochs=1, batch_size=16, teacher=[str(MODELS)],
-                      distill_weight=0.5)
+                      distill_weight=0.5, xla="off")
     train_encoder(cfg, TINY, resume=False, verbose=0)
     assert json.loads((run / "config.json").read_text())["train"]["teacher"] == [str(MODELS)]
     [cache] = (run / "cache").glob("teacher-*.npy")

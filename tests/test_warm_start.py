@@ -119,8 +119,9 @@ def data(tmp_path_factory, fer_val: Path) -> Path:
 @pytest.mark.slow
 def test_training_continues_from_the_exported_encoder(member: Path, tmp_path: Path, data: Path,
                                                       faces: np.ndarray) -> None:
+    # XLA off: on a run this small its compile would take most of the test's time
     cfg = TrainConfig(data=str(data), run_dir=str(tmp_path / "run"), epochs=1, batch_size=16,
-                      learning_rate=0.0, init_from=str(member / "encoder.onnx"))
+                      learning_rate=0.0, init_from=str(member / "encoder.onnx"), xla="off")
     best = train_encoder(cfg, SMALL, resume=False, verbose=0)
     # at a learning rate of zero only the BatchNorm statistics move: the encoder is still the member
     x = faces[..., None].astype(np.float32) / 255.0
@@ -168,7 +169,7 @@ def test_training_grows_a_member_and_trains_its_new_weights(member: Path, tmp_pa
     runs = {}
     for lr in (0.0, 1e-2):
         cfg = TrainConfig(data=str(data), run_dir=str(tmp_path / f"run-{lr}"), epochs=1, batch_size=16,
-                          learning_rate=lr, init_from=str(member / "encoder.onnx"))
+                          learning_rate=lr, init_from=str(member / "encoder.onnx"), xla="off")
         runs[lr] = encoder_of(keras.models.load_model(train_encoder(cfg, bigger, resume=False, verbose=0)))
     # grown, at a learning rate of zero: the member's function (BatchNorm statistics aside)
     expected = _member_outputs(member, faces)
