@@ -366,10 +366,13 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_ensemble)
 
     o = sub.add_parser(
-        "optimize", help="fuse LayerNorm and GELU in an exported folder's ONNX files (faster on CPU, same outputs)",
-        description="Rewrite each LayerNorm into ONNX's LayerNormalization and each GELU into the form ONNX "
-                    "Runtime runs as one Gelu kernel, in encoder/head/clip.onnx of an exported folder, in place. "
-                    "`export` and `ensemble` already do this; use it on folders exported before they did. "
+        "optimize",
+        help="fuse LayerNorm, GELU and self-attention in an exported folder's ONNX files (faster on CPU, same outputs)",
+        description="Rewrite each LayerNorm into ONNX's LayerNormalization, each GELU into the form ONNX "
+                    "Runtime runs as one Gelu kernel and each self-attention block into ONNX Runtime's Attention "
+                    "kernel, in encoder/head/clip.onnx of an exported folder, in place. `export` and `ensemble` "
+                    "already do the first two and `ensemble` the third; use it on folders exported before they did "
+                    "(`model_export build` expands the attention back into standard operators for TensorRT). "
                     "Each rewritten file is checked against the one it replaces on real faces (max |diff| <= 1e-4) "
                     "before anything is written, and the manifest's sha256 entries are updated.",
     )

@@ -113,7 +113,7 @@ def _model(nodes: list, initializers: list, inputs: list, outputs: list, opsets:
 def fuse_encoders(members: list[Member], mirror: bool) -> onnx.ModelProto:
     """``face (N,48,48,1) -> embedding (N, sum of member dims)``; with ``mirror``, each member's
     embedding is the mean of its embeddings of the face and of its left-right mirror image.
-    LayerNorms and GELUs come out fused (:mod:`model_export.graph_fusion`)."""
+    LayerNorms, GELUs and self-attention come out fused (:mod:`model_export.graph_fusion`)."""
     nodes, weights = [], []
     feed = "face"
     if mirror:
@@ -151,7 +151,7 @@ def fuse_encoders(members: list[Member], mirror: bool) -> onnx.ModelProto:
         nodes, weights,
         [helper.make_tensor_value_info("face", TensorProto.FLOAT, ["N", *FACE])],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", dim])],
-        _opsets(encoders), "ensemble_encoder", max(e.ir_version for e in encoders)))
+        _opsets(encoders), "ensemble_encoder", max(e.ir_version for e in encoders)), attention=True)
     return fused  # members exported before graph_fusion existed get their fused kernels here
 
 

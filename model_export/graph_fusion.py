@@ -15,12 +15,21 @@ Both rewrites are exact in real arithmetic (``erfc(-u) = 1 + erf(u)``) and diffe
 they replace by float rounding only; callers check parity on real faces. Names of weights are
 kept, so :mod:`model_export.warm_start` still finds a LayerNorm's scale and shift, and a graph that
 has already been rewritten is left as it is.
+
+Release files (``model_export ensemble`` and ``optimize``, not exported members) also get their
+self-attention fused: Keras' ``MultiHeadAttention`` comes out of tf2onnx as 19 nodes (three
+projections, each reshaped and biased, a scale, five transposes, two batched products, a softmax
+and the reshape joining the heads) that become one ``com.microsoft.Attention`` node, ONNX Runtime's
+fused CPU kernel, with the three projection weights concatenated. That op is ONNX Runtime's own,
+so :func:`expand_attention` writes it back as standard operators for TensorRT (``model_export
+build``). Members keep the plain form, which :mod:`model_export.warm_start` reads weights from.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -29,6 +38,8 @@ from onnx import helper, numpy_helper
 log = logging.getLogger(__name__)
 
 SQRT_HALF = 1 / np.sqrt(2)
+ORT_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators, where Attention lives
+FUSED_KINDS = ("layer_norm", "gelu", "attention")
 ROOT_TWO = "gelu_sqrt2"  # one shared constant, outside any Keras layer's scope (see warm_start)
 
 
@@ -133,13 +144,93 @@ def _gelu(g: _Graph, erf: onnx.NodeProto) -> list[tuple[onnx.NodeProto, onnx.Nod
     return [(negated, None), (times, divide), (one_minus, plus)]
 
 
-def fuse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """``model`` with its LayerNorms and GELUs rewritten (in place); returns it and how many of each.
+def _perm(node: onnx.NodeProto | None) -> list[int] | None:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None) if node else None
+
+
+class _Projection(NamedTuple):
+    """One of attention's query, key and value: the nodes computing it and what they compute."""
+
+    nodes: list[onnx.NodeProto]
+    x: str
+    kernel: str
+    bias: str | None
+    scale: float | None
+    heads: tuple[int, int]  # (heads, head size)
+
+
+def _projection(g: _Graph, name: str, perm: list[int], scaled: bool = False) -> _Projection | None:
+    """Walk back from one attention operand: ``Transpose(perm)`` of ``[Mul(scale) of] [Add(bias) of]
+    Reshape(to heads) of MatMul(x, kernel)`` (tf2onnx drops a bias that is all zeros, as in a freshly
+    initialised layer)."""
+    transpose = g.made_by(name, "Transpose")
+    if _perm(transpose) != perm:
+        return None
+    scale, mul = None, None
+    source = transpose.input[0]
+    if scaled:
+        mul = g.made_by(source, "Mul")
+        scale = mul and g.scalar(mul.input[1])
+        if scale is None:
+            return None
+        source = mul.input[0]
+    bias = g.made_by(source, "Add")
+    reshape = g.made_by(bias.input[0] if bias else source, "Reshape")
+    matmul = reshape and g.made_by(reshape.input[0], "MatMul")
+    if not matmul or matmul.input[1] not in g.weights or reshape.input[1] not in g.weights:
+        return None
+    if bias and bias.input[1] not in g.weights:
+        return None
+    nodes = [n for n in (matmul, reshape, bias, mul, transpose) if n is not None]
+    if any(len(g.consumers.get(n.output[0], [])) != 1 for n in nodes):
+        return None
+    heads = tuple(int(d) for d in numpy_helper.to_array(g.weights[reshape.input[1]])[-2:])
+    return _Projection(nodes, matmul.input[0], matmul.input[1], bias.input[1] if bias else None, scale, heads)
+
+
+def _attention(g: _Graph, softmax: onnx.NodeProto) -> tuple[list[onnx.NodeProto], onnx.NodeProto] | None:
+    """Match Keras' ``MultiHeadAttention(h, h)`` as tf2onnx writes it, around its ``Softmax``:
+    ``scores = K·Qᵀ`` over ``(N, heads, keys, queries)``, softmax over the keys, transposed back,
+    times V, heads joined by a ``Reshape``. Returns (the nodes it replaces, the ``Attention`` node)."""
+    scores = g.made_by(softmax.input[0], "MatMul")
+    flip = g.sole_consumer(softmax.output[0], "Transpose")
+    mix = flip and g.sole_consumer(flip.output[0], "MatMul")
+    join = mix and g.sole_consumer(mix.output[0], "Transpose")
+    out = join and g.sole_consumer(join.output[0], "Reshape")
+    axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1)
+    if not (scores and out and axis == 2 and _perm(flip) == [0, 1, 3, 2] and _perm(join) == [0, 2, 1, 3]
+            and mix.input[0] == flip.output[0]):
+        return None
+    key = _projection(g, scores.input[0], [0, 2, 1, 3])
+    query = _projection(g, scores.input[1], [0, 2, 3, 1], scaled=True)
+    value = _projection(g, mix.input[1], [0, 2, 1, 3])
+    parts = (query, key, value)
+    if not all(parts) or len({p.x for p in parts}) != 1 or len({p.heads for p in parts}) != 1:
+        return None
+    kernels = [numpy_helper.to_array(g.weights[p.kernel]) for p in parts]
+    (heads, size), width = query.heads, kernels[0].shape[1]
+    if any(k.shape != kernels[0].shape for k in kernels) or heads * size != width:
+        return None
+    biases = [numpy_helper.to_array(g.weights[p.bias]) if p.bias else np.zeros(width, np.float32) for p in parts]
+    stem = out.name.rsplit("/", 2)[0] if "/" in out.name else out.output[0]
+    weight, bias = f"{stem}/qkv_kernel", f"{stem}/qkv_bias"
+    for name, value_ in ((weight, np.concatenate(kernels, axis=1)),
+                         (bias, np.concatenate([b.reshape(-1) for b in biases]))):
+        g.weights[name] = numpy_helper.from_array(value_.astype(np.float32), name)
+        g.graph.initializer.append(g.weights[name])
+    fused = helper.make_node("Attention", [query.x, weight, bias], [out.output[0]], name=f"{stem}/attention",
+                             domain=ORT_DOMAIN, num_heads=heads, scale=query.scale)
+    return [*query.nodes, *key.nodes, *value.nodes, scores, softmax, flip, mix, join, out], fused
+
+
+def fuse(model: onnx.ModelProto, attention: bool = False) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """``model`` with its LayerNorms and GELUs (and, with ``attention``, its self-attention) rewritten
+    in place; returns it and how many of each.
 
     LayerNorms are left as they are below opset 17, which has no ``LayerNormalization``."""
     g = _Graph(model.graph)
     swaps: dict[int, onnx.NodeProto | None] = {}
-    counts = {"layer_norm": 0, "gelu": 0}
+    counts = dict.fromkeys(FUSED_KINDS, 0)
     has_layer_norm_op = any(o.domain in ("", "ai.onnx") and o.version >= 17 for o in model.opset_import)
     for node in list(model.graph.node):
         if node.op_type == "Reciprocal" and has_layer_norm_op and (match := _layer_norm(g, node)):
@@ -150,6 +241,11 @@ def fuse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
         elif node.op_type == "Erf" and (pairs := _gelu(g, node)):
             swaps.update({id(old): new for old, new in pairs})
             counts["gelu"] += 1
+        elif node.op_type == "Softmax" and attention and (found := _attention(g, node)):
+            replaced, fused = found
+            swaps.update({id(n): None for n in replaced})
+            swaps[id(replaced[-1])] = fused
+            counts["attention"] += 1
     nodes = [swaps.get(id(n), n) for n in model.graph.node]
     del model.graph.node[:]
     model.graph.node.extend(n for n in nodes if n is not None)
@@ -157,14 +253,65 @@ def fuse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
     kept = [t for t in model.graph.initializer if t.name in used]  # e.g. the old epsilon constants
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
+    if counts["attention"] and all(o.domain != ORT_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(ORT_DOMAIN, 1))
     onnx.checker.check_model(model, full_check=True)
-    log.info("fused %d LayerNorms and %d GELUs", counts["layer_norm"], counts["gelu"])
+    log.info("fused %d LayerNorms, %d GELUs and %d attention blocks", counts["layer_norm"], counts["gelu"],
+             counts["attention"])
     return model, counts
+
+
+def expand_attention(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with each ``com.microsoft.Attention`` written as standard ONNX operators
+    (one projection, split into heads, scaled dot-product softmax, heads joined), for runtimes
+    without ONNX Runtime's contrib operators, such as TensorRT's ONNX parser."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    weights = {t.name: t for t in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type != "Attention" or node.domain != ORT_DOMAIN:
+            nodes.append(node)
+            continue
+        x, kernel, bias = node.input[:3]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        hidden = numpy_helper.to_array(weights[kernel]).shape[1] // 3
+        heads = attrs["num_heads"]
+        scale = attrs.get("scale") or (hidden // heads) ** -0.5
+        p = f"{node.name}/expanded/"
+        model.graph.initializer.extend([
+            numpy_helper.from_array(np.array([0, 0, 3, heads, hidden // heads], np.int64), p + "split_shape"),
+            numpy_helper.from_array(np.array([0, 0, hidden], np.int64), p + "join_shape"),
+            numpy_helper.from_array(np.array(scale, np.float32), p + "scale"),
+            *(numpy_helper.from_array(np.array(i, np.int64), p + f"index{i}") for i in range(3)),
+        ])
+        nodes += [
+            helper.make_node("MatMul", [x, kernel], [p + "qkv"]),
+            helper.make_node("Add", [p + "qkv", bias], [p + "qkv_biased"]),
+            helper.make_node("Reshape", [p + "qkv_biased", p + "split_shape"], [p + "heads"]),
+            helper.make_node("Transpose", [p + "heads"], [p + "by_part"], perm=[2, 0, 3, 1, 4]),
+            *(helper.make_node("Gather", [p + "by_part", p + f"index{i}"], [p + part], axis=0)
+              for i, part in enumerate(("q", "k", "v"))),
+            helper.make_node("Transpose", [p + "k"], [p + "k_t"], perm=[0, 1, 3, 2]),
+            helper.make_node("MatMul", [p + "q", p + "k_t"], [p + "scores"]),
+            helper.make_node("Mul", [p + "scores", p + "scale"], [p + "scaled"]),
+            helper.make_node("Softmax", [p + "scaled"], [p + "weights"], axis=-1),
+            helper.make_node("MatMul", [p + "weights", p + "v"], [p + "context"]),
+            helper.make_node("Transpose", [p + "context"], [p + "by_token"], perm=[0, 2, 1, 3]),
+            helper.make_node("Reshape", [p + "by_token", p + "join_shape"], [node.output[0]]),
+        ]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if not any(n.domain == ORT_DOMAIN for n in nodes):
+        kept = [o for o in model.opset_import if o.domain != ORT_DOMAIN]
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+    onnx.checker.check_model(model, full_check=True)
+    return model
 
 
 def fuse_folder(models_dir: Path, faces: np.ndarray, tolerance: float = 1e-4) -> dict:
     """Rewrite the ONNX files of an exported folder (``encoder``, ``head``, ``clip``, whichever it
-    has) in place, and record their new sha256 in its manifest.
+    has) in place, self-attention included, and record their new sha256 in its manifest.
 
     Why a separate step: folders exported before this pass existed (the shipped release among
     them) would otherwise need their heads retrained to gain it. Each rewritten graph is run against
@@ -193,7 +340,7 @@ def fuse_folder(models_dir: Path, faces: np.ndarray, tolerance: float = 1e-4) ->
         before = run(path, feeds[name])
         if name == "encoder":
             feeds["head"] = {"embeddings": before[: n_clips * window].reshape(n_clips, window, -1)}
-        model, counts = fuse(onnx.load(str(path)))
+        model, counts = fuse(onnx.load(str(path)), attention=True)
         if not any(counts.values()):
             report[name] = {**counts, "note": "nothing left to fuse"}
             continue
@@ -209,5 +356,18 @@ def fuse_folder(models_dir: Path, faces: np.ndarray, tolerance: float = 1e-4) ->
         files = recorded.get("files", {})
         manifest.update(models_dir, files={
             name: {**files.get(name, {}), **manifest.file_entry(models_dir / f"{name}.onnx", models_dir)}
-            for name in rewritten}, graph_fusion=report)
+            for name in rewritten}, graph_fusion=_cumulative(recorded.get("graph_fusion", {}), report))
     return report
+
+
+def _cumulative(previous: dict, report: dict) -> dict:
+    """The manifest's record after this pass: per file, what every pass so far fused, and this
+    pass's max |Δ| against the file it replaced; files left as they were keep their entry."""
+    merged = dict(previous)
+    for name, entry in report.items():
+        if "max_abs_diff" not in entry:
+            merged.setdefault(name, entry)
+            continue
+        old = previous.get(name, {})
+        merged[name] = {**entry, **{kind: old.get(kind, 0) + entry[kind] for kind in FUSED_KINDS}}
+    return merged

@@ -55,7 +55,9 @@ def run(models_dir: Path, calib_dir: Path, data_dir: Path, calib_size: int) -> d
     source = models_dir / "encoder.onnx"
     prepared = models_dir / "encoder.prep.onnx"
     target = models_dir / "encoder.int8.onnx"
-    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)  # ONNX shape inference suffices
+    # symbolic shape inference knows ONNX Runtime's fused Attention (graph_fusion), which ONNX's own does not:
+    # without the shapes after it, the quantizer would leave each attention output projection in float
+    quant_pre_process(str(source), str(prepared))
     try:
         layer_norms = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "LayerNormalization"]
         quantize_static(str(prepared), str(target), FaceReader(calib.images[pick]),

@@ -69,13 +69,17 @@ def _calibrator(faces: np.ndarray, cache_file: Path):
 
 
 def build_engine(onnx_path: Path, out: Path, args: argparse.Namespace, calib_faces: np.ndarray | None) -> dict:
+    import onnx
     import tensorrt as trt
+
+    from model_export import graph_fusion
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_path.read_bytes()):
+    # ONNX Runtime's fused attention (a contrib operator) goes back to standard operators for the parser
+    if not parser.parse(graph_fusion.expand_attention(onnx.load(str(onnx_path))).SerializeToString()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()

@@ -60,6 +60,7 @@ def test_fused_encoder_is_the_members_side_by_side(members: list[Path], faces: n
     np.testing.assert_allclose(plain, np.concatenate(alone, axis=1), atol=1e-5)
 
     mirrored_model = ensemble.fuse_encoders(loaded, mirror=True)
+    assert sum(n.op_type == "Attention" for n in mirrored_model.graph.node) == len(members) * TINY.depth
     mirrored = _run(mirrored_model, faces)
     flipped = [_run(m / "encoder.onnx", np.ascontiguousarray(faces[:, :, ::-1])) for m in members]
     expected = np.concatenate([(a + f) / 2 for a, f in zip(alone, flipped, strict=True)], axis=1)

@@ -1,5 +1,6 @@
-"""``model_export.graph_fusion`` / ``model_export optimize``: a tf2onnx encoder's LayerNorms and GELUs
-become kernels ONNX Runtime fuses, its outputs stay the same, and a folder's manifest follows."""
+"""``model_export.graph_fusion`` / ``model_export optimize``: a tf2onnx encoder's LayerNorms, GELUs and
+self-attention become kernels ONNX Runtime fuses, its outputs stay the same, the attention goes back
+to standard operators for TensorRT, and a folder's manifest follows."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from conftest import MODELS
 
 from edge_agent.emotion_model import ModelError, face_tensor, sha256
 from model_export.datasets import load_class_folders
-from model_export.graph_fusion import fuse, fuse_folder
+from model_export.graph_fusion import ORT_DOMAIN, expand_attention, fuse, fuse_folder
 
 #: a shipped member exported before this pass existed: g5t's architecture, 6 blocks, 3-stage conv stem
 UNFUSED = MODELS / "members" / "g6t"
@@ -45,7 +46,7 @@ def test_layer_norms_and_gelus_are_rewritten_and_compute_the_same(faces: np.ndar
 
     fused, counts = fuse(onnx.load(str(UNFUSED / "encoder.onnx")))
     ops = _ops(fused)
-    assert counts == {"layer_norm": 13, "gelu": 12}
+    assert counts == {"layer_norm": 13, "gelu": 12, "attention": 0}
     assert ops["LayerNormalization"] == 13
     assert not ops["Reciprocal"] and not ops["Sqrt"] and not ops["Neg"] and not ops["Sub"]
     assert len(fused.graph.node) < len(before.graph.node) - 13 * 12
@@ -69,10 +70,34 @@ def test_onnx_runtime_runs_each_gelu_as_one_kernel(tmp_path: Path) -> None:
     assert unfused["Gelu"] == 0 and unfused["Erf"] == 12  # what the exported graph ran before
 
 
+def test_self_attention_becomes_one_onnx_runtime_kernel_and_computes_the_same(faces: np.ndarray) -> None:
+    before = _ops(onnx.load(str(UNFUSED / "encoder.onnx")))
+    fused, counts = fuse(onnx.load(str(UNFUSED / "encoder.onnx")), attention=True)
+    ops = _ops(fused)
+    assert counts == {"layer_norm": 13, "gelu": 12, "attention": 6}
+    assert ops["Attention"] == 6 and all(n.domain == ORT_DOMAIN for n in fused.graph.node if n.op_type == "Attention")
+    assert ops["Softmax"] == 1  # the attention pooling's, which is not self-attention
+    # per block: the three projections, the two batched products and the five transposes between them
+    assert ops["MatMul"] == before["MatMul"] - 6 * 5 and ops["Transpose"] == before["Transpose"] - 6 * 5
+    assert any(o.domain == ORT_DOMAIN for o in fused.opset_import)
+    np.testing.assert_allclose(_embed(fused, faces), _embed(UNFUSED / "encoder.onnx", faces), atol=1e-5)
+
+
+def test_expanded_attention_is_standard_onnx_and_computes_the_same(faces: np.ndarray) -> None:
+    """What ``model_export build`` hands TensorRT's parser, which has no ONNX Runtime contrib operators."""
+    fused, _ = fuse(onnx.load(str(UNFUSED / "encoder.onnx")), attention=True)
+    portable = expand_attention(fused)
+    assert all(n.domain in ("", "ai.onnx") for n in portable.graph.node)
+    assert all(o.domain != ORT_DOMAIN for o in portable.opset_import)
+    assert _ops(portable)["Softmax"] == 7
+    np.testing.assert_allclose(_embed(portable, faces), _embed(fused, faces), atol=1e-5)
+    assert expand_attention(portable).SerializeToString() == portable.SerializeToString()
+
+
 def test_a_fused_graph_is_left_as_it_is() -> None:
-    fused, _ = fuse(onnx.load(str(UNFUSED / "encoder.onnx")))
-    again, counts = fuse(onnx.ModelProto.FromString(fused.SerializeToString()))
-    assert counts == {"layer_norm": 0, "gelu": 0}
+    fused, _ = fuse(onnx.load(str(UNFUSED / "encoder.onnx")), attention=True)
+    again, counts = fuse(onnx.ModelProto.FromString(fused.SerializeToString()), attention=True)
+    assert counts == {"layer_norm": 0, "gelu": 0, "attention": 0}
     assert again.SerializeToString() == fused.SerializeToString()
 
 
@@ -82,7 +107,7 @@ def test_optimize_rewrites_a_folder_and_its_manifest(tmp_path: Path, fer_val: Pa
     cmd = [sys.executable, "-m", "model_export", "optimize", "--models", str(folder), "--data", str(fer_val)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert '"layer_norm": 13, "gelu": 12' in done.stdout
+    assert '"layer_norm": 13, "gelu": 12, "attention": 6' in done.stdout
 
     recorded = json.loads((folder / "manifest.json").read_text())
     assert recorded["files"]["encoder"]["sha256"] == sha256(folder / "encoder.onnx")
@@ -112,7 +137,7 @@ def test_below_opset_17_layer_norms_stay_as_they_are() -> None:
         if opset.domain in ("", "ai.onnx"):
             opset.version = 16
     fused, counts = fuse(model)
-    assert counts == {"layer_norm": 0, "gelu": 12}
+    assert counts == {"layer_norm": 0, "gelu": 12, "attention": 0}
     assert _ops(fused)["Reciprocal"] == 13 and not _ops(fused)["LayerNormalization"]
 
 

@@ -79,6 +79,26 @@ def test_shipped_encoder_is_its_members_seen_twice(fer_val: Path) -> None:
     np.testing.assert_allclose(shipped, np.concatenate(expected, axis=1), atol=1e-5)
 
 
+def test_shipped_encoder_fuses_attention_and_expands_to_standard_onnx_for_tensorrt(fer_val: Path) -> None:
+    """ONNX Runtime runs each member's self-attention blocks as one kernel each (`model_export
+    optimize`); `model_export build` hands TensorRT the same encoder in standard operators."""
+    import onnx
+    import onnxruntime as ort
+
+    from model_export.graph_fusion import ORT_DOMAIN, expand_attention
+
+    manifest = json.loads((MODELS / "manifest.json").read_text())
+    encoder = onnx.load(str(MODELS / "encoder.onnx"))
+    blocks = sum(member["architecture"]["depth"] for member in manifest["training"]["members"])
+    assert sum(n.op_type == "Attention" and n.domain == ORT_DOMAIN for n in encoder.graph.node) == blocks
+    portable = expand_attention(encoder)
+    assert {n.domain for n in portable.graph.node} <= {"", "ai.onnx"}
+    x = load_class_folders(fer_val, limit_per_class=3).images[..., None].astype(np.float32) / 255.0
+    embed = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"face": x})[0]
+             for m in (encoder, portable)]
+    np.testing.assert_allclose(embed[1], embed[0], atol=1e-5)
+
+
 def test_tampered_model_is_refused(tmp_path: Path) -> None:
     copy = tmp_path / "models"
     shutil.copytree(MODELS, copy)
