@@ -272,8 +272,13 @@ def expand_attention(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.op_type != "Attention" or node.domain != ORT_DOMAIN:
             nodes.append(node)
             continue
-        x, kernel, bias = node.input[:3]
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if len([i for i in node.input if i]) != 3 or set(attrs) - {"num_heads", "scale"}:
+            from edge_agent.emotion_model import ModelError
+
+            raise ModelError(f"{node.name}: only self-attention as graph_fusion writes it (input, weights, bias; "
+                             f"no mask) can be expanded; this node has inputs {list(node.input)} and {sorted(attrs)}")
+        x, kernel, bias = node.input
         hidden = numpy_helper.to_array(weights[kernel]).shape[1] // 3
         heads = attrs["num_heads"]
         scale = attrs.get("scale") or (hidden // heads) ** -0.5

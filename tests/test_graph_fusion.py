@@ -94,6 +94,14 @@ def test_expanded_attention_is_standard_onnx_and_computes_the_same(faces: np.nda
     assert expand_attention(portable).SerializeToString() == portable.SerializeToString()
 
 
+def test_attention_with_a_mask_is_not_expanded_into_something_else() -> None:
+    fused, _ = fuse(onnx.load(str(UNFUSED / "encoder.onnx")), attention=True)
+    node = next(n for n in fused.graph.node if n.op_type == "Attention")
+    node.input.append("face")  # a fourth input: the mask, which the expansion does not implement
+    with pytest.raises(ModelError, match="no mask"):
+        expand_attention(fused)
+
+
 def test_a_fused_graph_is_left_as_it_is() -> None:
     fused, _ = fuse(onnx.load(str(UNFUSED / "encoder.onnx")), attention=True)
     again, counts = fuse(onnx.ModelProto.FromString(fused.SerializeToString()), attention=True)
