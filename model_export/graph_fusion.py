@@ -76,11 +76,21 @@ class _Graph:
         return node.input[1] if node.input[0] == name else node.input[0]
 
 
-def _layer_norm(g: _Graph, reciprocal: onnx.NodeProto) -> tuple[list[onnx.NodeProto], onnx.NodeProto] | None:
+Swaps = list[tuple[onnx.NodeProto, onnx.NodeProto | None]]  # (node, what takes its place; None drops it)
+
+
+def _in_place_of(replaced: list[onnx.NodeProto], fused: onnx.NodeProto) -> Swaps:
+    """Drop ``replaced`` and put ``fused`` where the last of them (the pattern's output) was: ``fused``
+    reads only what the pattern read from outside, all of it computed before there, so the graph
+    stays in topological order."""
+    return [(node, None) for node in replaced[:-1]] + [(replaced[-1], fused)]
+
+
+def _layer_norm(g: _Graph, reciprocal: onnx.NodeProto) -> Swaps | None:
     """Match tf2onnx's LayerNorm around its ``Reciprocal`` (of ``Sqrt(variance + eps)``):
 
     ``mean = GAP(x); d = x - mean; var = GAP(d·d); r = 1/Sqrt(var + eps); k = r·gamma;
-    y = x·k + (beta + (-mean)·k)``. Returns (the nodes it replaces, the ``LayerNormalization``).
+    y = x·k + (beta + (-mean)·k)``, all of it swapped for one ``LayerNormalization``.
     """
     sqrt = g.made_by(reciprocal.input[0], "Sqrt")
     add_eps = sqrt and g.made_by(sqrt.input[0], "Add")
@@ -113,11 +123,11 @@ def _layer_norm(g: _Graph, reciprocal: onnx.NodeProto) -> tuple[list[onnx.NodePr
         g.weights[name].CopyFrom(numpy_helper.from_array(flat, name))
     fused = helper.make_node("LayerNormalization", [x, gamma, beta], [out.output[0]], axis=-1,
                              epsilon=g.scalar(eps_name), name=f"{out.name or out.output[0]}/layer_norm")
-    return [mean, diff, square, variance, add_eps, sqrt, reciprocal, scale, scaled_x, negated, scaled_mean,
-            shift, out], fused
+    return _in_place_of([mean, diff, square, variance, add_eps, sqrt, reciprocal, scale, scaled_x, negated,
+                         scaled_mean, shift, out], fused)
 
 
-def _gelu(g: _Graph, erf: onnx.NodeProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto]] | None:
+def _gelu(g: _Graph, erf: onnx.NodeProto) -> Swaps | None:
     """Match ``1 - Erf(Neg(x)·(1/√2))`` (Transposes may sit between) and return node swaps that
     make it ``1 + Erf(x / √2)``: the ``Neg``/``Mul`` pair becomes one ``Div``, the ``Sub`` an ``Add``."""
     one_minus = g.sole_consumer(erf.output[0], "Sub")
@@ -188,10 +198,10 @@ def _projection(g: _Graph, name: str, perm: list[int], scaled: bool = False) -> 
     return _Projection(nodes, matmul.input[0], matmul.input[1], bias.input[1] if bias else None, scale, heads)
 
 
-def _attention(g: _Graph, softmax: onnx.NodeProto) -> tuple[list[onnx.NodeProto], onnx.NodeProto] | None:
+def _attention(g: _Graph, softmax: onnx.NodeProto) -> Swaps | None:
     """Match Keras' ``MultiHeadAttention(h, h)`` as tf2onnx writes it, around its ``Softmax``:
     ``scores = K·Qᵀ`` over ``(N, heads, keys, queries)``, softmax over the keys, transposed back,
-    times V, heads joined by a ``Reshape``. Returns (the nodes it replaces, the ``Attention`` node)."""
+    times V, heads joined by a ``Reshape``, all of it swapped for one ``Attention`` node."""
     scores = g.made_by(softmax.input[0], "MatMul")
     flip = g.sole_consumer(softmax.output[0], "Transpose")
     mix = flip and g.sole_consumer(flip.output[0], "MatMul")
@@ -220,7 +230,7 @@ def _attention(g: _Graph, softmax: onnx.NodeProto) -> tuple[list[onnx.NodeProto]
         g.graph.initializer.append(g.weights[name])
     fused = helper.make_node("Attention", [query.x, weight, bias], [out.output[0]], name=f"{stem}/attention",
                              domain=ORT_DOMAIN, num_heads=heads, scale=query.scale)
-    return [*query.nodes, *key.nodes, *value.nodes, scores, softmax, flip, mix, join, out], fused
+    return _in_place_of([*query.nodes, *key.nodes, *value.nodes, scores, softmax, flip, mix, join, out], fused)
 
 
 def fuse(model: onnx.ModelProto, attention: bool = False) -> tuple[onnx.ModelProto, dict[str, int]]:
@@ -233,19 +243,17 @@ def fuse(model: onnx.ModelProto, attention: bool = False) -> tuple[onnx.ModelPro
     counts = dict.fromkeys(FUSED_KINDS, 0)
     has_layer_norm_op = any(o.domain in ("", "ai.onnx") and o.version >= 17 for o in model.opset_import)
     for node in list(model.graph.node):
-        if node.op_type == "Reciprocal" and has_layer_norm_op and (match := _layer_norm(g, node)):
-            replaced, fused = match
-            swaps.update({id(n): None for n in replaced})
-            swaps[id(replaced[-1])] = fused
-            counts["layer_norm"] += 1
-        elif node.op_type == "Erf" and (pairs := _gelu(g, node)):
+        if node.op_type == "Reciprocal" and has_layer_norm_op:
+            kind, pairs = "layer_norm", _layer_norm(g, node)
+        elif node.op_type == "Erf":
+            kind, pairs = "gelu", _gelu(g, node)
+        elif node.op_type == "Softmax" and attention:
+            kind, pairs = "attention", _attention(g, node)
+        else:
+            continue
+        if pairs:
             swaps.update({id(old): new for old, new in pairs})
-            counts["gelu"] += 1
-        elif node.op_type == "Softmax" and attention and (found := _attention(g, node)):
-            replaced, fused = found
-            swaps.update({id(n): None for n in replaced})
-            swaps[id(replaced[-1])] = fused
-            counts["attention"] += 1
+            counts[kind] += 1
     nodes = [swaps.get(id(n), n) for n in model.graph.node]
     del model.graph.node[:]
     model.graph.node.extend(n for n in nodes if n is not None)
