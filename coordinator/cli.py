@@ -12,11 +12,10 @@ import signal
 import sys
 import threading
 
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from affectedge.settings import ConfigError
-from coordinator import bench, demo, provision, users
+from coordinator import bench, db, demo, provision, users
 
 log = logging.getLogger("coordinator")
 
@@ -43,9 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except SQLAlchemyError as exc:
-        url = make_url(config.database.url).render_as_string(hide_password=True)
-        reason = str(getattr(exc, "orig", exc)).splitlines()[0]
-        print(f"error: cannot use the database {url}: {reason}; check [database] url", file=sys.stderr)
+        print(f"error: {db.describe_error(exc, config.database.url)}", file=sys.stderr)
         return 2
     stopping.wait()
     coordinator.stop()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
+import limits
 from pydantic import Field, field_validator, model_validator
 
 from affectedge.settings import ConfigError, Section, load
@@ -21,10 +22,29 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 Positive = Annotated[float, Field(gt=0)]
 
 
+MIN_TOKEN = 16  # characters: a bearer token shorter than this is guessable
+
+
 def _existing_file(value: str) -> str:
     if value and not Path(value).is_file():
         raise ValueError(f"file {value!r} does not exist")
     return value
+
+
+def _http_url(value: str) -> str:
+    """An http(s) URL, or empty where the key is optional (empty = off)."""
+    if value and urlsplit(value).scheme not in ("http", "https"):
+        raise ValueError("use an http:// or https:// URL")
+    return value
+
+
+def _tokens(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Bearer tokens; an empty one (an unset template variable) would let anyone in."""
+    for i, token in enumerate(values):
+        if len(token.strip()) < MIN_TOKEN:
+            raise ValueError(f"token {i + 1} has {len(token.strip())} characters; use at least {MIN_TOKEN} "
+                             "random ones, e.g. from `openssl rand -hex 24`")
+    return values
 
 
 class MqttConfig(Section):
@@ -121,6 +141,7 @@ class GrpcConfig(Section):
     tls_key: str = ""
 
     _files = field_validator("tls_cert", "tls_key")(_existing_file)
+    _tokens = field_validator("tokens")(_tokens)
 
     @model_validator(mode="after")
     def _pair(self) -> GrpcConfig:
@@ -139,6 +160,18 @@ class WebConfig(Section):
     cookie_secure: bool = False
     login_rate: str = "5 per minute"
 
+    _tokens = field_validator("api_tokens")(_tokens)
+
+    @field_validator("login_rate")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        """Checked here: flask-limiter would only log an unreadable rate and then not limit at all."""
+        try:
+            limits.parse_many(value)
+        except ValueError:
+            raise ValueError("use a rate such as '5 per minute' or '10/hour'") from None
+        return value
+
 
 class WebhookConfig(Section):
     url: str
@@ -151,9 +184,9 @@ class WebhookConfig(Section):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("http", "https"):
-            raise ValueError("use an http:// or https:// URL")
-        return value
+        if not value:
+            raise ValueError("set the receiver's http:// or https:// URL")
+        return _http_url(value)
 
 
 class XapiConfig(Section):
@@ -162,6 +195,8 @@ class XapiConfig(Section):
     password: str = ""
     max_attempts: Annotated[int, Field(ge=1)] = 5
     backoff_s: Positive = 2.0
+
+    _url = field_validator("endpoint")(_http_url)
 
 
 class BrokerConfig(Section):

@@ -35,6 +35,8 @@ from coordinator.users import create_user
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_VIDEO = ROOT / "edge_agent" / "sample" / "classroom.mp4"
 DEMO_RULES = Path(__file__).with_name("demo_rules.toml")
+DEFAULT_STATE_DIR = ROOT / ".demo"
+DEMO_MARKER = ".affectedge-demo"  # in a --state-dir the demo made, and so may empty
 CLASSROOM, AGENT, TEACHER = "demo-room", "demo-pc", "teacher"
 
 log = logging.getLogger("affectedge.demo")
@@ -84,14 +86,28 @@ def _print_signal(item: pb.AdaptationSignal) -> None:
           f"(strength {item.strength:.2f}, rule {item.evidence.rule})", flush=True)
 
 
+def _reset(state_dir: Path) -> bool:
+    """Empty ``state_dir`` for a fresh demo, but only if a demo made it: never an admin's folder."""
+    marker = state_dir / DEMO_MARKER
+    ours = marker.is_file() or state_dir.resolve() == DEFAULT_STATE_DIR  # .demo: the checkout's own
+    if state_dir.exists() and any(state_dir.iterdir()) and not ours:
+        print(f"error: --state-dir {state_dir} holds files the demo did not create, and the demo empties its "
+              "folder on every start: pass a new or empty folder", file=sys.stderr)
+        return False
+    if state_dir.exists():
+        shutil.rmtree(state_dir)  # each demo starts from an empty database
+    state_dir.mkdir(parents=True)
+    marker.write_text("made by `coordinator demo`, which empties this folder on every start\n")
+    return True
+
+
 def run(duration: float, camera: str, broker: str | None, web_port: int, state_dir: Path) -> int:
     stop = threading.Event()
     # Ctrl-C and SIGTERM only ask for a stop: the shutdown below then runs once, uninterrupted
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    if state_dir.exists():
-        shutil.rmtree(state_dir)  # each demo starts from an empty database
-    state_dir.mkdir(parents=True)
+    if not _reset(state_dir):
+        return 2
     embedded = None
     if broker is None:
         embedded = EmbeddedBroker(port=free_port(1883))
@@ -172,5 +188,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--camera", default="auto", help="auto (camera 0, else the sample video), an index, URL or file")
     p.add_argument("--broker", help="use this MQTT broker URL instead of the embedded one")
     p.add_argument("--web-port", type=int, default=8080)
-    p.add_argument("--state-dir", type=Path, default=ROOT / ".demo", help="where the demo keeps its database")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                   help="where the demo keeps its database; emptied on every start, so it must be new, empty "
+                   "or an earlier demo's (default: .demo in the checkout)")
     p.set_defaults(func=lambda a: run(a.duration, a.camera, a.broker, a.web_port, a.state_dir))

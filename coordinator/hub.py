@@ -2,16 +2,22 @@
 
 The policy engine publishes each new :class:`AdaptationSignal` here once; the gRPC stream, the
 dashboard's server-sent events, webhooks and xAPI each ``subscribe()`` and get their own bounded
-queue, so a slow consumer can never block ingest (its oldest items are dropped and counted).
+queue, so a slow consumer can never block ingest (its oldest items are dropped, counted and
+logged: a page or stream that falls this far behind shows stale data, which an admin should know).
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
+
+from coordinator.ratelimit import RateLimitedLog
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,6 +31,7 @@ class Hub:
     maxsize: int = 1000
     _subs: list[Subscription] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _slow: RateLimitedLog = field(default_factory=lambda: RateLimitedLog(60.0, log))
 
     def subscribe(self) -> Subscription:
         sub = Subscription(queue.Queue(self.maxsize))
@@ -50,5 +57,8 @@ class Hub:
                     try:
                         sub.queue.get_nowait()
                         sub.dropped += 1
+                        self._slow.warning("dropped", "a live consumer (dashboard page, gRPC stream or outlet) "
+                                           "is %d items behind and has lost %d so far; is it stuck?",
+                                           self.maxsize, sub.dropped)
                     except queue.Empty:
                         pass

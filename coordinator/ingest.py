@@ -33,10 +33,12 @@ from datetime import datetime
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from affectedge import codec, topics
 from affectedge.v1 import affectedge_pb2 as pb
 from coordinator.config import MqttConfig
+from coordinator.ratelimit import RateLimitedLog
 from coordinator.store import Received, Store, utcnow
 
 log = logging.getLogger(__name__)
@@ -47,11 +49,13 @@ SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our queue through a week-lo
 RECEIVE_MAXIMUM = 2000  # unacknowledged QoS 1 messages the broker may have in flight to us
 MAX_BATCH = 1000  # MQTT messages per database transaction
 DEDUP_PER_AGENT = 256  # recent sequence numbers remembered per agent
+SKEW_TOLERANCE_S = 5.0  # an agent's batches arriving this much off its clock, all minute: warn
+SKEW_PERIOD_S = 60.0
 
 
 @dataclass
 class Counters:
-    """What ingest has seen; read by the dashboard's health view and the bench."""
+    """What ingest has seen; logged when ingest stops."""
 
     messages: int = 0
     observations: int = 0
@@ -72,23 +76,38 @@ class Counters:
             return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
 
-class RateLimitedLog:
-    """At most one warning per ``every`` seconds per kind, saying how many were not logged."""
+class _DataRejected(Exception):
+    """The database refused the rows themselves, not the connection."""
 
-    def __init__(self, every: float = 10.0):
-        self.every = every
-        self._last: dict[str, float] = {}
-        self._skipped: dict[str, int] = {}
 
-    def warning(self, kind: str, message: str, *args) -> None:
-        now = time.monotonic()
-        if now - self._last.get(kind, -self.every) < self.every:
-            self._skipped[kind] = self._skipped.get(kind, 0) + 1
-            return
-        skipped = self._skipped.pop(kind, 0)
-        self._last[kind] = now
-        suffix = f" ({skipped} more like it not logged)" if skipped else ""
-        log.warning(message + suffix, *args)
+def _first_line(exc: BaseException | None) -> str:
+    return str(exc).splitlines()[0][:300] if exc and str(exc) else type(exc).__name__
+
+
+class ClockWatch:
+    """Notices an agent whose clock is off: its labels would fall outside the live windows unseen.
+
+    Windows are cut by the agents' timestamps, so a lab PC running 20 s behind shows as online
+    with no learners. Per agent, the smallest gap between ``sent_at`` and arrival over a minute
+    is what counts: a backlog (a spool or the broker's queue draining) has large gaps only until
+    it is drained, a wrong clock has them on every batch.
+    """
+
+    def __init__(self, tolerance_s: float = SKEW_TOLERANCE_S, period_s: float = SKEW_PERIOD_S):
+        self.tolerance_s, self.period_s = tolerance_s, period_s
+        self._since: dict[str, float] = {}
+        self._smallest: dict[str, float] = {}
+
+    def gap(self, agent_id: str, gap_s: float, now_s: float) -> float | None:
+        """Record one batch's arrival gap; the smallest gap of a period that exceeded tolerance."""
+        since = self._since.setdefault(agent_id, now_s)
+        smallest = self._smallest.get(agent_id)
+        if smallest is None or abs(gap_s) < abs(smallest):
+            self._smallest[agent_id] = smallest = gap_s
+        if now_s - since < self.period_s:
+            return None
+        del self._since[agent_id], self._smallest[agent_id]
+        return smallest if abs(smallest) > self.tolerance_s else None
 
 
 @dataclass(frozen=True)
@@ -110,7 +129,8 @@ class Ingest:
         self._accepting = threading.Event()
         self._stop = threading.Event()
         self._seen: dict[str, OrderedDict[int, None]] = {}
-        self._bad = RateLimitedLog()
+        self._bad = RateLimitedLog(10.0, log)
+        self._clocks = ClockWatch()
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
         self.client = self._client()
 
@@ -207,19 +227,49 @@ class Ingest:
 
     def _commit(self, messages: list[_Message]) -> None:
         received, statuses = self._decode(messages)
-        while True:
-            try:
-                written = self.store.write(received, statuses)
-                break
-            except Exception as exc:  # the database is down or locked: keep the batch, retry
-                self.counters.add(db_errors=1)
-                self._bad.warning("db", "cannot store %d messages (%s); retrying", len(messages), exc)
-                if self._stop.wait(1.0):
-                    return  # unacknowledged: the broker redelivers them after restart
+        try:
+            written = self._store(received, statuses, len(messages))
+        except _DataRejected:
+            written = self._store_one_by_one(received, statuses)
+        if written is None:
+            return  # stopping while the database was down: unacknowledged, so redelivered after restart
         self.counters.add(messages=len(messages), observations=written, statuses=len(statuses))
         for m in messages:
             if m.qos:
                 self.client.ack(m.mid, m.qos)
+
+    def _store(self, received: list[Received], statuses: list, messages: int) -> int | None:
+        """Write, retrying while the database is unreachable or locked; None if stopped meanwhile.
+
+        An error about the data itself (a constraint, a value the column cannot hold) raises
+        :class:`_DataRejected` instead: retrying the same rows would stall ingest for good.
+        """
+        while True:
+            try:
+                return self.store.write(received, statuses)
+            except (OperationalError, InterfaceError) as exc:  # down, locked or disconnected
+                self.counters.add(db_errors=1)
+                self._bad.warning("db", "cannot store %d messages (%s); retrying", messages, _first_line(exc))
+                if self._stop.wait(1.0):
+                    return None
+            except (DBAPIError, ValueError) as exc:
+                raise _DataRejected(exc) from exc
+
+    def _store_one_by_one(self, received: list[Received], statuses: list) -> int | None:
+        """After a data error: store each message alone and drop (count, log) the ones refused."""
+        written = 0
+        items = [([r], [], f"agent {r.batch.agent_id} seq {r.batch.seq}") for r in received]
+        items += [([], [s], f"status of agent {s[0].agent_id}") for s in statuses]
+        for one_batch, one_status, what in items:
+            try:
+                count = self._store(one_batch, one_status, 1)
+            except _DataRejected as exc:
+                self._malformed(what, f"the database refused it: {_first_line(exc.__cause__)}")
+                continue
+            if count is None:
+                return None
+            written += count
+        return written
 
     def _decode(self, messages: list[_Message]) -> tuple[list[Received], list[tuple[pb.AgentStatus, datetime]]]:
         now = utcnow()
@@ -248,11 +298,26 @@ class Ingest:
                 continue
             if isinstance(message, pb.AgentStatus):
                 statuses.append((message, now))
-            elif self._duplicate(message):
+                continue
+            self._check_clock(message, now)
+            if self._duplicate(message):
                 self.counters.add(duplicates=1)
             else:
                 received.append(Received(message, now))
         return received, statuses
+
+    def _check_clock(self, batch: pb.ObservationBatch, now: datetime) -> None:
+        if not batch.HasField("sent_at"):
+            return
+        gap = self._clocks.gap(batch.agent_id, (now - batch.sent_at.ToDatetime()).total_seconds(), time.monotonic())
+        if gap is not None:
+            self._bad.warning(
+                f"clock-{batch.agent_id}",
+                "agent %s: every batch for a minute arrived %.0f s %s its own clock says it was sent; its clock "
+                "is off (turn on NTP there: timedatectl set-ntp true) or it is still sending a backlog. Labels "
+                "timed outside the live windows are not counted",
+                batch.agent_id, abs(gap), "after" if gap > 0 else "before",
+            )
 
     def _malformed(self, topic: str, why: str) -> None:
         self.counters.add(malformed=1)

@@ -39,6 +39,7 @@ from sqlalchemy import func, or_, select
 
 from affectedge.v1 import affectedge_pb2 as pb
 from coordinator import db
+from coordinator.ratelimit import RateLimitedLog
 from coordinator.store import Store, signal_message, utcnow
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ MAX_BACKOFF_S = 3600.0
 RETRYABLE_CLIENT_ERRORS = frozenset({408, 425, 429})
 #: how many due deliveries a sender reads per query
 BATCH = 50
+DB_RETRY_S = 2.0  # after a database error, before the sender looks at its rows again
 USER_AGENT = "affectedge-coordinator"
 
 
@@ -124,6 +126,7 @@ class Outbox(ABC):
         self._stop = threading.Event()
         self._wake = {url: threading.Event() for url in self.targets}
         self._threads: list[threading.Thread] = []
+        self._errors = RateLimitedLog(60.0, log)
 
     # -- what subclasses provide ------------------------------------------------------------
 
@@ -198,16 +201,23 @@ class Outbox(ABC):
     # -- senders: delivery rows -> HTTP ---------------------------------------------------
 
     def _sender(self, target: Target) -> None:
+        """Send due rows until stopped; a database error pauses the loop, it never ends it."""
         http = self.http_session(target)
         wake = self._wake[target.url]
         try:
             while not self._stop.is_set():
                 wake.clear()
-                for delivery_id in self._due(target):
-                    if self._stop.is_set():
-                        return
-                    self._attempt(http, target, delivery_id)
-                wake.wait(self._idle_seconds(target))
+                try:
+                    for delivery_id in self._due(target):
+                        if self._stop.is_set():
+                            return
+                        self._attempt(http, target, delivery_id)
+                    idle = self._idle_seconds(target)
+                except Exception as exc:  # a locked or lost database: the rows wait in it, retry soon
+                    self._errors.warning(target.url, "%s sender for %s: %s; retrying in %.0f s", self.kind,
+                                         safe_url(target.url), str(exc).splitlines()[0][:300], DB_RETRY_S)
+                    idle = DB_RETRY_S
+                wake.wait(idle)
         finally:
             http.close()
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from affectedge import topics
 from affectedge.settings import ConfigError
@@ -170,10 +171,9 @@ def provision_agent(config: CoordinatorConfig, name: str, classroom: str) -> Pro
     """Create or rotate agent ``name``'s broker credentials, pin it to ``classroom``, rebuild the ACL."""
     passwd_file, acl_file, coordinator_user = _check(config, name, classroom)
     password = secrets.token_urlsafe(24)
-    set_password(passwd_file, name, password)
-    if config.mqtt.password:
-        set_password(passwd_file, coordinator_user, config.mqtt.password)
     sessions = db.connect(config.database.url)
+    # the database first, the password file inside its transaction: a database that is down must
+    # not leave the agent's old password replaced by one nobody was shown
     with sessions.begin() as s:
         agent = s.get(db.Agent, name)
         if agent is None:
@@ -184,6 +184,9 @@ def provision_agent(config: CoordinatorConfig, name: str, classroom: str) -> Pro
         provisioned = s.execute(
             select(db.Agent.id, db.Agent.classroom_id).where(db.Agent.provisioned_at.is_not(None))
         ).all()
+        set_password(passwd_file, name, password)
+        if config.mqtt.password:
+            set_password(passwd_file, coordinator_user, config.mqtt.password)
     _replace_atomically(acl_file, acl_text(coordinator_user, [tuple(row) for row in provisioned]))
     return ProvisionResult(name, password, agent_snippet(config, name, classroom, password))
 
@@ -194,6 +197,9 @@ def _run(args: argparse.Namespace) -> int:
         result = provision_agent(config, args.name, args.classroom)
     except (ConfigError, OSError, subprocess.SubprocessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as exc:
+        print(f"error: {db.describe_error(exc, config.database.url)}", file=sys.stderr)
         return 2
     print(result.config_snippet, end="")
     print(f"agent {result.username!r} may now publish under {topics.PREFIX}/{args.classroom}/{result.username}/#; "

@@ -34,9 +34,10 @@ from coordinator import aggregate, db, retention
 from coordinator.config import CoordinatorConfig
 from coordinator.grpc_api import GrpcServer
 from coordinator.hub import Hub
-from coordinator.ingest import Ingest, RateLimitedLog
+from coordinator.ingest import Ingest
 from coordinator.outbox import record_signal
 from coordinator.policy import PolicyEngine, load_rules, threshold_key
+from coordinator.ratelimit import RateLimitedLog
 from coordinator.store import Store, utcnow
 from coordinator.web import create_app
 from coordinator.webhooks import WebhookDispatcher
@@ -79,7 +80,7 @@ class Coordinator:
         self._last_tick: datetime | None = None
         self._last_retention = datetime.min
         self._stop = threading.Event()
-        self._slow = RateLimitedLog(60.0)
+        self._slow = RateLimitedLog(60.0, log)
         self._ticker = threading.Thread(target=self._tick_loop, name="coordinator-ticker", daemon=True)
 
     def _web_server(self):
@@ -122,13 +123,14 @@ class Coordinator:
     def _set_leader(self, leader: bool) -> None:
         if leader == self.is_leader:
             return
-        self.is_leader = leader
-        if leader:
-            log.info("%s now evaluates policy (lease taken)", self.instance_id)
+        if leader:  # outlets first: if they cannot be built, this instance must not lead without them
             self._outlets = self._outlets_configured()
+            self.is_leader = True
+            log.info("%s now evaluates policy (lease taken)", self.instance_id)
             for outlet in self._outlets:
                 outlet.start()
         else:
+            self.is_leader = False
             log.info("%s no longer evaluates policy", self.instance_id)
             self.policy.reset()
             for outlet in self._outlets:

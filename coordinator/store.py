@@ -125,7 +125,7 @@ class Store:
         if not received and not statuses:
             return 0
         with self.sessions.begin() as db:
-            self._ensure_classrooms(
+            new_classrooms = self._ensure_classrooms(
                 db, {r.batch.classroom_id for r in received} | {s.classroom_id for s, _ in statuses}
             )
             open_sessions = self._open_sessions(
@@ -165,17 +165,21 @@ class Store:
                 )
             for status, at in statuses:
                 self._apply_status(db, status, at)
-            return len(rows)
+        self._known_classrooms |= new_classrooms  # only once committed: a rollback must insert them again
+        return len(rows)
 
-    def _ensure_classrooms(self, db: Session, ids: set[str]) -> None:
-        """Classrooms are created on first sight, named after their id until an admin renames them."""
+    def _ensure_classrooms(self, db: Session, ids: set[str]) -> set[str]:
+        """Classrooms are created on first sight, named after their id until an admin renames them.
+
+        Returns the ids inserted, for the caller to remember once the transaction commits.
+        """
         new = ids - self._known_classrooms
         if new:
             db.execute(
                 self._insert(Classroom).on_conflict_do_nothing(index_elements=[Classroom.id]),
                 [{"id": c, "name": c, "course_id": ""} for c in sorted(new)],
             )
-            self._known_classrooms |= new
+        return new
 
     def _apply_status(self, db: Session, status: pb.AgentStatus, at: datetime) -> None:
         values = {
@@ -245,9 +249,11 @@ class Store:
     ) -> str:
         """Explicitly start a class: close the open session (if any) and open a new one."""
         with self.sessions.begin() as db:
-            self._ensure_classrooms(db, {classroom_id})
+            new_classrooms = self._ensure_classrooms(db, {classroom_id})
             self._close(db, classroom_id, now)
-            return self._open_next(db, classroom_id, now, course_id, instructor)
+            session_id = self._open_next(db, classroom_id, now, course_id, instructor)
+        self._known_classrooms |= new_classrooms
+        return session_id
 
     def end_session(self, classroom_id: str, now: datetime) -> int:
         """Explicitly end the classroom's open session; returns sessions closed (0 or 1)."""

@@ -13,6 +13,7 @@ import secrets
 import sys
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.security import check_password_hash, generate_password_hash
 
@@ -123,6 +124,9 @@ def _run(args: argparse.Namespace) -> int:
             session.commit()
     except (ConfigError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as exc:
+        print(f"error: {db.describe_error(exc, config.database.url)}", file=sys.stderr)
         return 2
     print(f"{'updated' if args.update else 'created'} {args.role} {args.name!r}")
     return 0

@@ -30,12 +30,10 @@ import json
 import socket
 import uuid
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import requests
 from google.protobuf import json_format
 
-from affectedge.settings import ConfigError
 from affectedge.v1 import affectedge_pb2 as pb
 from coordinator.outbox import Outbox, Target, post
 from coordinator.store import iso
@@ -107,9 +105,7 @@ class XapiForwarder(Outbox):
     def __init__(self, coordinator: Coordinator):
         cfg = coordinator.config.xapi
         targets = []
-        if cfg.endpoint:
-            if urlsplit(cfg.endpoint).scheme not in ("http", "https"):
-                raise ConfigError(f"[xapi] endpoint {cfg.endpoint!r}: use the LRS's http(s):// xAPI base URL")
+        if cfg.endpoint:  # an http(s) URL: checked when the configuration is loaded
             targets.append(Target(self.statements_url(cfg.endpoint), cfg.max_attempts, cfg.backoff_s,
                                   TIMEOUT_S))
         super().__init__(coordinator, targets)

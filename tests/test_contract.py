@@ -75,6 +75,44 @@ def test_codec_round_trips_protobuf_and_json() -> None:
         codec.decode(codec.encode(pb.ObservationBatch(agent_id="a/b", classroom_id="r")), pb.ObservationBatch)
 
 
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (lambda b: setattr(b.observations[0], "confidence", float("nan")), "confidence"),
+        (lambda b: setattr(b.observations[0].quality, "score", 1.5), "quality score"),
+        (lambda b: setattr(b.observations[0], "label", 9), "label 9"),
+        (lambda b: setattr(b.observations[0], "track_id", 3_000_000_000), "track_id"),
+        (lambda b: setattr(b.observations[0].window_end, "seconds", 300_000_000_000), "window_end"),
+        (lambda b: setattr(b.summaries[0], "faces_present", 3_000_000_000), "faces_present"),
+        (lambda b: setattr(b, "model_version", "v" * 65), "model_version"),
+    ],
+)
+def test_values_no_column_can_hold_are_wire_errors(spoil, message) -> None:
+    """What would make the coordinator's database refuse a row is refused on the wire instead."""
+    batch = pb.ObservationBatch(agent_id="a1", classroom_id="room-1")
+    obs = batch.observations.add(camera_id="cam0", track_id=1, label=pb.HAPPY, confidence=0.9,
+                                 probabilities=[0, 0, 0, 1, 0, 0, 0])
+    obs.window_end.FromSeconds(1_700_000_000)
+    batch.summaries.add(camera_id="cam0", faces_present=1, distribution=[0, 0, 0, 1, 0, 0, 0])
+    codec.validate(batch)
+    spoil(batch)
+    with pytest.raises(codec.WireError, match=message):
+        codec.decode(codec.encode(batch), pb.ObservationBatch)
+
+
+def test_agent_status_checks_state_lengths_and_counts() -> None:
+    status = pb.AgentStatus(agent_id="a1", classroom_id="room-1", state=pb.AgentStatus.ONLINE,
+                            backend="onnxruntime", version="1.0")
+    codec.validate(status)
+    for field, value, message in (("backend", "b" * 33, "backend"), ("version", "1" * 65, "version"),
+                                  ("spool_depth", 3_000_000_000, "spool_depth"), ("state", 7, "state")):
+        spoiled = pb.AgentStatus()
+        spoiled.CopyFrom(status)
+        setattr(spoiled, field, value)
+        with pytest.raises(codec.WireError, match=message):
+            codec.decode(codec.encode(spoiled), pb.AgentStatus)
+
+
 def test_topics_round_trip_and_reject_wildcards() -> None:
     topic = topics.observations("room-1", "lab-pc-1")
     assert topic == "affectedge/v1/room-1/lab-pc-1/observations"

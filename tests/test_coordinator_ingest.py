@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from affectedge import codec, topics
 from affectedge.v1 import affectedge_pb2 as pb
 from coordinator import db
 from coordinator.bench import make_batch, mqtt_client, publish
 from coordinator.config import MqttConfig
-from coordinator.ingest import Ingest
+from coordinator.ingest import ClockWatch, Ingest
 from coordinator.store import Store
 
 
@@ -110,3 +111,63 @@ def test_restart_loses_no_qos1_observation_published_while_down(mosquitto, sessi
     finally:
         second.stop()
         publisher.loop_stop()
+
+
+def test_rows_the_database_refuses_are_dropped_alone_and_ingest_goes_on(mosquitto, sessions):
+    """A batch that passes the wire checks but that the database refuses must not stall ingest.
+
+    A real SQLite trigger plays the refusing database: every observation from agent 'refused'.
+    Its batch shares transactions with good ones; only it is dropped, the rest are stored and all
+    are acknowledged, and the classroom it would have created is created by the next message.
+    """
+    with sessions.kw["bind"].begin() as conn:
+        conn.execute(text("CREATE TRIGGER refuse BEFORE INSERT ON observations WHEN NEW.agent_id = 'refused' "
+                          "BEGIN SELECT RAISE(ABORT, 'refused by policy'); END"))
+    publisher = mqtt_client(mosquitto.url, "test-agent-refused")
+    ingest = start_ingest(mosquitto, sessions)
+    try:
+        publish(publisher, make_batch("refused", "room-9", 3, seq=1))
+        for seq in range(1, 6):
+            publish(publisher, make_batch("ag1", "room-1", 2, seq=seq))
+        wait_until(lambda: ingest.counters.malformed == 1 and observations(sessions) == 10)
+        status = pb.AgentStatus(agent_id="ag9", classroom_id="room-9", state=pb.AgentStatus.ONLINE)
+        publisher.publish(topics.status("room-9", "ag9"), codec.encode(status), qos=1).wait_for_publish(5)
+
+        def room9() -> bool:
+            with sessions() as s:
+                return s.get(db.Classroom, "room-9") is not None
+
+        wait_until(room9)
+        assert ingest.counters.messages == 7 and ingest.counters.db_errors == 0
+    finally:
+        ingest.stop()
+        publisher.loop_stop()
+
+
+def test_clock_watch_tells_a_wrong_clock_from_a_backlog():
+    watch = ClockWatch(tolerance_s=5, period_s=60)
+    # a backlog: large gaps while it drains, then fresh batches arrive on time -> no warning
+    gaps = [300, 200, 100, 0.3] + [0.2] * 60
+    assert [watch.gap("drained", g, t) for t, g in enumerate(gaps)] == [None] * len(gaps)
+    # a clock 20 s behind: every batch 20 s late -> one warning per minute, with the gap
+    warned = [w for t in range(130) if (w := watch.gap("behind", 20 + (t % 3) * 0.1, t)) is not None]
+    assert warned == [20.0, 20.0]
+    # ahead: batches "sent" in the future
+    ahead = [watch.gap("ahead", -12, t) for t in range(61)]
+    assert [w for w in ahead if w is not None] == [-12]
+
+
+def test_an_agent_with_a_wrong_clock_is_logged(mosquitto, sessions, caplog):
+    publisher = mqtt_client(mosquitto.url, "test-agent-clock")
+    ingest = start_ingest(mosquitto, sessions)
+    ingest._clocks = ClockWatch(period_s=0)  # judge each batch at once
+    try:
+        late = make_batch("ag1", "room-1", 1, seq=1)
+        late.sent_at.FromSeconds(late.sent_at.seconds - 40)
+        publish(publisher, late).wait_for_publish(5)
+        wait_until(lambda: observations(sessions) == 1)
+    finally:
+        ingest.stop()
+        publisher.loop_stop()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("agent ag1: every batch")]
+    assert len(said) == 1 and re.search(r"arrived 4[0-2] s after its own clock", said[0]), said

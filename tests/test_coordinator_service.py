@@ -25,7 +25,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "test-token-1"
+TOKEN = "test-token-0123456789"
 AUTH = [("authorization", f"Bearer {TOKEN}")]
 FAST_RULES = """
 [[rule]]
@@ -247,6 +247,10 @@ def test_cli_config_errors_are_one_line_and_exit_2(tmp_path):
         "rules.toml": f'[policy]\nrules = "{bad_rules}"\n[database]\nurl = "sqlite:///{tmp_path}/x.db"',
         "port.toml": f'state_dir = "{tmp_path}"\n[grpc]\nport = {busy.getsockname()[1]}\n'
         f'[database]\nurl = "sqlite:///{tmp_path}/x.db"',
+        # each of these once loaded fine and then failed quietly: outlets off, anyone in, no rate limit
+        "xapi.toml": '[xapi]\nendpoint = "lrs.example.org/xAPI"',
+        "token.toml": '[grpc]\ntokens = [""]',
+        "rate.toml": '[web]\nlogin_rate = "five a minute"',
     }
     expected = {
         "missing.toml": "no such config file",
@@ -254,6 +258,9 @@ def test_cli_config_errors_are_one_line_and_exit_2(tmp_path):
         "unknown.toml": "unknown key `mqtt.urll`",
         "rules.toml": "rule.0.signal",
         "port.toml": "cannot listen on",
+        "xapi.toml": "xapi.endpoint",
+        "token.toml": "grpc.tokens",
+        "rate.toml": "web.login_rate",
     }
     try:
         for name, body in cases.items():

@@ -26,3 +26,17 @@ def test_demo_runs_headless_and_produces_signals(tmp_path: Path) -> None:
     observations, signals = map(int, re.search(r"demo finished: (\d+) observations stored, (\d+) adaptation signals",
                                                result.stdout).groups())
     assert observations > 0 and signals > 0
+
+
+def test_demo_refuses_to_empty_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    """`--state-dir /var/lib/affectedge-coordinator` must not wipe a production database."""
+    precious = tmp_path / "production"
+    precious.mkdir()
+    (precious / "coordinator.db").write_text("real data")
+    result = subprocess.run(
+        [sys.executable, "-m", "coordinator", "demo", "--duration", "1", "--state-dir", str(precious)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert result.returncode == 2 and (precious / "coordinator.db").read_text() == "real data"
+    assert result.stderr.startswith(f"error: --state-dir {precious} holds files the demo did not create")
+    assert result.stderr.count("\n") == 1

@@ -255,3 +255,13 @@ def test_cli_prints_the_snippet_and_fails_in_one_line(tmp_path, capsys):
     assert main(["provision-agent", "agent-6", "--classroom", "room-1", "--config", str(bare)]) == 2
     _, err = capsys.readouterr()
     assert "set [broker] passwd_file and acl_file" in err and err.count("\n") == 1
+
+    # a database that cannot be used: one line, and agent-5's password (shown above) still stands
+    before = Path(config.broker.passwd_file).read_text()
+    (tmp_path / "not-a-dir").write_text("")
+    down = tmp_path / "down.toml"
+    down.write_text(path.read_text().replace(config.database.url, f"sqlite:///{tmp_path}/not-a-dir/x.db"))
+    assert main(["provision-agent", "agent-5", "--classroom", "room-1", "--config", str(down)]) == 2
+    _, err = capsys.readouterr()
+    assert err.startswith("error: cannot use the database sqlite:///") and err.count("\n") == 1
+    assert Path(config.broker.passwd_file).read_text() == before

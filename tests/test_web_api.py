@@ -56,6 +56,8 @@ def test_state_with_window_and_k_anonymity(tmp_path):
     assert small["window_seconds"] == 60 and small["suppressed"] and small["distribution"] is None
     bad = client.get("/api/v1/classrooms/room-a/state?window=7", headers=BEARER)
     assert bad.status_code == 400 and "10, 60, 300" in bad.json["error"]
+    typo = client.get("/api/v1/classrooms/room-a/state?window=6O", headers=BEARER)  # not the default window
+    assert typo.status_code == 400 and "whole number" in typo.json["error"]
     assert client.get("/api/v1/classrooms/nowhere/state", headers=BEARER).status_code == 404
 
 
@@ -79,6 +81,7 @@ def test_signal_filters(tmp_path):
     assert client.get("/api/v1/signals?status=maybe", headers=BEARER).status_code == 400
     assert client.get("/api/v1/signals?since=yesterday", headers=BEARER).status_code == 400
     assert client.get("/api/v1/signals?limit=0", headers=BEARER).status_code == 400
+    assert client.get("/api/v1/signals?limit=ten", headers=BEARER).status_code == 400
     login(client, "alice")
     assert ids("", headers={}) == {a1.id, a2.id}  # alice's classroom only
 
@@ -93,6 +96,8 @@ def test_ack_by_token_and_by_login_with_csrf(tmp_path):
     assert client.post(f"/api/v1/signals/{first.id}/ack", headers=BEARER).status_code == 409
     bad = client.post(f"/api/v1/signals/{second.id}/ack", json={"status": "ignored"}, headers=BEARER)
     assert bad.status_code == 400
+    not_object = client.post(f"/api/v1/signals/{second.id}/ack", json=["dismissed"], headers=BEARER)
+    assert not_object.status_code == 400 and "JSON object" in not_object.json["error"]
     assert client.post("/api/v1/signals/nope/ack", headers=BEARER).status_code == 404
 
     login(client, "alice")

@@ -88,6 +88,26 @@ def test_event_stream_forwards_only_this_classroom(tmp_path):
     assert not p.hub._subs  # closing the page unsubscribes
 
 
+def test_event_stream_ends_when_the_user_loses_access(tmp_path):
+    """An open page must not keep streaming a classroom its user was unassigned from."""
+    p, client = _teacher(tmp_path)
+    now = utcnow()
+    ingest(p, [batch("room-1", "agent-1", now, tracks=4)], now)
+    response = client.get("/classrooms/room-1/events", buffered=False)
+    chunks = response.response
+    assert next(chunks).startswith(b"retry:")
+    with p.sessions() as session:
+        state = aggregate.classroom_state(session, "room-1", 10, now, 3)
+    p.hub.publish(state)
+    assert next(chunks).startswith(b"event: state\n")  # still assigned: streamed
+    with p.sessions.begin() as session:
+        session.get(db.Classroom, "room-1").instructor = None
+    p.hub.publish(state)
+    assert next(chunks, None) is None  # unassigned: the stream ends instead
+    response.close()
+    assert not p.hub._subs
+
+
 def test_acknowledge_and_dismiss_signals(tmp_path):
     p, client = _teacher(tmp_path)
     first, second = publish_signal(p, classroom="room-1"), publish_signal(p, classroom="room-1")
@@ -110,6 +130,34 @@ def test_acknowledge_and_dismiss_signals(tmp_path):
         statuses = {s.id: (s.status, s.handled_by) for s in session.scalars(select(db.Signal))}
     assert statuses == {first.id: ("acknowledged", "alice"), second.id: ("dismissed", "alice")}
     assert first.id not in client.get("/classrooms/room-1").get_data(as_text=True)  # only open ones are shown
+
+
+def test_instructor_starts_and_ends_class_sessions(tmp_path):
+    """Two lessons back to back in one room get two sessions when the instructor says so."""
+    p, client = _teacher(tmp_path)
+    add_user(p, "bob")
+    add_classroom(p, "room-b", "bob")
+    now = utcnow()
+    ingest(p, [batch("room-1", "agent-1", now, tracks=4)], now)
+
+    def sessions() -> list[db.ClassSession]:
+        with p.sessions() as session:
+            return list(session.scalars(select(db.ClassSession).where(db.ClassSession.classroom_id == "room-1")
+                                        .order_by(db.ClassSession.started_at)))
+
+    first = sessions()[0]
+    assert "Start a new session" in client.get("/classrooms/room-1").get_data(as_text=True)
+    token = csrf_token(client, "/classrooms/room-1")
+    url = "/classrooms/room-1/session"
+    assert client.post(url, data={"action": "start"}).status_code == 400  # no CSRF token
+    assert client.post(url, data={"action": "start", "csrf_token": token}).status_code == 302
+    old, new = sessions()
+    assert old.id == first.id and old.ended_at is not None
+    assert new.ended_at is None and new.instructor == "alice" and new.course_id == "course-7"
+    assert client.post(url, data={"action": "end", "csrf_token": token}).status_code == 302
+    assert all(s.ended_at is not None for s in sessions())
+    assert client.post(url, data={"action": "pause", "csrf_token": token}).status_code == 400
+    assert client.post("/classrooms/room-b/session", data={"action": "end", "csrf_token": token}).status_code == 403
 
 
 def test_cannot_handle_a_signal_of_another_classroom(tmp_path):

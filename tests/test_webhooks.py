@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from conftest import free_port
 from outlets import Parts, deliveries, parts, publish_signal, wait_until
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
 from affectedge.codec import decode
@@ -201,6 +201,24 @@ def test_pending_deliveries_survive_a_restart(tmp_path):
         receiver.close()
     assert len(deliveries(restarted, "webhook")) == 1
     assert [r.headers[DELIVERY_HEADER] for r in receiver.requests] == [str(before.id)]
+
+
+def test_a_database_error_pauses_the_sender_and_it_delivers_afterwards(tmp_path, receiver):
+    """A locked or lost database must not end a sender thread: the rows it holds still go out."""
+    p = parts(tmp_path, webhooks=[hook(receiver.url)])
+    dispatcher = dispatcher_for(p)
+    try:
+        with p.sessions.kw["bind"].begin() as conn:  # the sender's next query fails: no such table
+            conn.execute(text("ALTER TABLE deliveries RENAME TO deliveries_away"))
+        dispatcher.wake()
+        time.sleep(0.5)
+        with p.sessions.kw["bind"].begin() as conn:
+            conn.execute(text("ALTER TABLE deliveries_away RENAME TO deliveries"))
+        publish_signal(p)
+        wait_until(lambda: [r for r in deliveries(p, "webhook") if r.status == "delivered"], what="delivery")
+    finally:
+        dispatcher.stop()
+    assert len(receiver.requests) == 1
 
 
 def test_a_signal_is_stored_with_its_deliveries_or_not_at_all(tmp_path, monkeypatch):

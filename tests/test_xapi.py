@@ -21,7 +21,6 @@ import requests
 from conftest import free_port, wait_for_port
 from outlets import Parts, deliveries, parts, publish_signal, wait_until
 
-from affectedge.settings import ConfigError
 from coordinator import db
 from coordinator.xapi import STATEMENT_NAMESPACE, VERB_EXPERIENCED, XapiForwarder, ext, homepage
 
@@ -155,7 +154,3 @@ def test_wrong_lrs_credentials_go_to_the_dead_letter_table_at_once(tmp_path, lrs
     assert (row.status, row.attempts) == ("dead", 1)
     assert row.last_error.startswith("HTTP 401")
 
-
-def test_an_endpoint_that_is_not_a_url_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="http"):
-        XapiForwarder(parts(tmp_path, xapi={"endpoint": "lrs.example.org/xAPI"}))

@@ -54,6 +54,11 @@ def _session_viewer() -> Viewer | None:
     return Viewer(user.username, user.role)
 
 
+def user_id() -> int:
+    """The logged-in user's id, for work that outlives the request (``login_required`` views)."""
+    return session["user_id"]
+
+
 def token_viewer() -> Viewer | None:
     """The API caller named by an ``Authorization: Bearer`` header (None without one; 401 if wrong)."""
     header = request.headers.get("Authorization", "")
@@ -103,13 +108,25 @@ def visible_classrooms(session_: Session, who: Viewer) -> list[db.Classroom]:
     return list(session_.scalars(query))
 
 
+def may_see(who: Viewer, room: db.Classroom) -> bool:
+    """The one rule: admins (and API tokens) see every classroom, instructors their own."""
+    return who.is_admin or room.instructor == who.name
+
+
+def still_may_see(session_: Session, user_id: int, classroom_id: str) -> bool:
+    """For a long-lived stream: is the user who opened it still active and still allowed in?"""
+    user = session_.get(db.User, user_id)
+    room = session_.get(db.Classroom, classroom_id)
+    return bool(user and user.active and room and may_see(Viewer(user.username, user.role), room))
+
+
 def classroom_or_403(classroom_id: str) -> db.Classroom:
     """The classroom if the viewer may see it; 404 if unknown, 403 if it is someone else's."""
     room = dbs().get(db.Classroom, classroom_id)
     if room is None:
         abort(404, description=f"there is no classroom {classroom_id!r}")
     who = viewer()
-    if who is None or not (who.is_admin or room.instructor == who.name):
+    if who is None or not may_see(who, room):
         raise Forbidden(
             f"classroom {classroom_id!r} is not assigned to you; ask an administrator to assign it "
             "if you teach there"

@@ -11,6 +11,7 @@ import logging
 
 from flask import Blueprint, flash, redirect, render_template, request, url_for
 from sqlalchemy import delete, func, select
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import NotFound
 
 from affectedge.settings import ConfigError
@@ -135,10 +136,14 @@ def agents():
 def provision():
     """Broker credentials for a new (or rotated) agent, shown once: the password is not stored."""
     name, classroom = request.form.get("name", "").strip(), request.form.get("classroom", "").strip()
+    config = access.coordinator().config
     try:
-        result = provision_agent(access.coordinator().config, name, classroom)
+        result = provision_agent(config, name, classroom)
     except (ConfigError, OSError) as exc:
         flash(f"Not provisioned: {exc}", "error")
+        return redirect(url_for("admin.agents"))
+    except SQLAlchemyError as exc:
+        flash(f"Not provisioned: {db.describe_error(exc, config.database.url)}", "error")
         return redirect(url_for("admin.agents"))
     log.info("agent %s provisioned for classroom %s by %s", name, classroom, access.viewer().name)
     return render_template("admin/provisioned.html", result=result, classroom=classroom)

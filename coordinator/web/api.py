@@ -72,13 +72,24 @@ def classrooms():
 def classroom_state(classroom_id: str):
     room = access.classroom_or_403(classroom_id)
     config = access.coordinator().config.aggregate
-    window = request.args.get("window", default=config.default_window, type=int)
+    window = _int_arg("window", config.default_window)
     if window not in config.windows:
         raise BadRequest(f"window must be one of {', '.join(map(str, config.windows))} seconds")
     state = aggregate.classroom_state(
         access.dbs(), room.id, window, utcnow(), config.k_anonymity, config.agent_offline_after_s
     )
     return present.state_json(state, config.k_anonymity)
+
+
+def _int_arg(name: str, default: int) -> int:
+    """A whole-number query argument; a typo is a 400, not silently the default."""
+    value = request.args.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise BadRequest(f"{name} must be a whole number, e.g. {default}") from None
 
 
 def _time_arg(name: str) -> datetime | None:
@@ -97,7 +108,7 @@ def list_signals():
     status = request.args.get("status") or None
     if status and status not in signals.STATUSES:
         raise BadRequest(f"status must be one of {', '.join(signals.STATUSES)}")
-    limit = request.args.get("limit", default=100, type=int)
+    limit = _int_arg("limit", 100)
     if not 1 <= limit <= MAX_LIMIT:
         raise BadRequest(f"limit must be between 1 and {MAX_LIMIT}")
     visible = access.visible_classroom_ids(access.viewer())
@@ -127,6 +138,8 @@ def ack_signal(signal_id: str):
         raise NotFound(f"there is no signal {signal_id!r}")
     access.classroom_or_403(row.classroom_id)
     body = request.get_json(silent=True) or {}
+    if not isinstance(body, dict):
+        raise BadRequest('send a JSON object such as {"status": "dismissed"}, or no body to acknowledge')
     status = body.get("status", "acknowledged")
     try:
         signals.handle(row, status, access.viewer().name, utcnow())

@@ -20,7 +20,7 @@ from werkzeug.exceptions import BadRequest, Conflict, NotFound
 from affectedge.labels import EMOTIONS
 from affectedge.v1 import affectedge_pb2 as pb
 from coordinator import aggregate, db
-from coordinator.store import utcnow
+from coordinator.store import Store, utcnow
 from coordinator.web import access, present, signals
 
 bp = Blueprint("live", __name__)
@@ -91,7 +91,7 @@ def events(classroom_id: str):
     room = access.classroom_or_403(classroom_id)
     coordinator = access.coordinator()
     return Response(
-        _stream(coordinator, room.id),
+        _stream(coordinator, room.id, access.user_id()),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
@@ -101,8 +101,12 @@ def _sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def _stream(coordinator, classroom_id: str) -> Iterator[str]:
-    """Runs after the request context is gone, so it opens its own database sessions."""
+def _stream(coordinator, classroom_id: str, user_id: int) -> Iterator[str]:
+    """Runs after the request context is gone, so it opens its own database sessions.
+
+    Access is checked again at each keep-alive and before each state: a user deactivated or
+    unassigned from the classroom stops receiving it within a tick, not when the page closes.
+    """
     config = coordinator.config
     subscription = coordinator.hub.subscribe()
     try:
@@ -111,15 +115,20 @@ def _stream(coordinator, classroom_id: str) -> Iterator[str]:
             try:
                 item = subscription.queue.get(timeout=KEEPALIVE_S)
             except queue.Empty:
+                with coordinator.sessions() as db_session:
+                    if not access.still_may_see(db_session, user_id, classroom_id):
+                        return
                 yield ": keep-alive\n\n"
                 continue
             if item.classroom_id != classroom_id:
                 continue
             if isinstance(item, pb.ClassroomState):
                 payload = present.state_json(item, config.aggregate.k_anonymity)
-                with coordinator.sessions() as session:
+                with coordinator.sessions() as db_session:
+                    if not access.still_may_see(db_session, user_id, classroom_id):
+                        return
                     payload["agents"] = agent_rows(
-                        session, classroom_id, utcnow(), config.aggregate.agent_offline_after_s
+                        db_session, classroom_id, utcnow(), config.aggregate.agent_offline_after_s
                     )
                 yield _sse("state", payload)
             elif isinstance(item, pb.AdaptationSignal):
@@ -147,4 +156,24 @@ def handle_signal(classroom_id: str, signal_id: str):
     session.commit()
     if request.accept_mimetypes.best == "application/json":
         return present.row_json(row)
+    return redirect(url_for("live.classroom", classroom_id=room.id))
+
+
+@bp.post("/classrooms/<classroom_id>/session")
+@access.login_required
+def change_session(classroom_id: str):
+    """Start a new class session (closing the open one) or end it, e.g. between two lessons.
+
+    Without this a session only ends after the room has been quiet for a while, so two classes
+    back to back in one room would share one session and one history.
+    """
+    room = access.classroom_or_403(classroom_id)
+    store = Store(access.coordinator().sessions)
+    action = request.form.get("action", "")
+    if action == "start":
+        store.start_session(room.id, utcnow(), room.course_id, access.viewer().name)
+    elif action == "end":
+        store.end_session(room.id, utcnow())
+    else:
+        raise BadRequest(f"action {action!r} is not valid: use start or end")
     return redirect(url_for("live.classroom", classroom_id=room.id))

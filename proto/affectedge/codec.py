@@ -1,7 +1,10 @@
 """Encoding and validating wire messages: protobuf by default, JSON for debugging.
 
 Validation lives here, once, for both ends: every distribution has exactly 7 finite values in
-[0, 1], ids match the topic rules. A payload that fails is a :class:`WireError`, never a crash.
+[0, 1], ids match the topic rules, labels and states are known enum values, scores are finite in
+[0, 1], timestamps are within protobuf's range (year 1-9999), counts fit a signed 32-bit column and
+version strings at most 64 characters. A payload that fails is a :class:`WireError`, never a crash
+and never a row the coordinator's database refuses.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from affectedge.v1 import affectedge_pb2 as pb
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
 M = TypeVar("M", bound=Message)
+MAX_COUNT = 2**31 - 1  # counts and track ids are stored as signed 32-bit integers
+TEXT_LIMITS = {"version": 64, "model_version": 64, "backend": 32}  # characters, as stored
+_SECONDS = (-62_135_596_800, 253_402_300_799)  # 0001-01-01 .. 9999-12-31, as protobuf defines
 
 
 class WireError(ValueError):
@@ -63,23 +69,64 @@ def _id(value: str, what: str) -> None:
         raise WireError(f"{what} {value[:70]!r} is not a valid id")
 
 
+def _score(value: float, what: str) -> None:
+    if not (math.isfinite(value) and 0 <= value <= 1 + 1e-6):
+        raise WireError(f"{what} is {value}; it must be a number in [0, 1]")
+
+
+def _count(value: int, what: str) -> None:
+    if value > MAX_COUNT:
+        raise WireError(f"{what} is {value}; it must be at most {MAX_COUNT}")
+
+
+def _text(message: Message, name: str) -> None:
+    value, limit = getattr(message, name), TEXT_LIMITS[name]
+    if len(value) > limit:
+        raise WireError(f"{name} has {len(value)} characters; it must have at most {limit}")
+
+
+def _timestamp(message: Message, name: str, what: str) -> None:
+    if message.HasField(name):
+        ts = getattr(message, name)
+        if not (_SECONDS[0] <= ts.seconds <= _SECONDS[1] and 0 <= ts.nanos < 10**9):
+            raise WireError(f"{what} ({ts.seconds} s) is outside the years 1-9999")
+
+
+_LABELS = frozenset(range(1, len(EMOTIONS) + 1))
+
+
 def validate(message: Message) -> None:
     """Raise WireError if ``message`` breaks the contract's invariants."""
     if isinstance(message, pb.ObservationBatch):
         _id(message.agent_id, "agent_id")
         _id(message.classroom_id, "classroom_id")
+        _text(message, "model_version")
+        _timestamp(message, "sent_at", "sent_at")
         for obs in message.observations:
             _id(obs.camera_id, "camera_id")
             _distribution(obs.probabilities, "probabilities")
-            if obs.label == pb.EMOTION_UNSPECIFIED:
-                raise WireError("observation label is unspecified")
+            if obs.label not in _LABELS:
+                raise WireError(f"observation label {obs.label} is not one of the 7 emotions (1-7)")
+            _score(obs.confidence, "confidence")
+            _score(obs.quality.score, "quality score")
+            _count(obs.track_id, "track_id")
+            _timestamp(obs, "window_start", "window_start")
+            _timestamp(obs, "window_end", "window_end")
         for summary in message.summaries:
             _id(summary.camera_id, "camera_id")
+            _count(summary.faces_present, "faces_present")
+            _timestamp(summary, "timestamp", "summary timestamp")
             if summary.faces_present:
                 _distribution(summary.distribution, "distribution")
     elif isinstance(message, pb.AgentStatus):
         _id(message.agent_id, "agent_id")
         _id(message.classroom_id, "classroom_id")
+        if message.state not in pb.AgentStatus.State.values():
+            raise WireError(f"agent state {message.state} is not a known state")
+        for name in ("version", "backend", "model_version"):
+            _text(message, name)
+        _count(message.spool_depth, "spool_depth")
+        _timestamp(message, "timestamp", "status timestamp")
 
 
 def label_of(index: int) -> int:
