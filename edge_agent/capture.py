@@ -12,6 +12,7 @@ Frames live only in memory.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -37,17 +38,31 @@ class Frame:
 
 
 def describe(source: str) -> str:
-    """The source without credentials, for logs (``rtsp://user:pass@host`` -> ``rtsp://host``)."""
-    return re.sub(r"(?<=://)[^/@]*@", "", source)
+    """The source without credentials, for logs (``rtsp://user:pass@host/s?pwd=x`` -> ``rtsp://host/s``).
+
+    Everything up to the last '@' goes (a password may itself hold '@' or '/'), and so does the
+    query string, where many IP cameras take ``?user=...&pwd=...``.
+    """
+    scheme = _URL.match(source)
+    if scheme is None:
+        return source
+    rest = source[scheme.end():].rpartition("@")[2]
+    return scheme.group() + re.split(r"[?#]", rest, maxsplit=1)[0]
+
+
+def is_v4l2(source: str) -> bool:
+    """A V4L2 camera: an index ("0"), or a device node, also via a stable udev link such as
+    ``/dev/v4l/by-id/usb-...-video-index0`` (which OpenCV's FFmpeg backend would not open)."""
+    return source.isdigit() or source.startswith("/dev/") or os.path.realpath(source).startswith("/dev/video")
 
 
 def is_file(source: str) -> bool:
-    return not (source.isdigit() or source.startswith("/dev/video") or _URL.match(source))
+    return not (is_v4l2(source) or _URL.match(source))
 
 
 def open_capture(source: str, width: int | None = None, height: int | None = None) -> cv2.VideoCapture:
     """Open a V4L2 index/device, a URL or a file; the returned capture may be not opened."""
-    if source.isdigit() or source.startswith("/dev/video"):
+    if is_v4l2(source):
         capture = cv2.VideoCapture(int(source) if source.isdigit() else source, cv2.CAP_V4L2)
         # one driver buffer: the frame we grab is the newest, not one queued seconds ago
         capture.set(cv2.CAP_PROP_BUFFERSIZE, 1)

@@ -10,7 +10,6 @@ import argparse
 import logging
 import os
 import socket
-import ssl
 import subprocess
 import sys
 import threading
@@ -69,23 +68,15 @@ def _check_camera(source: str) -> Callable[[], str]:
 
 
 def _check_tls(config: AgentConfig) -> str:
+    from edge_agent.publisher import tls_context
+
     tls = config.mqtt.tls
-    for key in ("ca", "cert", "key"):
-        path = getattr(tls, key)
-        if path is not None and not os.access(path, os.R_OK):
-            raise RuntimeError(f"mqtt.tls.{key} = {path}: the file is missing or not readable by this user")
-    try:
-        context = ssl.create_default_context(cafile=str(tls.ca) if tls.ca else None)
-        if tls.cert:
-            context.load_cert_chain(str(tls.cert), str(tls.key))
-    except ssl.SSLError as exc:
-        raise RuntimeError(f"the TLS files do not load ({exc.reason or exc}): check they are PEM and the key "
-                           "matches the certificate") from None
+    tls_context(tls)
     return f"CA {tls.ca or 'system store'}" + (f", client certificate {tls.cert}" if tls.cert else "")
 
 
 def _check_broker(config: AgentConfig) -> str:
-    from edge_agent.publisher import make_client
+    from edge_agent.publisher import make_client, unreachable
 
     mqtt_config = config.mqtt
     client = make_client(mqtt_config, client_id=f"affectedge-check-{config.agent.id}-{os.getpid()}")
@@ -103,7 +94,10 @@ def _check_broker(config: AgentConfig) -> str:
     client.on_disconnect = on_disconnect
     socket.setdefaulttimeout(CHECK_TIMEOUT_S)
     try:
-        client.connect(mqtt_config.host, mqtt_config.port, mqtt_config.keepalive_s)
+        try:
+            client.connect(mqtt_config.host, mqtt_config.port, mqtt_config.keepalive_s)
+        except OSError as exc:  # refused, no route, unknown host, TLS handshake: all say the same to the admin
+            raise RuntimeError(unreachable(mqtt_config, exc)) from None
         client.loop_start()
         if not answered.wait(CHECK_TIMEOUT_S):
             raise RuntimeError(f"no answer from {mqtt_config.host}:{mqtt_config.port} in {CHECK_TIMEOUT_S:.0f} s")

@@ -143,9 +143,11 @@ class AgentConfig(Section):
     @field_validator("cameras")
     @classmethod
     def _unique_cameras(cls, cameras: list[CameraSection]) -> list[CameraSection]:
-        ids = [c.id for c in cameras]
-        if len(set(ids)) != len(ids):
-            raise ValueError("camera ids must be unique")
+        seen: set[str] = set()
+        for camera in cameras:  # names the id only: the sources may carry credentials
+            if camera.id in seen:
+                raise ValueError(f"camera id {camera.id!r} is used twice; camera ids must be unique")
+            seen.add(camera.id)
         return cameras
 
 

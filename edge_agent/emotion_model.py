@@ -6,7 +6,6 @@ the files' sha256, and opens ``encoder.onnx`` and ``head.onnx`` on ONNX Runtime 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -15,21 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from affectedge.labels import EMOTIONS
-from edge_agent.inference import Session, open_session
+from edge_agent.inference import ModelError, Session, open_session, sha256
 
 log = logging.getLogger(__name__)
-
-
-class ModelError(RuntimeError):
-    """The shipped model files are missing, corrupt or do not match this software."""
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(models_dir: Path) -> dict:

@@ -8,6 +8,8 @@ ONNX Runtime, logging why.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -22,6 +24,11 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
+class ModelError(RuntimeError):
+    """The shipped model files are missing, corrupt or do not match this software (or the backend
+    asked for cannot run here): restarting cannot fix it, so the CLI reports it as a config error."""
 
 
 class Session(Protocol):
@@ -46,7 +53,11 @@ class OrtSession:
         # spinning threads burn a core while idle between frames; a lab PC has other work to do
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT's error types (InvalidProtobuf, Fail, ...) share no base but Exception
+            raise ModelError(f"{path} does not load ({str(exc).splitlines()[0][:200]}): the file is corrupt or "
+                             "truncated; reinstall the model files (deploy/systemd/install.sh)") from None
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
 
@@ -54,15 +65,49 @@ class OrtSession:
         return self._session.run(self.output_names, inputs)
 
 
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def engine_path(onnx_path: Path) -> Path | None:
     """The TensorRT engine built for this machine's GPU next to ``onnx_path``, if any."""
     from edge_agent import tensorrt_runtime
 
     tag = tensorrt_runtime.gpu_tag()
-    if tag is None:
+    return None if tag is None else pick_engine(onnx_path, tag)
+
+
+def engine_record(engine: Path, tag: str) -> dict | None:
+    """``model_export build``'s entry for ``engine`` in ``engines.<tag>.json`` (in the models dir,
+    which is the engine's folder or, for mtcnn/, its parent), or None when there is none."""
+    for folder in (engine.parent, engine.parent.parent):
+        try:
+            record = json.loads((folder / f"engines.{tag}.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        for entry in record.get("engines", {}).values():
+            if entry.get("engine") == engine.name:
+                return entry
+    return None
+
+
+def pick_engine(onnx_path: Path, tag: str) -> Path | None:
+    """``<stem>.<tag>.engine`` next to ``onnx_path`` unless its build record says it was built from
+    another ONNX file: an engine left over from an older model would give that model's answers."""
+    engine = onnx_path.with_name(f"{onnx_path.stem}.{tag}.engine")
+    if not engine.exists():
         return None
-    candidate = onnx_path.with_name(f"{onnx_path.stem}.{tag}.engine")
-    return candidate if candidate.exists() else None
+    entry = engine_record(engine, tag)
+    built_from = entry.get("source_sha256") if entry else None
+    if built_from and built_from != sha256(onnx_path):
+        log.warning("ignoring %s: it was built from another %s; rebuild it with `model_export build`",
+                    engine, onnx_path.name)
+        return None
+    return engine
 
 
 def open_session(onnx_path: Path, backend: str = "auto", threads: int | None = None) -> Session:
@@ -80,6 +125,6 @@ def open_session(onnx_path: Path, backend: str = "auto", threads: int | None = N
             return tensorrt_runtime.TrtSession(engine)
         why = why or f"no engine for this GPU next to {onnx_path.name} (run `model_export build --fp16`)"
         if backend == "tensorrt":
-            raise RuntimeError(f"TensorRT backend requested but {why}")
+            raise ModelError(f"model.backend = \"tensorrt\" but {why}; or set model.backend = \"auto\"")
         log.info("using ONNX Runtime for %s: %s", onnx_path.name, why)
     return OrtSession(onnx_path, threads)

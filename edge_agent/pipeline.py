@@ -68,14 +68,13 @@ class Window:
     def __init__(self, length: int, dim: int):
         self.embeddings = np.zeros((length, dim), np.float32)
         self.times = np.zeros(length)
-        self.quality = np.zeros((length, 5), np.float32)  # score, eye px, sharpness, yaw, detector
+        self.scores = np.zeros(length, np.float32)  # the quality gate's combined score per face
         self.count = 0
 
     def push(self, embedding: np.ndarray, t: float, quality: Quality) -> None:
         i = self.count % len(self.times)
         self.embeddings[i], self.times[i] = embedding, t
-        self.quality[i] = (quality.score, quality.eye_distance, quality.sharpness, quality.yaw_deg,
-                           quality.detector_confidence)
+        self.scores[i] = quality.score
         self.count += 1
 
     def sequence(self) -> np.ndarray:
@@ -89,15 +88,17 @@ class Window:
 
     def observation(self, camera_id: str, track_id: int, probs: np.ndarray) -> pb.EmotionObservation:
         n = min(self.count, len(self.times))
-        times, (score, eyes, sharp, yaw, detector) = self.times[:n], self.quality[:n].mean(axis=0)
+        times = self.times[:n]
         best = int(np.argmax(probs))
         return pb.EmotionObservation(
             camera_id=camera_id, track_id=track_id,
             window_start=timestamp(times.min()), window_end=timestamp(times.max()),
             label=codec.label_of(best), probabilities=probs.tolist(), confidence=float(probs[best]),
             frames=n,
-            quality=pb.FaceQuality(score=score, size_px=eyes, sharpness=sharp, yaw_deg=yaw,
-                                   detector_confidence=detector))
+            # only the combined score leaves the process (the coordinator weighs by it): a learner's
+            # face size, sharpness, head yaw and detector confidence are measurements of a person,
+            # and the privacy promise is labels only, so those FaceQuality fields stay unset
+            quality=pb.FaceQuality(score=float(self.scores[:n].mean())))
 
 
 class CameraPipeline:

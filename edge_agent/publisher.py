@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
+import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -27,11 +30,13 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from affectedge import codec, topics
+from affectedge.settings import ConfigError
 from affectedge.v1 import affectedge_pb2 as pb
-from edge_agent.config import AgentSection, MqttSection
-from edge_agent.spool import Spool
+from edge_agent.config import AgentSection, MqttSection, TlsSection
+from edge_agent.spool import Row, Spool
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,31 @@ def timestamp(seconds: float) -> Timestamp:
     return stamp
 
 
+def tls_context(tls: TlsSection) -> ssl.SSLContext:
+    """The TLS context for ``[mqtt.tls]``, verifying the broker; loaded at start-up so a missing or
+    broken file is a config error (exit 2) instead of a failure in paho's network thread."""
+    for key in ("ca", "cert", "key"):
+        path = getattr(tls, key)
+        if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            raise ConfigError(f"mqtt.tls.{key} = {path}: the file is missing or not readable by this user; "
+                              "fix the path or the file's permissions")
+    try:
+        context = ssl.create_default_context(cafile=str(tls.ca) if tls.ca else None)
+        if tls.cert:
+            context.load_cert_chain(str(tls.cert), str(tls.key))
+    except ssl.SSLError as exc:
+        raise ConfigError(f"[mqtt.tls] files do not load ({exc.reason or exc}): check they are PEM and the key "
+                          "matches the certificate") from None
+    return context
+
+
+def unreachable(config: MqttSection, error: BaseException | None) -> str:
+    """One line for a broker that cannot be reached: where, why, and what to check."""
+    reason = (getattr(error, "strerror", None) or str(error) or type(error).__name__) if error else "unknown reason"
+    return (f"cannot reach {config.host}:{config.port} ({reason}): check mqtt.host/port/tls and that the "
+            "broker runs")
+
+
 def make_client(config: MqttSection, client_id: str) -> mqtt.Client:
     """A paho client configured from ``[mqtt]`` (protocol, credentials, TLS); not yet connected."""
     protocol = mqtt.MQTTv5 if config.protocol == "5" else mqtt.MQTTv311
@@ -53,9 +83,7 @@ def make_client(config: MqttSection, client_id: str) -> mqtt.Client:
         password = config.password.get_secret_value() if config.password else None
         client.username_pw_set(config.username, password)
     if config.tls is not None:
-        client.tls_set(ca_certs=str(config.tls.ca) if config.tls.ca else None,
-                       certfile=str(config.tls.cert) if config.tls.cert else None,
-                       keyfile=str(config.tls.key) if config.tls.key else None)
+        client.tls_set_context(tls_context(config.tls))
     client.max_inflight_messages_set(MAX_INFLIGHT)
     client.reconnect_delay_set(1, config.max_backoff_s)
     return client
@@ -63,6 +91,7 @@ def make_client(config: MqttSection, client_id: str) -> mqtt.Client:
 
 class Publisher:
     def __init__(self, config: MqttSection, agent: AgentSection, spool: Spool, model_version: str):
+        """Builds the MQTT client (raises ConfigError for bad TLS files) but does not connect yet."""
         self.config = config
         self.agent = agent
         self.spool = spool
@@ -70,17 +99,20 @@ class Publisher:
         self.observations_topic = topics.observations(agent.classroom, agent.id)
         self.status_topic = topics.status(agent.classroom, agent.id)
         self.connected = threading.Event()
-        self._client: mqtt.Client | None = None
+        self._client = make_client(config, client_id=f"affectedge-{agent.classroom}-{agent.id}")
         self._status: Callable[[], pb.AgentStatus] | None = None
-        # mid -> spool row id (None: a status message). Publishing and registering its mid happen
+        # mid -> spool row (None: a status message). Publishing and registering its mid happen
         # under _lock, which paho's on_publish never takes: paho calls on_publish while holding its
         # own queue lock, which publish() needs, so taking _lock there could deadlock.
-        self._inflight: dict[int, int | None] = {}
+        self._inflight: dict[int, Row | None] = {}
         self._lock = threading.Lock()
-        self._acked: collections.deque[int] = collections.deque()  # filled by paho's thread
+        # (mid, PUBACK reason code), filled by paho's thread
+        self._acked: collections.deque[tuple[int, ReasonCode]] = collections.deque()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._warned_full = False  # once per outage, not once per batch
+        self._warned_refused = False  # once per connection, not once per batch
+        self._warned_unreachable = False  # once per outage, not once per retry
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
 
     # -- encoding -------------------------------------------------------------------------------
@@ -121,26 +153,42 @@ class Publisher:
             with self._lock:
                 # every acked mid is registered: its publish() returned before we got _lock
                 while self._acked:
-                    row = self._inflight.pop(self._acked.popleft(), None)
-                    if row is not None:
-                        self.spool.ack(row)
+                    self._settle(*self._acked.popleft())
                 if not self.connected.is_set():
                     continue
                 in_flight = sum(row is not None for row in self._inflight.values())
                 for row in self.spool.take(MAX_INFLIGHT - in_flight):
                     info = self._client.publish(row.topic, row.payload, QOS,
                                                 properties=self._properties(row.content_type))
-                    self._inflight[info.mid] = row.id
+                    self._inflight[info.mid] = row
+
+    def _settle(self, mid: int, reason_code: ReasonCode) -> None:
+        """Delete the row of an answered PUBLISH: delivered, or refused (dropped, never retried)."""
+        row = self._inflight.pop(mid, None)
+        if reason_code.is_failure:
+            self._warn_refused(row.topic if row is not None else self.status_topic, reason_code)
+            if row is not None:
+                self.spool.reject(row.id)
+        elif row is not None:
+            self.spool.ack(row.id)
+
+    def _warn_refused(self, topic: str, reason_code: ReasonCode) -> None:
+        # a refusal is a deployment error (ACL, wrong id) that repeats for every batch: say it once
+        if not self._warned_refused:
+            log.warning("the broker refused a message on %s (%s): dropping refused batches (counted in "
+                        "spool_dropped); check the broker ACL allows agent %r in classroom %r, e.g. re-run "
+                        "`coordinator provision-agent`", topic, reason_code, self.agent.id, self.agent.classroom)
+            self._warned_refused = True
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        self._acked.append(mid)
+        self._acked.append((mid, reason_code))
         self._wake.set()
 
     # -- status -------------------------------------------------------------------------------------
 
     def publish_status(self, status: pb.AgentStatus) -> mqtt.MQTTMessageInfo | None:
         """Publish ``status`` retained if connected (a snapshot: no point queuing a stale one)."""
-        if self._client is None or not self.connected.is_set():
+        if not self.connected.is_set():
             return None
         content_type, payload = self._encode(status)
         with self._lock:
@@ -157,9 +205,17 @@ class Publisher:
         log.info("connected to broker %s:%d (MQTT %s)", self.config.host, self.config.port,
                  self.config.protocol)
         self.connected.set()
-        self._warned_full = False
+        self._warned_full = self._warned_refused = self._warned_unreachable = False
         self.publish_status(self._status())
         self._wake.set()
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        if self._warned_unreachable:
+            return
+        # paho calls this from inside its `except OSError:` and passes no error: it is the one in flight
+        log.warning("%s; spooling batches and retrying (run `edge-agent check` to test the settings)",
+                    unreachable(self.config, sys.exc_info()[1]))
+        self._warned_unreachable = True
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self.connected.is_set() and not self._stopping.is_set():
@@ -171,7 +227,7 @@ class Publisher:
     def start(self, status: Callable[[], pb.AgentStatus]) -> None:
         """Connect in the background; ``status()`` gives the ONLINE status to publish on each connect."""
         self._status = status
-        client = make_client(self.config, client_id=f"affectedge-{self.agent.classroom}-{self.agent.id}")
+        client = self._client
         will = status()
         will.state = pb.AgentStatus.OFFLINE
         will.detail = "connection lost (Last Will)"
@@ -180,8 +236,8 @@ class Publisher:
             self._will_properties(content_type)))
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
         client.on_publish = self._on_publish
-        self._client = client
         client.connect_async(self.config.host, self.config.port, self.config.keepalive_s)
         client.loop_start()
         self._sender.start()
@@ -208,9 +264,8 @@ class Publisher:
                 info.wait_for_publish(max(0.5, deadline - time.monotonic()))
             except RuntimeError as exc:  # the connection dropped meanwhile; the Last Will says OFFLINE
                 log.info("final status not sent: %s", exc)
-        if self._client is not None:
-            self._client.disconnect()
-            self._client.loop_stop()
+        self._client.disconnect()
+        self._client.loop_stop()
         left = self.spool.depth
         if left:
             log.info("%d batches stay in the spool for the next start", left)

@@ -18,14 +18,16 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import threading
 import time
 from importlib import metadata
 
+from affectedge.settings import ConfigError
 from affectedge.v1 import affectedge_pb2 as pb
 from edge_agent.capture import NETWORK_TIMEOUT_MS, Camera
-from edge_agent.config import AgentConfig
-from edge_agent.emotion_model import EmotionModel
+from edge_agent.config import AgentConfig, SpoolSection
+from edge_agent.emotion_model import EmotionModel, read_manifest
 from edge_agent.faces.mtcnn import FaceDetector
 from edge_agent.pipeline import CameraPipeline
 from edge_agent.publisher import Publisher, timestamp
@@ -71,9 +73,21 @@ def load_models(config: AgentConfig) -> tuple[EmotionModel, FaceDetector]:
     return model, detector
 
 
+def open_spool(section: SpoolSection) -> Spool:
+    """The spool, or a ConfigError naming ``spool.path``: caught at start-up, not by a crash loop."""
+    try:
+        return Spool(section.path, section.max_batches)
+    except (OSError, sqlite3.Error) as exc:
+        raise ConfigError(f"spool.path = {section.path}: cannot open it ({exc}); point spool.path at a file in a "
+                          "writable directory, or move a corrupt file away (it holds only unsent batches)") from None
+
+
 class Agent:
     def __init__(self, config: AgentConfig):
         self.config = config
+        # config errors (spool, TLS files) first, before the model load logs anything
+        self.spool = open_spool(config.spool)
+        self.publisher = Publisher(config.mqtt, config.agent, self.spool, read_manifest(config.model.dir)["version"])
         self.model, detector = load_models(config)
         gate = QualityGate(config.quality)
         ids = itertools.count(1)  # anonymous track ids, shared by the cameras, restart at 1
@@ -81,8 +95,6 @@ class Agent:
                         for c in config.cameras]
         self.pipelines = {c.id: CameraPipeline(c.id, detector, self.model, gate, config.detection, ids)
                           for c in config.cameras}
-        self.spool = Spool(config.spool.path, config.spool.max_batches)
-        self.publisher = Publisher(config.mqtt, config.agent, self.spool, self.model.version)
         self.stopping = threading.Event()
         self._fps = {c.id: 0.0 for c in config.cameras}
         self._dropped_reported = {c.id: 0 for c in config.cameras}

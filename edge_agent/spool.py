@@ -94,6 +94,16 @@ class Spool:
         with self._lock, self._db:
             self._db.execute("DELETE FROM batches WHERE id = ?", (row_id,))
 
+    def reject(self, row_id: int) -> None:
+        """Delete a batch the broker refused (e.g. its ACL denies the topic) and count it as dropped.
+
+        Re-sending cannot help and keeping it would block the spool, but it must not pass for
+        delivered: the count shows up in the status' ``spool_dropped``.
+        """
+        with self._lock, self._db:
+            gone = self._db.execute("DELETE FROM batches WHERE id = ?", (row_id,)).rowcount
+            self._db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped'", (gone,))
+
     @property
     def depth(self) -> int:
         with self._lock:

@@ -44,6 +44,14 @@ def gpu_tag() -> str | None:
     return f"{name}-sm{major}{minor}"
 
 
+def batch_slices(size: int, max_batch: int) -> list[slice]:
+    """Split a batch of ``size`` into runs the engine's profile accepts (a camera may see more faces
+    than the engine was built for, ``model_export build --max-batch``); one run when it fits."""
+    if size <= max_batch:
+        return [slice(0, size)]
+    return [slice(start, min(start + max_batch, size)) for start in range(0, size, max_batch)]
+
+
 class TrtSession:
     """A deserialized engine with one execution context; inputs/outputs staged through pinned memory."""
 
@@ -56,22 +64,39 @@ class TrtSession:
 
         self._cuda, self._trt = cuda, trt
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._file = engine_file
         self._engine = runtime.deserialize_cuda_engine(engine_file.read_bytes())
         if self._engine is None:
-            raise RuntimeError(f"{engine_file} could not be deserialized (built by another TensorRT version?)")
+            raise RuntimeError(f"{engine_file} could not be deserialized (built by another TensorRT version?); "
+                               "rebuild it with `model_export build`")
         self._context = self._engine.create_execution_context()
         self._stream = cuda.Stream()
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         is_input = {n: self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.input_names = [n for n in names if is_input[n]]
         self.output_names = [n for n in names if not is_input[n]]
+        self.max_batch = min(self._max_batch(n) for n in self.input_names)
+
+    def _max_batch(self, name: str) -> int:
+        """The largest batch (dimension 0) optimisation profile 0 accepts for input ``name``."""
+        fixed = self._engine.get_tensor_shape(name)[0]
+        return fixed if fixed > 0 else self._engine.get_tensor_profile_shape(name, 0)[2][0]
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Outputs for ``inputs`` (batch along axis 0), in several runs when the batch exceeds the profile."""
+        size = len(inputs[self.input_names[0]])
+        parts = [self._run_once({n: inputs[n][part] for n in self.input_names})
+                 for part in batch_slices(size, self.max_batch)]
+        return parts[0] if len(parts) == 1 else [np.concatenate(out) for out in zip(*parts, strict=True)]
+
+    def _run_once(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         cuda, trt = self._cuda, self._trt
         keep = []
         for name in self.input_names:
             array = np.ascontiguousarray(inputs[name], dtype=trt.nptype(self._engine.get_tensor_dtype(name)))
-            self._context.set_input_shape(name, array.shape)
+            if not self._context.set_input_shape(name, array.shape):
+                raise RuntimeError(f"{self._file.name}: input {name} of shape {array.shape} is outside the engine's "
+                                   "optimisation profile; rebuild it with `model_export build` for these shapes")
             device = cuda.mem_alloc(array.nbytes)
             cuda.memcpy_htod_async(device, array, self._stream)
             self._context.set_tensor_address(name, int(device))
@@ -84,7 +109,9 @@ class TrtSession:
             self._context.set_tensor_address(name, int(device))
             keep.append(device)
             outputs.append((host, device))
-        self._context.execute_async_v3(self._stream.handle)
+        if not self._context.execute_async_v3(self._stream.handle):
+            raise RuntimeError(f"TensorRT could not run {self._file.name} (see its error above); rebuild the engine "
+                               "with `model_export build` or set model.backend = \"onnxruntime\"")
         for host, device in outputs:
             cuda.memcpy_dtoh_async(host, device, self._stream)
         self._stream.synchronize()

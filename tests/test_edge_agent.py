@@ -96,6 +96,9 @@ def test_privacy_only_labels_leave_the_agent_and_systemd_lifecycle(mosquitto, tm
         for obs in batch.observations:
             assert len(obs.probabilities) == 7
             assert obs.label != pb.EMOTION_UNSPECIFIED and obs.frames >= 1
+            # of the face measurements only the combined quality score is published
+            assert 0 < obs.quality.score <= 1
+            assert [f.name for f, _ in obs.quality.ListFields()] == ["score"]
         assert [len(s.distribution) for s in batch.summaries if s.faces_present] == \
             [7] * sum(1 for s in batch.summaries if s.faces_present)
     assert [b.seq for b in batches] == sorted({b.seq for b in batches})
@@ -154,6 +157,13 @@ def test_check_reports_one_line_per_check(mosquitto, tmp_path: Path):
     assert result.returncode == 1
     assert [line.split(":")[0] for line in result.stdout.splitlines()] == [
         "ok    config", "ok    model", "FAIL  camera cam0", "FAIL  tls", "FAIL  broker"]
+    nobody = free_port()
+    unreachable = write_config(tmp_path / "unreachable.toml", nobody)
+    result = subprocess.run([*AGENT_CMD, "check", "--config", str(unreachable)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.splitlines()[-1] == (
+        f"FAIL  broker: cannot reach 127.0.0.1:{nobody} (Connection refused): check mqtt.host/port/tls and "
+        "that the broker runs")
     assert "Traceback" not in result.stdout + result.stderr
 
 
@@ -183,6 +193,8 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path):
     unit = (ROOT / "deploy" / "systemd" / "affectedge-agent.service").read_text()
     for directive in ("Type=notify", "User=affectedge", "ProtectSystem=strict", "PrivateTmp=yes",
                       "NoNewPrivileges=yes", "DevicePolicy=closed", "DeviceAllow=char-video4linux rw",
+                      "DeviceAllow=char-nvidia-frontend rw", "DeviceAllow=char-nvidia-uvm rw",
+                      "DeviceAllow=/dev/nvidiactl rw",
                       "Restart=on-failure", "WatchdogSec=", "StateDirectory=affectedge",
                       "--config /etc/affectedge/agent.toml"):
         assert directive in unit

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from edge_support import SAMPLE
 
-from edge_agent.capture import Camera, describe, is_file
+from edge_agent.capture import Camera, describe, is_file, is_v4l2
 
 
 def short_clip(path: Path, frames: int = 10, fps: int = 50) -> Path:
@@ -26,8 +27,27 @@ def short_clip(path: Path, frames: int = 10, fps: int = 50) -> Path:
     return path
 
 
-def test_sources_and_credentials_in_logs():
-    assert describe("rtsp://admin:s3cret@10.0.0.5:554/stream") == "rtsp://10.0.0.5:554/stream"
+@pytest.mark.parametrize(("source", "shown"), [
+    ("rtsp://admin:s3cret@10.0.0.5:554/stream", "rtsp://10.0.0.5:554/stream"),
+    ("rtsp://admin:p@ss/w0rd@10.0.0.5/live", "rtsp://10.0.0.5/live"),
+    ("http://10.0.0.6/video.cgi?user=admin&pwd=S3cret", "http://10.0.0.6/video.cgi"),
+    ("rtsp://10.0.0.7/h264#token=S3cret", "rtsp://10.0.0.7/h264"),
+    ("/srv/clips/room 1.mp4", "/srv/clips/room 1.mp4"),
+])
+def test_credentials_never_reach_the_logs(source: str, shown: str):
+    assert describe(source) == shown
+
+
+def test_v4l2_devices_include_udev_links_and_files_do_not(tmp_path: Path):
+    link = tmp_path / "usb-Logitech_Webcam-video-index0"
+    link.symlink_to("/dev/video0")  # what /dev/v4l/by-id/ holds; the target need not exist here
+    for source in ("0", "/dev/video2", "/dev/v4l/by-id/usb-Logitech_Webcam-video-index0", str(link)):
+        assert is_v4l2(source) and not is_file(source), source
+    for source in ("clip.mp4", str(tmp_path / "clip.mp4"), "rtsp://cam/stream"):
+        assert not is_v4l2(source), source
+
+
+def test_sources_kinds():
     assert not is_file("0") and not is_file("/dev/video2") and not is_file("http://cam/mjpg")
     assert is_file("clip.mp4")
 

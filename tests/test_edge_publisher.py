@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import start_mosquitto
+from conftest import free_port, start_mosquitto
 from edge_support import Subscriber
 
 from affectedge import codec, topics
@@ -117,3 +117,40 @@ def test_json_on_request_over_either_protocol(mosquitto, tmp_path: Path, protoco
     # MQTT 3.1.1 has no properties; MQTT 5 says what the payload is
     expected = None if protocol == "3.1.1" else "application/json; proto=affectedge.v1.ObservationBatch"
     assert message.content_type == expected
+
+
+def test_batches_the_broker_acl_refuses_are_counted_as_dropped_with_one_warning(tmp_path, caplog):
+    acl = tmp_path / "acl"
+    acl.write_text(f"topic readwrite {topics.status('lab-a', 'pc-1')}\n")  # observations denied
+    broker = start_mosquitto(tmp_path / "mosquitto", f"acl_file {acl}\nuser root")  # root: reads tmp_path
+    spool = Spool(tmp_path / "spool.sqlite3", max_batches=10)
+    publisher = Publisher(MqttSection(port=broker.port), AGENT, spool, "m1")
+    publisher.start(status)
+    try:
+        assert publisher.connected.wait(10)
+        with caplog.at_level("WARNING", logger="edge_agent.publisher"):
+            for _ in range(3):
+                publisher.publish_batch([observation()], [])
+            wait(lambda: spool.depth == 0)
+    finally:
+        publisher.stop(status())
+        broker.stop()
+    assert spool.dropped == 3
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(refused) == 1
+    assert topics.observations("lab-a", "pc-1") in refused[0]
+    assert "Not authorized" in refused[0] and "provision-agent" in refused[0]
+
+
+def test_an_unreachable_broker_is_named_with_the_reason_once_per_outage(tmp_path, caplog):
+    port = free_port()  # nothing listens there
+    config = MqttSection(host="127.0.0.1", port=port, max_backoff_s=1)
+    publisher = Publisher(config, AGENT, Spool(tmp_path / "s.sqlite3", 10), "m1")
+    with caplog.at_level("WARNING", logger="edge_agent.publisher"):
+        publisher.start(status)
+        time.sleep(3.5)  # several reconnect attempts, 1 s apart
+        publisher.stop(status(), flush_timeout=0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"cannot reach 127.0.0.1:{port} (Connection refused): check mqtt.host/port/tls")
+    assert "edge-agent check" in warnings[0]

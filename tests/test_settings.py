@@ -51,3 +51,54 @@ def test_errors_are_one_line_and_name_the_key(tmp_path: Path, text: str, expecte
 def test_missing_file_says_how_to_fix(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such config file"):
         load(tmp_path / "absent.toml", Example)
+
+
+class Camera(Section):
+    id: str
+    source: str = "0"
+
+
+class WithSecrets(Section):
+    password: str | None = None
+    cameras: tuple[Camera, ...] = ()
+    port: int = 1883
+
+
+@pytest.mark.parametrize("text", [
+    "password = 31415926\n",  # wrong type: pydantic's input is the password itself
+    '[[cameras]]\nid = "a"\nsource = ["rtsp://admin:S3cret@cam/s"]\n',
+    '[[cameras]]\nid = 7\nsource = "rtsp://admin:S3cret@cam/s"\n',  # an error in the same camera
+])
+def test_errors_never_repeat_secret_values(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load(path, WithSecrets)
+    assert "S3cret" not in str(info.value) and "31415926" not in str(info.value)
+
+
+def test_plain_values_are_still_shown(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('port = "x"\n')
+    with pytest.raises(ConfigError, match=r"key `port`.*\(got 'x'\)"):
+        load(path, WithSecrets)
+
+
+def test_unreadable_config_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load(tmp_path, Example)  # a directory
+    binary = tmp_path / "c.toml"
+    binary.write_bytes(b"\xff\xfe\x00name")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load(binary, Example)
+
+
+def test_duplicate_camera_ids_name_the_id_not_the_sources(tmp_path: Path) -> None:
+    from edge_agent.config import AgentConfig
+
+    path = tmp_path / "agent.toml"
+    path.write_text('[[cameras]]\nid = "front"\nsource = "rtsp://admin:S3cret@cam1/s"\n'
+                    '[[cameras]]\nid = "front"\nsource = "rtsp://admin:S3cret@cam2/s"\n')
+    with pytest.raises(ConfigError) as info:
+        load(path, AgentConfig)
+    assert "camera id 'front' is used twice" in str(info.value) and "S3cret" not in str(info.value)

@@ -9,7 +9,9 @@
 #              the state dir /var/lib/affectedge (spool) is created by systemd (StateDirectory=)
 #   3. venv    /opt/affectedge/venv with this checkout's `affectedge[edge]` (no TensorFlow);
 #              offline PCs: PIP_ARGS="--no-index --find-links /path/to/wheels"
-#   4. models  models/manifest.json, encoder.onnx, head.onnx, mtcnn/*.onnx (+ TensorRT *.engine files)
+#   4. models  models/manifest.json and every file it lists (encoder, head, encoder.int8, ...), mtcnn/*.onnx,
+#              TensorRT *.engine files and their engines.*.json records, at the same relative paths;
+#              engines already installed are removed first (stale ones would run an older model)
 #   5. config  /etc/affectedge/agent.toml from deploy/agent.example.toml, only if absent (never overwritten)
 #   6. enable  the unit affectedge-agent.service (not started: edit the config, check it, then start)
 set -euo pipefail
@@ -53,9 +55,18 @@ runs_as_service "$PREFIX/venv/bin/python" \
 "$PREFIX/venv/bin/pip" install --quiet $PIP_ARGS --upgrade "$SRC[edge]"
 
 echo "4/6 models"
-install -m 0644 "$SRC/models/manifest.json" "$SRC/models/encoder.onnx" "$SRC/models/head.onnx" "$PREFIX/models/"
+find "$PREFIX/models" -name '*.engine' -delete
+MODEL_FILES=$("$PREFIX/venv/bin/python" -c '
+import json, sys
+print("\n".join(entry["file"] for entry in json.load(open(sys.argv[1]))["files"].values()))
+' "$SRC/models/manifest.json") || die "$SRC/models/manifest.json is not a valid manifest: re-export the model (model_export export)"
+while IFS= read -r file; do
+    [ -f "$SRC/models/$file" ] || die "$SRC/models/$file (listed in manifest.json) is missing: re-export the model (model_export export)"
+    install -D -m 0644 "$SRC/models/$file" "$PREFIX/models/$file"
+done <<< "$MODEL_FILES"
+install -m 0644 "$SRC/models/manifest.json" "$PREFIX/models/"
 install -m 0644 "$SRC"/models/mtcnn/*.onnx "$PREFIX/models/mtcnn/"
-find "$SRC/models" -name '*.engine' -exec install -m 0644 {} "$PREFIX/models/" \;
+(cd "$SRC/models" && find . \( -name '*.engine' -o -name 'engines.*.json' \) -exec install -D -m 0644 {} "$PREFIX/models/{}" \;)
 install -m 0644 "$SRC/deploy/agent.example.toml" "$PREFIX/deploy/"
 
 echo "5/6 config"

@@ -14,6 +14,9 @@ from typing import TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 T = TypeVar("T", bound=BaseModel)
+#: keys whose values may hold credentials (passwords, tokens, URLs with user:pass@ or ?pwd=):
+#: an error under one of them never repeats the value, since errors end up in logs and journals
+SECRET_KEYS = frozenset({"password", "secret", "token", "tokens", "source", "url"})
 
 
 class Section(BaseModel):
@@ -33,9 +36,18 @@ def _describe(error: dict) -> str:
         return f"unknown key `{key}`: remove it or check its spelling against the example config"
     if kind == "missing":
         return f"missing key `{key}`: add it"
-    got = error.get("input")
-    got = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"key `{key}`: {error['msg']}{got}; fix the value"
+    return f"key `{key}`: {error['msg']}{_got(error)}; fix the value"
+
+
+def _got(error: dict) -> str:
+    """`` (got X)`` for a plain value under a non-secret key; nothing for secrets, and nothing for a
+    table or list, which may hold secrets further down (e.g. every camera's source URL)."""
+    value = error.get("input")
+    if any(str(part) in SECRET_KEYS for part in error["loc"]):
+        return ""
+    if not isinstance(value, str | int | float | bool):
+        return ""
+    return f" (got {value!r})"
 
 
 def parse(data: dict, model: type[T], source: str) -> T:
@@ -56,4 +68,9 @@ def load(path: Path | str | None, model: type[T]) -> T:
         raise ConfigError(f"{path}: no such config file; pass --config with an existing file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc}); fix the syntax") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; pass --config with the TOML config file") from None
+    except OSError as exc:  # a directory, no read permission, an I/O error
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc}); pass --config with a readable "
+                          "config file") from None
     return parse(data, model, str(path))
