@@ -2,7 +2,8 @@
 
 Inputs are real where it matters for speed (MTCNN's cost depends on the image): a 640x480 frame
 with the bundled face photo when ``../shared/media`` or the sample video is present, otherwise a
-synthetic frame (the encoder and head cost does not depend on pixel values).
+synthetic frame (the encoder and head cost does not depend on pixel values). MTCNN's nets are the
+models folder's own ``mtcnn/``, else the shipped ones (an exported folder has none).
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def _keras_model(run_dir: Path):
 
 
 def run(backend: str, models: Path, run_dir: Path, json_out: Path | None, seconds: float) -> dict:
+    from model_export.mtcnn_export import detector_dir
+
+    nets = None if backend == "keras" else detector_dir(models)  # missing nets fail before any timing
     if backend == "keras":
         embed, classify, window, dim = _keras_model(run_dir)
     else:
@@ -83,7 +87,7 @@ def run(backend: str, models: Path, run_dir: Path, json_out: Path | None, second
     if backend != "keras":
         from edge_agent.faces.mtcnn import FaceDetector
 
-        detector = FaceDetector(models / "mtcnn", backend="tensorrt" if backend == "tensorrt" else "onnxruntime")
+        detector = FaceDetector(nets, backend="tensorrt" if backend == "tensorrt" else "onnxruntime")
         frame = bench_frame()
         results["mtcnn_640x480"] = measure(lambda: detector.detect(frame), seconds)
         results["mtcnn_faces_found"] = len(detector.detect(frame))

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from model_export.augment import PRESETS
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = ROOT / "models"
 DEFAULT_DATA = ROOT / "data"
+
+log = logging.getLogger(__name__)
 
 
 #: ``train`` options that set the shape of a new encoder, and those that can also grow an --init-from one
@@ -73,16 +77,39 @@ def _existing(path: Path, what: str, hint: str) -> Path:
     return path
 
 
+def _warn_if_validating_on_training_faces(data: Path) -> None:
+    """A class-folder tree without train/ and val/ serves as both splits (fine for a smoke test), but
+    its val accuracy and best checkpoint then only measure memorisation: say so once, up front."""
+    from model_export.datasets import split_source
+
+    if data.is_dir() and split_source(data, "train") == split_source(data, "val"):
+        log.warning("%s has no train/ and val/ folders, so both read its class folders: val accuracy is then "
+                    "measured on the training faces; split them into %s/train and %s/val", data, data, data)
+
+
+def _encoder_architecture(folder: Path, manifest_path: Path) -> dict:
+    """The architecture an --init-from folder records: one encoder's, not an ensemble's, whose
+    fused encoder has no single ViT shape to start from."""
+    recorded = json.loads(manifest_path.read_text())
+    architecture = recorded.get("architecture")
+    if not architecture:
+        raise UsageError(f"{manifest_path} records no 'architecture': re-export the model with this version")
+    if "ensemble_of" in architecture:
+        members = recorded.get("training", {}).get("members") or [{"folder": f"{folder}/members/<name>"}]
+        raise UsageError(f"--init-from {folder} is an ensemble of {architecture['ensemble_of']} members; "
+                         f"pass one of its members, e.g. {members[0]['folder']}")
+    return architecture
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     _existing(args.data, "dataset", "unpack ../shared/datasets/fer2013/*.tar.gz into data/ or pass --data")
+    _warn_if_validating_on_training_faces(args.data)
     architecture, init_from = {}, None
     if args.init_from:
         manifest_path = _existing(args.init_from / "manifest.json", "model manifest",
                                   "pass --init-from a folder written by `model_export export` (e.g. models/members/v2)")
         init_from = _existing(args.init_from / "encoder.onnx", "encoder", "the folder has no encoder.onnx")
-        architecture = json.loads(manifest_path.read_text()).get("architecture")
-        if not architecture:
-            raise UsageError(f"{manifest_path} records no 'architecture': re-export the model with this version")
+        architecture = _encoder_architecture(args.init_from, manifest_path)
         for key in GROWABLE_KEYS:
             wanted = getattr(args, key)
             if wanted is not None and wanted < architecture[key]:
@@ -138,6 +165,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from model_export import evaluate
 
     _existing(args.data, "data folder", "pass a folder with one sub-folder per class")
+    if not args.data.is_dir():
+        raise UsageError(f"data folder {args.data} is a file: pass a folder with one sub-folder per class")
     _existing(args.model / "manifest.json", "model manifest", "pass --model with an exported models/ folder")
     if args.baseline:
         _existing(args.baseline / "manifest.json", "baseline manifest",
@@ -158,44 +187,67 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    best = _existing(args.run / "encoder_best.keras", "checkpoint", "train first: model_export train --run RUN")
+    if not args.no_parity:
+        _existing(args.data, "parity faces", "pass --data with class folders of real faces (e.g. data/val), "
+                                              "or --no-parity to export without checking the ONNX files")
+    head_file = None  # --encoder-only: an ensemble member
+    if not args.encoder_only:
+        head_file = _existing(args.run / "head.keras", "head checkpoint",
+                              "run: model_export train --stage head, or export an ensemble member with --encoder-only")
     import keras
 
     from model_export import manifest
     from model_export.datasets import load_class_folders
-    from model_export.onnx_export import OPSET, export_all, parity
+    from model_export.model import ModelConfig  # noqa: F401  (registers the custom layers load_model needs)
 
-    best = _existing(args.run / "encoder_best.keras", "checkpoint", "train first: model_export train --run RUN")
+    faces = None if args.no_parity else load_class_folders(args.data, limit_per_class=32).images
     encoder = keras.models.load_model(best).get_layer("encoder")
-    head = None  # --encoder-only: an ensemble member
-    if not args.encoder_only:
-        head_file = _existing(args.run / "head.keras", "head checkpoint",
-                              "run: model_export train --stage head, or export an ensemble member with --encoder-only")
-        head = keras.models.load_model(head_file)
-    exported = export_all(encoder, head, args.out, args.opset)
+    head = keras.models.load_model(head_file) if head_file else None
     config = json.loads((args.run / "config.json").read_text())
-    faces = load_class_folders(args.data, limit_per_class=32).images if args.data.exists() else None
-    checks = parity(encoder, head, args.out, faces) if faces is not None else {}
-    version = args.version or f"vit-bilstm-{args.run.name}"
-    manifest.update(
-        args.out,
-        version=version,
-        window=int(config["model"]["window"]),
-        embed_dim=int(encoder.output_shape[-1]),
-        architecture=config["model"],
-        training=manifest.shown_training(config["train"]),
-        source_checkpoint=manifest.shown(best),
-        files={e.name: manifest.file_entry(e.path, args.out, inputs=e.inputs, outputs=e.outputs, opset=OPSET)
-               for e in exported},
-        parity=checks,
-        test_time_augmentation="none (`model_export ensemble` adds the mirror view)",
-    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    # a sibling folder (same file system: the files move in by rename) keeps --out untouched until parity passes
+    staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.export-", dir=args.out.parent))
+    try:
+        exported, checks = _export_checked(encoder, head, staging, args.opset, faces, args.out)
+        manifest.update(
+            staging,
+            version=args.version or f"vit-bilstm-{args.run.name}",
+            window=int(config["model"]["window"]),
+            embed_dim=int(encoder.output_shape[-1]),
+            architecture=config["model"],
+            training=manifest.shown_training(config["train"]),
+            source_checkpoint=manifest.shown(best),
+            files={e.name: manifest.file_entry(e.path, staging, inputs=e.inputs, outputs=e.outputs)
+                   for e in exported},
+            parity=checks or "not checked (exported with --no-parity)",
+            test_time_augmentation="none (`model_export ensemble` adds the mirror view)",
+        )
+        manifest.replace_model(staging, args.out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     for e in exported:
-        print(f"{e.path}  inputs {e.inputs}  outputs {e.outputs}")
+        print(f"{args.out / e.path.name}  inputs {e.inputs}  outputs {e.outputs}")
+    return 0
+
+
+def _export_checked(encoder, head, staging: Path, opset: int, faces, out: Path) -> tuple[list, dict]:
+    """ONNX files in ``staging`` (their ``Exported`` records) and how they match Keras on ``faces``
+    (not checked when None).
+
+    Raises before anything reaches ``out`` when they differ, so a bad export never replaces a good model.
+    """
+    from model_export import onnx_export
+
+    exported = onnx_export.export_all(encoder, head, staging, opset)
+    checks = onnx_export.parity(encoder, head, staging, faces) if faces is not None else {}
     if checks:
         print("parity with Keras on real faces: " + json.dumps(checks))
-        if max(v for k, v in checks.items() if k.endswith("diff")) > 1e-4:
-            raise UsageError("ONNX differs from Keras by more than 1e-4; do not ship this export")
-    return 0
+        worst = max(v for k, v in checks.items() if k.endswith("diff"))
+        if worst > 1e-4:
+            raise UsageError(f"ONNX differs from Keras by {worst:.2g} (more than 1e-4), so nothing was written to "
+                             f"{out}: do not ship this export; check the model's layers convert (tf2onnx log)")
+    return exported, checks
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
@@ -248,6 +300,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from model_export import bench
 
+    if args.backend == "keras":
+        for name in ("encoder_best.keras", "head.keras"):
+            _existing(args.run / name, "Keras checkpoint", "pass --run a training run directory with both stages")
+    else:
+        _existing(args.models / "manifest.json", "model manifest",
+                  "pass --models a folder written by `model_export export` or `ensemble` (e.g. models)")
     bench.run(args.backend, args.models, args.run, args.json, args.seconds)
     return 0
 
@@ -335,7 +393,11 @@ def parser() -> argparse.ArgumentParser:
                    help="training run directory holding encoder_best.keras (and head.keras) (default: runs/latest)")
     x.add_argument("--out", type=Path, default=DEFAULT_MODELS,
                    help="where to write the ONNX files and manifest (default: models/)")
-    x.add_argument("--data", type=Path, default=DEFAULT_DATA / "val", help="real faces for the parity check")
+    x.add_argument("--data", type=Path, default=DEFAULT_DATA / "val",
+                   help="class folders of real faces for the parity check (default: data/val); --out is only "
+                        "written when the ONNX files match Keras on them")
+    x.add_argument("--no-parity", action="store_true",
+                   help="export without the parity check (when no faces are at hand); not for a model to ship")
     x.add_argument("--opset", type=int, default=17, help="ONNX opset for tf2onnx (default 17)")
     x.add_argument("--version", help="model version string (default: vit-bilstm-<run name>)")
     x.add_argument("--encoder-only", action="store_true",

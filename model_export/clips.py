@@ -44,15 +44,19 @@ def embedding_bank(embed: Callable[[np.ndarray], np.ndarray], images: np.ndarray
 
 def clip_indices(n: int, labels: np.ndarray, index: int, window: int,
                  rng: np.random.Generator, views: int) -> tuple[np.ndarray, np.ndarray]:
-    """For clip of face ``index``: per frame, (face index, view index)."""
+    """For clip of face ``index``: per frame, (face index, view index).
+
+    A transition opens the clip with 1 to ``max(1, window // 2 - 1)`` frames of a face of another
+    class, so the last frame always shows the labelled face; there is none in a one-frame window or
+    when every face has the same label (a one-class folder in ``evaluate --clips``).
+    """
     faces = np.full(window, index)
-    if rng.random() < TRANSITION:
-        other = rng.integers(n)
-        while labels[other] == labels[index]:
-            other = rng.integers(n)
-        faces[: rng.integers(1, window // 2)] = other
+    if rng.random() < TRANSITION and window > 1:
+        others = np.flatnonzero(labels[:n] != labels[index])
+        if others.size:
+            faces[: rng.integers(1, max(2, window // 2))] = rng.choice(others)
     frame_views = rng.integers(views, size=window)
-    for t in range(1, window):
-        if rng.random() < DROP_FRAME:
+    for t in range(1, window):  # a dropped frame repeats the previous one, but the last shows the labelled face
+        if rng.random() < DROP_FRAME and (t < window - 1 or faces[t - 1] == index):
             faces[t], frame_views[t] = faces[t - 1], frame_views[t - 1]
     return faces, frame_views

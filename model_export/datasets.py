@@ -76,11 +76,33 @@ def load_class_folders(root: Path, limit_per_class: int | None = None) -> Faces:
     return Faces(np.stack(images), np.asarray(labels, dtype=np.int64), paths)
 
 
-def _pixels(text: str) -> np.ndarray:
-    values = np.asarray(text.split(), dtype=np.uint8)
+#: FER+ vote columns for which a face is not used: its majority is none of the 7 classes
+FERPLUS_REJECTS = ("contempt", "unknown", "NF")
+
+
+def _pixels(text: str, where: str) -> np.ndarray:
+    """A FER2013 ``pixels`` field as a 48x48 uint8 face; ``where`` ("FILE row N") names it in errors."""
+    try:
+        values = np.asarray(text.split(), dtype=np.int64)
+    except ValueError:
+        raise DatasetError(f"{where}: the pixels field holds a value that is not a whole number: "
+                           "fix or delete the row (FER2013 pixels are 2304 numbers 0-255)") from None
     if values.size != 48 * 48:
-        raise DatasetError(f"a pixels field has {values.size} values; FER2013 rows hold 2304 (48x48)")
-    return values.reshape(48, 48)
+        raise DatasetError(f"{where}: the pixels field has {values.size} values; FER2013 rows hold 2304 (48x48): "
+                           "fix or delete the row")
+    if values.min() < 0 or values.max() > 255:
+        raise DatasetError(f"{where}: a pixel is outside 0-255 ({values.min()} to {values.max()}): "
+                           "fix or delete the row")
+    return values.astype(np.uint8).reshape(48, 48)
+
+
+def _emotion(text: str, where: str) -> int:
+    """A FER2013 ``emotion`` code (0-6) as an index into EMOTIONS."""
+    code = int(text) if text.strip().isdecimal() else -1
+    if not 0 <= code < len(FER2013_CODES):
+        raise DatasetError(f"{where}: emotion {text!r} is not a FER2013 code 0-6 "
+                           f"({', '.join(FER2013_CODES)}): fix or delete the row")
+    return EMOTIONS.index(FER2013_CODES[code])
 
 
 def load_fer2013_csv(path: Path, usage: set[str]) -> Faces:
@@ -94,11 +116,26 @@ def load_fer2013_csv(path: Path, usage: set[str]) -> Faces:
         for row in reader:
             if row["Usage"] not in usage:
                 continue
-            images.append(_pixels(row["pixels"]))
-            labels.append(EMOTIONS.index(FER2013_CODES[int(row["emotion"])]))
+            where = f"{path} row {reader.line_num}"
+            labels.append(_emotion(row["emotion"], where))
+            images.append(_pixels(row["pixels"], where))
     if not images:
         raise DatasetError(f"{path} has no rows with Usage in {sorted(usage)}")
     return Faces(np.stack(images), np.asarray(labels, dtype=np.int64), [str(path)] * len(labels))
+
+
+def _ferplus_label(votes: dict, where: str) -> int | None:
+    """The class of one FER+ row: the most-voted of all 10 columns, or None when that is
+    contempt/unknown/not-a-face, a tie, or no vote at all."""
+    columns = FERPLUS_COLUMNS + FERPLUS_REJECTS
+    try:
+        counts = [int(votes.get(c) or 0) for c in columns]
+    except ValueError:
+        raise DatasetError(f"{where}: a vote count is not a whole number: fix or delete the row") from None
+    best = max(counts)
+    if best == 0 or counts.count(best) > 1 or counts.index(best) >= len(FERPLUS_COLUMNS):
+        return None
+    return EMOTIONS.index(canonical(FERPLUS_COLUMNS[counts.index(best)]))
 
 
 def load_ferplus(fer_csv: Path, votes_csv: Path, usage: set[str]) -> Faces:
@@ -106,25 +143,48 @@ def load_ferplus(fer_csv: Path, votes_csv: Path, usage: set[str]) -> Faces:
 
     Rows whose majority is contempt/unknown/not-a-face, or that tie, are dropped.
     """
+    if not fer_csv.is_file():
+        raise DatasetError(f"{fer_csv} does not exist: FER+ votes ({votes_csv.name}) take their pixels from "
+                           "the original fer2013.csv; put it next to them")
     with fer_csv.open(newline="") as handle:
         pixel_rows = [(r["Usage"], r["pixels"]) for r in csv.DictReader(handle)]
-    images, labels = [], []
     with votes_csv.open(newline="") as handle:
         reader = csv.DictReader(handle)
         missing = set(FERPLUS_COLUMNS) - set(reader.fieldnames or ())
         if missing:
             raise DatasetError(f"{votes_csv} lacks the FER+ vote column(s) {sorted(missing)}")
-        for (row_usage, pixels), votes in zip(pixel_rows, reader, strict=True):
-            if row_usage not in usage:
-                continue
-            counts = [int(votes[c] or 0) for c in FERPLUS_COLUMNS]
-            other = sum(int(votes.get(c) or 0) for c in ("contempt", "unknown", "NF"))
-            best = max(counts)
-            if best == 0 or best <= other or counts.count(best) > 1:
-                continue
-            images.append(_pixels(pixels))
-            labels.append(EMOTIONS.index(canonical(FERPLUS_COLUMNS[counts.index(best)])))
+        vote_rows = list(reader)
+    if len(vote_rows) != len(pixel_rows):
+        raise DatasetError(f"{votes_csv} has {len(vote_rows)} rows but {fer_csv} has {len(pixel_rows)}: "
+                           "FER+ votes go row by row with fer2013.csv; use the two files as published")
+    images, labels = [], []
+    for n, ((row_usage, pixels), votes) in enumerate(zip(pixel_rows, vote_rows, strict=True), start=2):
+        label = _ferplus_label(votes, f"{votes_csv} row {n}") if row_usage in usage else None
+        if label is not None:
+            images.append(_pixels(pixels, f"{fer_csv} row {n}"))
+            labels.append(label)
+    if not images:
+        raise DatasetError(f"{votes_csv} has no row with Usage in {sorted(usage)} and a clear FER+ majority for "
+                           "one of the 7 classes: check that it is the FER+ fer2013new.csv")
     return Faces(np.stack(images), np.asarray(labels, dtype=np.int64), [str(votes_csv)] * len(labels))
+
+
+def _ferplus_pixels(votes_csv: Path) -> Path:
+    """FER+ votes take their pixels from the original ``fer2013.csv`` next to them."""
+    return votes_csv.with_name("fer2013.csv")
+
+
+def split_source(path: Path, split: str) -> Path:
+    """The file or folder :func:`load_split` reads ``split`` from (see there)."""
+    if path.is_file() and path.suffix == ".csv":
+        return path
+    if (path / split).is_dir():
+        return path / split
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise DatasetError(f"{path} is neither a folder nor a .csv file: pass a class-folder tree or a FER2013 CSV")
+    raise DatasetError(f"{path} does not exist: pass a class-folder tree or a FER2013 CSV")
 
 
 def load_split(path: Path, split: str) -> Faces:
@@ -134,26 +194,44 @@ def load_split(path: Path, split: str) -> Faces:
     ``fer2013.csv`` (split chosen by its Usage column), or a ``fer2013new.csv`` next to ``fer2013.csv``.
     """
     usage = {"train": {"Training"}, "val": {"PublicTest"}, "test": {"PrivateTest"}}[split]
-    if path.is_file() and path.suffix == ".csv":
-        if path.name == "fer2013new.csv":
-            return load_ferplus(path.with_name("fer2013.csv"), path, usage)
-        return load_fer2013_csv(path, usage)
-    if (path / split).is_dir():
-        return load_class_folders(path / split)
-    if path.is_dir():
-        return load_class_folders(path)
-    raise DatasetError(f"{path} does not exist: pass a class-folder tree or a FER2013 CSV")
+    source = split_source(path, split)
+    if source.is_dir():
+        return load_class_folders(source)
+    if source.name == "fer2013new.csv":
+        return load_ferplus(_ferplus_pixels(source), source, usage)
+    return load_fer2013_csv(source, usage)
+
+
+def source_stamp(path: Path, split: str) -> str:
+    """What ``split`` is read from: resolved path, file count and latest change of its files.
+
+    A cached split is stale when it differs: another ``--data``, or faces added, removed or replaced.
+    """
+    source = split_source(path, split)
+    if source.is_dir():
+        files = [p for p in source.rglob("*") if p.is_file()]
+    else:
+        files = [p for p in (source, _ferplus_pixels(source)) if p.is_file()]
+    latest = max((p.stat().st_mtime_ns for p in files), default=0)
+    return f"{source.resolve()} ({len(files)} files, latest change {latest} ns)"
 
 
 def load_cached(path: Path, split: str, cache_dir: Path) -> Faces:
-    """``load_split`` with an ``.npz`` cache, so a resumed run does not decode 30k JPEGs again."""
+    """``load_split`` with an ``.npz`` cache, so a resumed run does not decode 30k JPEGs again.
+
+    The cache records :func:`source_stamp` and is rebuilt when the data differs from it.
+    """
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache = cache_dir / f"{split}.npz"
+    stamp = source_stamp(path, split)
     if cache.exists():
-        data = np.load(cache)
-        return Faces(data["images"], data["labels"], [])
+        with np.load(cache) as data:
+            recorded = str(data["source"]) if "source" in data.files else "data it did not record"
+            if recorded == stamp:
+                return Faces(data["images"], data["labels"], [])
+        log.info("the cached %s faces in %s came from %s; reading %s", split, cache, recorded, stamp)
     faces = load_split(path, split)
-    np.savez(cache, images=faces.images, labels=faces.labels)
+    np.savez(cache, images=faces.images, labels=faces.labels, source=np.asarray(stamp))
     return faces
 
 

@@ -249,7 +249,7 @@ def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirro
     from model_export import manifest
     from model_export.datasets import load_class_folders
     from model_export.model import ModelConfig
-    from model_export.onnx_export import OPSET, convert
+    from model_export.onnx_export import convert
     from model_export.train import TrainConfig, train_head
 
     members = [Member.load(d) for d in member_dirs]  # all read before out_dir (maybe a member) is written
@@ -269,8 +269,7 @@ def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirro
     head = AveragedHeads(heads, [m.embed_dim for m in members])
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("manifest.json", "encoder.int8.onnx"):  # they describe the previous encoder
-        (out_dir / stale).unlink(missing_ok=True)
+    manifest.clear_model(out_dir)
     onnx.save(fused, str(out_dir / "encoder.onnx"))
     head_export = convert(head, "embeddings", (window, dim), "probs", out_dir / "head.onnx")
     onnx.save(compose_clip(fused, onnx.load(str(head_export.path)), window, dim), str(out_dir / "clip.onnx"))
@@ -289,7 +288,7 @@ def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirro
                       "heads": "one per member, on its own embedding; probabilities averaged"},
         training={"head": manifest.shown_training({k: v for k, v in asdict(cfg).items() if k not in STAGE1_ONLY}),
                   "members": [m.summary() for m in members]},
-        files={name: manifest.file_entry(out_dir / f"{name}.onnx", out_dir, inputs=i, outputs=o, opset=OPSET)
+        files={name: manifest.file_entry(out_dir / f"{name}.onnx", out_dir, inputs=i, outputs=o)
                for name, (i, o) in shapes.items()},
         parity=checks,
         test_time_augmentation="each member: mean of the face and its mirror image" if mirror else "none",

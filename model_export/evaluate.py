@@ -124,7 +124,7 @@ def load_faces(data: Path, detect: bool, models_dir: Path) -> tuple[np.ndarray, 
 
     Returns (faces, labels, images without a detectable face — left out of the metrics).
     """
-    from model_export.datasets import IMAGE_SUFFIXES, load_class_folders
+    from model_export.datasets import IMAGE_SUFFIXES, DatasetError, load_class_folders
 
     if not detect:
         faces = load_class_folders(data)
@@ -134,21 +134,24 @@ def load_faces(data: Path, detect: bool, models_dir: Path) -> tuple[np.ndarray, 
     from affectedge.labels import canonical
     from edge_agent.faces.align import align_face
     from edge_agent.faces.mtcnn import FaceDetector
+    from model_export.mtcnn_export import detector_dir
 
-    detector = FaceDetector(models_dir / "mtcnn", backend="onnxruntime")
-    images, labels, missed = [], [], 0
+    detector = FaceDetector(detector_dir(models_dir), backend="onnxruntime")
+    images, labels, seen = [], [], 0
     for folder in sorted(p for p in data.iterdir() if p.is_dir() and canonical(p.name)):
         for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            seen += 1
             frame = cv2.imread(str(path))
             found = detector.detect(frame, max_faces=1) if frame is not None else []
-            if not found:
-                missed += 1
-                continue
-            images.append(align_face(frame, found[0].landmarks))
-            labels.append(EMOTIONS.index(canonical(folder.name)))
+            if found:
+                images.append(align_face(frame, found[0].landmarks))
+                labels.append(EMOTIONS.index(canonical(folder.name)))
+    if not seen:
+        raise DatasetError(f"no labelled images under {data}: expected sub-folders named like {', '.join(EMOTIONS)}")
     if not images:
-        raise ValueError(f"no face was detected in any image under {data}")
-    return np.stack(images), np.asarray(labels), missed
+        raise DatasetError(f"no face was detected in any of the {seen} images under {data}: pass photos with a "
+                           "visible face, or leave out --detect for face crops")
+    return np.stack(images), np.asarray(labels), seen - len(images)
 
 
 def fer_weights() -> Path:

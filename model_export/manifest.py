@@ -2,13 +2,16 @@
 
 Written by ``export`` (files, shapes, opset, source), extended by ``evaluate`` (val metrics) and
 ``build``/``quantize``; read by :mod:`edge_agent.emotion_model`. Keys are merged, never dropped,
-so each command can update its own part.
+so each command can update its own part; a command that writes a new encoder therefore starts
+from :func:`clear_model`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import onnx
 
 from affectedge.labels import EMOTIONS
 from edge_agent.emotion_model import sha256
@@ -22,6 +25,30 @@ def path_of(models_dir: Path) -> Path:
 def read(models_dir: Path) -> dict:
     path = path_of(models_dir)
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+#: Files that belong to one encoder: a command writing a new one rewrites or drops them all.
+MODEL_FILES = ("manifest.json", "encoder.onnx", "encoder.int8.onnx", "head.onnx", "clip.onnx")
+
+
+def clear_model(models_dir: Path) -> None:
+    """Delete the previous model's files in ``models_dir`` (other files, e.g. ``mtcnn/``, stay).
+
+    Why: :func:`update` merges, so without this an old ``encoder.int8.onnx`` with its manifest
+    entries (``files.encoder_int8``, ``quantization``, ``val_metrics``, ``parity``) would survive
+    a new encoder, and an edge with ``int8 = true`` would run the old one.
+    """
+    for name in MODEL_FILES:
+        (models_dir / name).unlink(missing_ok=True)
+
+
+def replace_model(staging: Path, models_dir: Path) -> None:
+    """Move a complete model (ONNX files and manifest) from ``staging`` into ``models_dir``,
+    after :func:`clear_model` there; ``staging`` must be on the same file system (a sibling)."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    clear_model(models_dir)
+    for path in staging.iterdir():
+        path.replace(models_dir / path.name)
 
 
 def update(models_dir: Path, **sections) -> dict:
@@ -69,6 +96,17 @@ def shown_training(settings: dict) -> dict:
     return {k: recorded(v) if k in PATH_SETTINGS and v is not None else v for k, v in settings.items()}
 
 
+def opset_of(path: Path) -> int:
+    """The default-domain (``ai.onnx``) opset an ONNX file was written with, as the file says.
+
+    Recorded from the file rather than from a command's default, so ``--opset`` is reported truly.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    return next(op.version for op in model.opset_import if op.domain in ("", "ai.onnx"))
+
+
 def file_entry(path: Path, models_dir: Path, **extra) -> dict:
+    """A manifest ``files`` entry: path, sha256, size and, for an ONNX file, its opset."""
+    opset = {"opset": opset_of(path)} if path.suffix == ".onnx" else {}
     return {"file": str(path.relative_to(models_dir)), "sha256": sha256(path),
-            "bytes": path.stat().st_size, **extra}
+            "bytes": path.stat().st_size, **opset, **extra}

@@ -33,6 +33,21 @@ MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "mtcnn"
 #: Largest |ONNX - Keras| accepted on any output; float32 conv reordering stays around 1e-6.
 PARITY_TOLERANCE = 1e-4
 
+
+
+def detector_dir(models_dir: Path) -> Path:
+    """The MTCNN nets to use with ``models_dir``: its own ``mtcnn/``, else the shipped :data:`MODEL_DIR`.
+
+    Why: ``model_export export`` and ``ensemble`` write only the emotion model, so the folders they
+    write have no ``mtcnn/``; the detector does not change with the emotion model.
+    """
+    for folder in (models_dir / "mtcnn", MODEL_DIR):
+        if all((folder / f"{net}.onnx").exists() for net in ("pnet", "rnet", "onet")):
+            return folder
+    raise FileNotFoundError(f"no MTCNN nets (pnet/rnet/onet.onnx) in {models_dir / 'mtcnn'} or {MODEL_DIR}: "
+                            f"write them with `python -m model_export.mtcnn_export {MODEL_DIR}`")
+
+
 #: name -> (stage id in the ``mtcnn`` package, Keras input shape, output names in Keras order)
 NETS: dict[str, tuple[int, tuple[int | None, ...], tuple[str, ...]]] = {
     "pnet": (1, (None, None, None, 3), ("boxes", "scores")),

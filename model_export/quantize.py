@@ -66,7 +66,7 @@ def run(models_dir: Path, calib_dir: Path, data_dir: Path, calib_size: int) -> d
                         reduce_range=True, nodes_to_exclude=layer_norms)
     finally:
         prepared.unlink(missing_ok=True)
-    manifest.update(models_dir, files={"encoder_int8": manifest.file_entry(target, models_dir, opset=17,
+    manifest.update(models_dir, files={"encoder_int8": manifest.file_entry(target, models_dir,
                                                                             calibration_faces=len(pick))})
     data = load_class_folders(data_dir)
     fp32 = EmotionModel.load(models_dir, backend="onnxruntime")

@@ -6,7 +6,7 @@ A run directory holds everything needed to resume, evaluate and export::
     RUN/encoder_last.keras   stage 1 checkpoint (every epoch, with optimizer state, for --resume)
     RUN/encoder_best.keras   stage 1 frame classifier with the best val accuracy
     RUN/history.csv          stage 1 learning curves
-    RUN/cache/               decoded faces (and, with a teacher, its probabilities) for --resume
+    RUN/cache/               decoded faces (rebuilt when --data changes) and a teacher's probabilities
     RUN/head.keras           stage 2 temporal head;  RUN/head_history.csv its curves
 """
 

@@ -38,6 +38,12 @@ def _profile_shapes(shape: list, max_batch: int) -> tuple[tuple, tuple, tuple]:
     return tuple(lo), tuple(opt), tuple(hi)
 
 
+def calibration_cache(onnx_path: Path, engine: Path) -> Path:
+    """Where the INT8 scales for ``engine`` are kept: named after the source ONNX's sha256 (16 hex
+    digits), so an engine built from a new encoder never reuses the scales calibrated on the old one."""
+    return engine.with_name(f"{engine.stem}.{sha256(onnx_path)[:16]}.calib")
+
+
 def _calibrator(faces: np.ndarray, cache_file: Path):
     """INT8 entropy calibrator over real aligned faces (encoder input layout)."""
     import pycuda.driver as cuda
@@ -90,7 +96,7 @@ def build_engine(onnx_path: Path, out: Path, args: argparse.Namespace, calib_fac
         precision = "fp16"
     if args.int8 and calib_faces is not None:
         config.set_flag(trt.BuilderFlag.INT8)
-        config.int8_calibrator = _calibrator(calib_faces, out.with_suffix(".calib"))
+        config.int8_calibrator = _calibrator(calib_faces, calibration_cache(onnx_path, out))
         precision = "int8+fp16" if args.fp16 else "int8"
     cache_bytes = args.timing_cache.read_bytes() if args.timing_cache and args.timing_cache.exists() else b""
     cache = config.create_timing_cache(cache_bytes)

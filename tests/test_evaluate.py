@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -98,6 +99,56 @@ def test_evaluate_bad_folder_is_one_line_exit_2(tmp_path: Path) -> None:
     assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
 
 
+def _exported_copy(folder: Path) -> Path:
+    """The shipped emotion model as `model_export export` writes it: without an mtcnn/ folder."""
+    folder.mkdir()
+    for name in ("manifest.json", "encoder.onnx", "head.onnx", "clip.onnx"):
+        (folder / name).symlink_to(ROOT / "models" / name)
+    return folder
+
+
+def test_evaluate_detect_errors_name_the_folder_and_use_the_shipped_mtcnn(tmp_path: Path) -> None:
+    model = _exported_copy(tmp_path / "exported")
+    (tmp_path / "photos" / "happy").mkdir(parents=True)
+    result = _cli("evaluate", "--data", str(tmp_path / "photos"), "--detect", "--model", str(model))
+    assert (result.returncode, result.stderr) == (2, f"model_export evaluate: no labelled images under "
+                                                     f"{tmp_path / 'photos'}: expected sub-folders named like "
+                                                     f"{', '.join(EMOTIONS)}\n")
+    cv2 = pytest.importorskip("cv2")
+    cv2.imwrite(str(tmp_path / "photos" / "happy" / "wall.png"), np.full((120, 160, 3), 128, np.uint8))
+    result = _cli("evaluate", "--data", str(tmp_path / "photos"), "--detect", "--model", str(model))
+    assert (result.returncode, result.stderr.splitlines()[-1]) == (
+        2, f"model_export evaluate: no face was detected in any of the 1 images under {tmp_path / 'photos'}: "
+           "pass photos with a visible face, or leave out --detect for face crops")
+    result = _cli("evaluate", "--data", str(tmp_path / "photos" / "happy" / "wall.png"))
+    assert (result.returncode, result.stderr) == (2, f"model_export evaluate: data folder "
+                                                     f"{tmp_path / 'photos' / 'happy' / 'wall.png'} is a file: pass "
+                                                     "a folder with one sub-folder per class\n")
+
+
+def test_bench_times_an_exported_folder_with_the_shipped_mtcnn(tmp_path: Path) -> None:
+    result = _cli("bench", "--models", str(_exported_copy(tmp_path / "exported")), "--seconds", "0.01")
+    assert result.returncode == 0, result.stderr
+    assert "mtcnn_640x480" in result.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--models", "{tmp}"], "model manifest {tmp}/manifest.json does not exist: pass --models a folder written by "
+                            "`model_export export` or `ensemble` (e.g. models)"),
+    (["--backend", "keras", "--run", "{tmp}"], "Keras checkpoint {tmp}/encoder_best.keras does not exist: pass "
+                                               "--run a training run directory with both stages"),
+])
+def test_bench_names_a_missing_model_before_timing(tmp_path: Path, args: list[str], message: str) -> None:
+    result = _cli("bench", *(a.format(tmp=tmp_path) for a in args))
+    assert (result.returncode, result.stderr) == (2, f"model_export bench: {message.format(tmp=tmp_path)}\n")
+
+
+def test_mtcnn_bench_has_help() -> None:
+    result = subprocess.run([sys.executable, "-m", "model_export.mtcnn_bench", "--help"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m model_export.mtcnn_bench")
+
+
 def test_build_without_tensorrt_says_what_is_missing() -> None:
     pytest.importorskip("onnxruntime")
     from edge_agent.tensorrt_runtime import unavailable_reason
@@ -109,6 +160,17 @@ def test_build_without_tensorrt_says_what_is_missing() -> None:
     line = result.stderr.strip()
     assert "\n" not in line and "Traceback" not in line
     assert "CPU path" in line and ("tensorrt" in line.lower() or "GPU" in line)
+
+
+def test_int8_calibration_cache_is_named_after_the_encoder_it_calibrates(tmp_path: Path) -> None:
+    from model_export.trt_build import calibration_cache
+
+    onnx_path, engine = tmp_path / "encoder.onnx", tmp_path / "encoder.h200-sm90-trt10.engine"
+    onnx_path.write_bytes(b"old encoder")
+    old = calibration_cache(onnx_path, engine)
+    assert old == tmp_path / f"encoder.h200-sm90-trt10.{hashlib.sha256(b'old encoder').hexdigest()[:16]}.calib"
+    onnx_path.write_bytes(b"new encoder")
+    assert calibration_cache(onnx_path, engine) != old
 
 
 def test_evaluate_detect_aligns_uncropped_photos(tmp_path: Path, shared_media: Path) -> None:

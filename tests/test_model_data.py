@@ -14,6 +14,7 @@ from model_export import clips
 from model_export.augment import JITTER, LIGHT, TRAIN, perturb
 from model_export.datasets import (
     DatasetError,
+    load_cached,
     load_class_folders,
     load_clip_folders,
     load_fer2013_csv,
@@ -64,6 +65,64 @@ def test_fer2013_csv_and_ferplus_votes(tmp_path: Path) -> None:
     assert load_split(votes, "val").labels.tolist() == [EMOTIONS.index("sad")]
 
 
+def test_ferplus_majority_is_the_most_voted_of_all_columns(tmp_path: Path) -> None:
+    pixels = " ".join(["7"] * 2304)
+    fer = tmp_path / "fer2013.csv"
+    fer.write_text("emotion,pixels,Usage\n" + f"0,{pixels},PublicTest\n" * 3)
+    votes = tmp_path / "fer2013new.csv"
+    votes.write_text("Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,contempt,unknown,NF\n"
+                     "PublicTest,a.png,4,1,0,0,0,0,0,2,2,1\n"  # neutral has the most votes: kept
+                     "PublicTest,b.png,3,0,0,0,0,0,0,0,4,3\n"  # unknown wins: dropped
+                     "PublicTest,c.png,3,0,0,0,0,0,0,3,0,0\n")  # neutral ties with contempt: dropped
+    assert load_ferplus(fer, votes, {"PublicTest"}).labels.tolist() == [EMOTIONS.index("neutral")]
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ("x,{rest} 7,Training", "fer2013.csv row 3: emotion 'x' is not a FER2013 code 0-6"),
+    ("7,{rest} 7,Training", "fer2013.csv row 3: emotion '7' is not a FER2013 code 0-6"),
+    ("1,{rest} 7 9,Training", "fer2013.csv row 3: the pixels field has 2305 values"),
+    ("1,{rest} 256,Training", "fer2013.csv row 3: a pixel is outside 0-255 (7 to 256)"),
+    ("1,{rest} a,Training", "fer2013.csv row 3: the pixels field holds a value that is not a whole number"),
+])
+def test_a_bad_fer2013_row_is_named_with_its_row(tmp_path: Path, row: str, message: str) -> None:
+    rest = " ".join(["7"] * 2303)  # all but the last pixel
+    fer = tmp_path / "fer2013.csv"
+    fer.write_text(f"emotion,pixels,Usage\n3,{rest} 7,Training\n" + row.format(rest=rest) + "\n")
+    with pytest.raises(DatasetError, match="fix or delete the row") as error:
+        load_fer2013_csv(fer, {"Training"})
+    assert str(error.value).startswith(f"{fer.parent}/{message}")
+
+
+def test_ferplus_files_that_do_not_fit_are_clear_errors(tmp_path: Path) -> None:
+    pixels = " ".join(["7"] * 2304)
+    fer = tmp_path / "fer2013.csv"
+    fer.write_text("emotion,pixels,Usage\n" + f"0,{pixels},Training\n" * 2)
+    votes = tmp_path / "fer2013new.csv"
+    header = "Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,contempt,unknown,NF\n"
+    votes.write_text(header + "Training,a.png,0,0,0,0,0,0,0,0,9,0\n")
+    with pytest.raises(DatasetError, match=f"^{votes} has 1 rows but {fer} has 2: FER"):
+        load_ferplus(fer, votes, {"Training"})
+    votes.write_text(header + "Training,a.png,0,0,0,0,0,0,0,0,9,0\n" * 2)
+    with pytest.raises(DatasetError, match=f"^{votes} has no row with Usage in \\['Training'\\] and a clear"):
+        load_ferplus(fer, votes, {"Training"})
+    fer.unlink()
+    with pytest.raises(DatasetError, match=f"^{fer} does not exist: FER\\+ votes"):
+        load_split(votes, "train")
+
+
+def test_the_face_cache_follows_the_data_it_was_read_from(tmp_path: Path, caplog) -> None:
+    _write_faces(tmp_path / "a" / "train" / "happy", 2, 10)
+    _write_faces(tmp_path / "b" / "train" / "sad", 3, 50)
+    cache = tmp_path / "run" / "cache"
+    assert load_cached(tmp_path / "a", "train", cache).labels.tolist() == [EMOTIONS.index("happy")] * 2
+    assert load_cached(tmp_path / "a", "train", cache).paths == []  # the same data: read from the cache
+    with caplog.at_level(logging.INFO):
+        assert load_cached(tmp_path / "b", "train", cache).labels.tolist() == [EMOTIONS.index("sad")] * 3
+    assert f"came from {(tmp_path / 'a' / 'train').resolve()} (2 files" in caplog.text
+    _write_faces(tmp_path / "b" / "train" / "sad", 4, 50)  # a face added to the same folder
+    assert len(load_cached(tmp_path / "b", "train", cache).paths) == 4
+
+
 def test_perturb_keeps_shape_range_and_is_seeded() -> None:
     faces = np.random.default_rng(0).integers(0, 255, (16, 48, 48), dtype=np.uint8)
     a = perturb(faces, np.random.default_rng(1), TRAIN)
@@ -98,6 +157,26 @@ def test_clip_indices_transitions_and_drops() -> None:
             assert labels[faces[0]] != labels[i % len(labels)]
         saw_drop |= any(faces[t] == faces[t - 1] and views[t] == views[t - 1] for t in range(1, 8))
     assert saw_transition and saw_drop
+
+
+def test_clip_indices_of_a_one_class_folder_have_no_transition() -> None:
+    labels = np.zeros(10, dtype=np.int64)  # evaluate --clips on a folder of happy faces only
+    rng = np.random.default_rng(0)
+    for i in range(100):
+        faces, _ = clips.clip_indices(len(labels), labels, i % 10, 8, rng, 4)
+        assert (faces == i % 10).all()
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_clip_indices_of_short_windows_end_on_the_labelled_face(window: int) -> None:
+    labels = np.array([0, 1] * 5)
+    rng = np.random.default_rng(0)
+    prefixes = set()
+    for i in range(300):
+        faces, views = clips.clip_indices(len(labels), labels, i % 10, window, rng, 4)
+        assert faces.shape == views.shape == (window,) and faces[-1] == i % 10
+        prefixes.add(int((labels[faces] != labels[i % 10]).sum()))
+    assert max(prefixes) < window and (1 in prefixes) == (window > 1)  # transitions, never the whole clip
 
 
 def test_class_weights_soften_imbalance() -> None:

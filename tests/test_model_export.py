@@ -118,6 +118,45 @@ def test_train_resume_head_and_export_parity(tiny_data: Path, tmp_path: Path, fe
     assert np.isfinite(list(checks.values())).all()
 
 
+@pytest.mark.slow
+def test_cli_export_replaces_the_whole_model_and_only_after_parity(tiny_data: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    from model_export import cli, manifest, onnx_export, quantize
+
+    run, out, faces = tmp_path / "run", tmp_path / "out", str(tiny_data / "val")
+    cfg = TrainConfig(data=str(tiny_data), run_dir=str(run), epochs=1, head_epochs=1, batch_size=16, xla="off")
+    train_encoder(cfg, TINY, resume=False, verbose=0)
+    train_head(cfg, TINY, verbose=0)
+    assert cli.main(["export", "--run", str(run), "--out", str(out), "--data", faces]) == 0
+    quantize.run(out, tiny_data / "val", tiny_data / "val", 64)
+    manifest.update(out, val_metrics={"accuracy": 0.5})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"manifest.json", "encoder.onnx", "encoder.int8.onnx", "head.onnx", "clip.onnx"}
+
+    capsys.readouterr()
+    assert cli.main(["export", "--run", str(run), "--out", str(out), "--data", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err == (f"model_export export: parity faces {tmp_path / 'nope'} does not exist: pass "
+                                       "--data with class folders of real faces (e.g. data/val), or --no-parity to "
+                                       "export without checking the ONNX files\n")
+    with monkeypatch.context() as patched:  # an export that does not match Keras
+        patched.setattr(onnx_export, "parity", lambda *args: {"faces": 42, "encoder_max_abs_diff": 0.5})
+        assert cli.main(["export", "--run", str(run), "--out", str(out), "--data", faces, "--encoder-only"]) == 2
+    assert capsys.readouterr().err.endswith(f"ONNX differs from Keras by 0.5 (more than 1e-4), so nothing was "
+                                            f"written to {out}: do not ship this export; check the model's layers "
+                                            "convert (tf2onnx log)\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    assert cli.main(["export", "--run", str(run), "--out", str(out), "--encoder-only", "--no-parity",
+                     "--opset", "18"]) == 0
+    assert {p.name for p in out.iterdir()} == {"manifest.json", "encoder.onnx"}  # the int8 encoder was the old one
+    written = json.loads((out / "manifest.json").read_text())
+    assert not {"quantization", "val_metrics"} & set(written)
+    assert written["parity"] == "not checked (exported with --no-parity)"
+    assert list(written["files"]) == ["encoder"] and written["files"]["encoder"]["opset"] == 18
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]  # no staging folder left behind
+
+
 def test_distillation_targets_mix_the_label_with_the_teacher(tiny_data: Path) -> None:
     faces = load_class_folders(tiny_data / "train")
     teacher = np.random.default_rng(0).dirichlet(np.ones(7), size=len(faces)).astype(np.float32)
@@ -237,6 +276,8 @@ def _train_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
      "written by `model_export ensemble` or `export` without --encoder-only"),
 ])
 def test_cli_names_what_is_wrong_with_a_teacher(tmp_path: Path, extra: list[str], message: str) -> None:
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
     result = _train_cli("--data", str(tmp_path), *extra, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"model_export train: {message}"]
@@ -274,6 +315,8 @@ def test_cli_trains_a_new_shape_and_resumes_it_in_that_shape(tiny_data: Path, tm
     (["--init-from", str(MODELS / "members" / "v2"), "--heads", "8"],
      "--heads sets the shape of a new encoder: leave it out with --init-from, which keeps the member's "
      "(only --depth and --mlp-dim can grow it)"),
+    (["--init-from", str(MODELS), "--depth", "6"],
+     f"--init-from {MODELS} is an ensemble of 2 members; pass one of its members, e.g. models/members/g5t"),
 ])
 def test_cli_names_what_is_wrong_with_an_encoder_shape(tmp_path: Path, extra: list[str], message: str) -> None:
     result = _train_cli("--data", str(tmp_path), *extra, cwd=tmp_path)
@@ -281,8 +324,20 @@ def test_cli_names_what_is_wrong_with_an_encoder_shape(tmp_path: Path, extra: li
     assert result.stderr.strip().splitlines()[-1].endswith(message)
 
 
+def test_cli_warns_when_val_would_be_the_training_faces(tmp_path: Path) -> None:
+    (tmp_path / "data" / "happy").mkdir(parents=True)  # a class-folder tree without train/ and val/
+    result = _train_cli("--data", "data", "--distill-weight", "0.3", cwd=tmp_path)
+    assert result.returncode == 2
+    warning, error = result.stderr.strip().splitlines()
+    assert warning.endswith("WARNING model_export.cli: data has no train/ and val/ folders, so both read its class "
+                            "folders: val accuracy is then measured on the training faces; split them into "
+                            "data/train and data/val")
+    assert error.startswith("model_export train: --distill-weight needs --teacher")
+
+
 def test_cli_resume_refuses_to_reshape_the_run(tmp_path: Path) -> None:
-    (tmp_path / "run").mkdir()
+    for folder in ("run", "train", "val"):
+        (tmp_path / folder).mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps({"model": ModelConfig().to_dict()}))
     result = _train_cli("--data", str(tmp_path), "--run", "run", "--resume", "--depth", "6", cwd=tmp_path)
     assert result.returncode == 2
