@@ -103,7 +103,6 @@ def _encoder_architecture(folder: Path, manifest_path: Path) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     _existing(args.data, "dataset", "unpack ../shared/datasets/fer2013/*.tar.gz into data/ or pass --data")
-    _warn_if_validating_on_training_faces(args.data)
     architecture, init_from = {}, None
     if args.init_from:
         manifest_path = _existing(args.init_from / "manifest.json", "model manifest",
@@ -146,6 +145,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if model_cfg.embed_dim % model_cfg.heads:
         raise UsageError(f"--embed-dim {model_cfg.embed_dim} does not split into {model_cfg.heads} attention heads: "
                          "pick an --embed-dim that is a multiple of --heads")
+    _warn_if_validating_on_training_faces(args.data)  # after the usage checks: those stay one line
     cfg = TrainConfig(data=str(args.data), run_dir=str(args.run), epochs=args.epochs,
                       head_epochs=args.head_epochs, batch_size=args.batch_size,
                       learning_rate=args.lr, seed=args.seed, init_from=init_from and str(init_from),
