@@ -23,6 +23,7 @@ Positive = Annotated[float, Field(gt=0)]
 
 
 MIN_TOKEN = 16  # characters: a bearer token shorter than this is guessable
+PLACEHOLDER = "change-me"  # deploy/coordinator.example.toml's tokens start so: never a real one
 
 
 def _existing_file(value: str) -> str:
@@ -41,6 +42,9 @@ def _http_url(value: str) -> str:
 def _tokens(values: tuple[str, ...]) -> tuple[str, ...]:
     """Bearer tokens; an empty one (an unset template variable) would let anyone in."""
     for i, token in enumerate(values):
+        if token.startswith(PLACEHOLDER):
+            raise ValueError(f"token {i + 1} is the example config's placeholder: replace it with a random one, "
+                             "e.g. from `openssl rand -hex 24`")
         if len(token.strip()) < MIN_TOKEN:
             raise ValueError(f"token {i + 1} has {len(token.strip())} characters; use at least {MIN_TOKEN} "
                              "random ones, e.g. from `openssl rand -hex 24`")

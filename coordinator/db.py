@@ -35,6 +35,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy.sql import ColumnElement
 
 from affectedge.labels import EMOTIONS
+from coordinator.ratelimit import first_line
 
 PROB_COLUMNS = tuple(f"p_{name}" for name in EMOTIONS)
 #: confidence-weighted probability sums of a rollup, in the same order
@@ -253,7 +254,7 @@ class Setting(Base):
 def describe_error(exc: SQLAlchemyError, url: str) -> str:
     """One line for an admin: which database (password hidden), what it said, where to fix it."""
     where = make_url(url).render_as_string(hide_password=True)
-    reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+    reason = first_line(getattr(exc, "orig", None) or exc)
     return f"cannot use the database {where}: {reason}; check [database] url and that the database runs"
 
 

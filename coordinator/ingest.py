@@ -38,7 +38,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from affectedge import codec, topics
 from affectedge.v1 import affectedge_pb2 as pb
 from coordinator.config import MqttConfig
-from coordinator.ratelimit import RateLimitedLog
+from coordinator.ratelimit import RateLimitedLog, first_line
 from coordinator.store import Received, Store, utcnow
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,6 @@ class Counters:
 
 class _DataRejected(Exception):
     """The database refused the rows themselves, not the connection."""
-
-
-def _first_line(exc: BaseException | None) -> str:
-    return str(exc).splitlines()[0][:300] if exc and str(exc) else type(exc).__name__
 
 
 class ClockWatch:
@@ -239,7 +235,8 @@ class Ingest:
                 self.client.ack(m.mid, m.qos)
 
     def _store(self, received: list[Received], statuses: list, messages: int) -> int | None:
-        """Write, retrying while the database is unreachable or locked; None if stopped meanwhile.
+        """Write, retrying while the database is unreachable or locked (or fails unexpectedly, which is
+        logged: the writer thread must outlive it); None if stopped meanwhile.
 
         An error about the data itself (a constraint, a value the column cannot hold) raises
         :class:`_DataRejected` instead: retrying the same rows would stall ingest for good.
@@ -247,13 +244,16 @@ class Ingest:
         while True:
             try:
                 return self.store.write(received, statuses)
-            except (OperationalError, InterfaceError) as exc:  # down, locked or disconnected
-                self.counters.add(db_errors=1)
-                self._bad.warning("db", "cannot store %d messages (%s); retrying", messages, _first_line(exc))
-                if self._stop.wait(1.0):
-                    return None
             except (DBAPIError, ValueError) as exc:
-                raise _DataRejected(exc) from exc
+                if not isinstance(exc, OperationalError | InterfaceError):  # not down, locked or disconnected
+                    raise _DataRejected(exc) from exc
+                why = first_line(exc)
+            except Exception as exc:  # a pool timeout or a bug: keep the batch and the writer thread
+                why = f"{type(exc).__name__}: {first_line(exc)}"
+            self.counters.add(db_errors=1)
+            self._bad.warning("db", "cannot store %d messages (%s); retrying", messages, why)
+            if self._stop.wait(1.0):
+                return None
 
     def _store_one_by_one(self, received: list[Received], statuses: list) -> int | None:
         """After a data error: store each message alone and drop (count, log) the ones refused."""
@@ -264,7 +264,7 @@ class Ingest:
             try:
                 count = self._store(one_batch, one_status, 1)
             except _DataRejected as exc:
-                self._malformed(what, f"the database refused it: {_first_line(exc.__cause__)}")
+                self._malformed(what, f"the database refused it: {first_line(exc.__cause__)}")
                 continue
             if count is None:
                 return None

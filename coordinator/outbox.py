@@ -39,7 +39,7 @@ from sqlalchemy import func, or_, select
 
 from affectedge.v1 import affectedge_pb2 as pb
 from coordinator import db
-from coordinator.ratelimit import RateLimitedLog
+from coordinator.ratelimit import RateLimitedLog, first_line
 from coordinator.store import Store, signal_message, utcnow
 
 if TYPE_CHECKING:
@@ -215,7 +215,7 @@ class Outbox(ABC):
                     idle = self._idle_seconds(target)
                 except Exception as exc:  # a locked or lost database: the rows wait in it, retry soon
                     self._errors.warning(target.url, "%s sender for %s: %s; retrying in %.0f s", self.kind,
-                                         safe_url(target.url), str(exc).splitlines()[0][:300], DB_RETRY_S)
+                                         safe_url(target.url), first_line(exc), DB_RETRY_S)
                     idle = DB_RETRY_S
                 wake.wait(idle)
         finally:

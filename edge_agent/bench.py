@@ -69,7 +69,8 @@ def bench(video: Path, config: AgentConfig, max_frames: int | None = None) -> di
     rejected: Counter[str] = Counter()
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
         spool = Spool(Path(tmp) / "spool.sqlite3", config.spool.max_batches)
-        publisher = Publisher(config.mqtt, config.agent, spool, model.version)
+        # encodes and spools only, never connects: no TLS files needed (they may be the service user's)
+        publisher = Publisher(config.mqtt.model_copy(update={"tls": None}), config.agent, spool, model.version)
         decoded = read_file(str(video))
         wall, cpu = time.perf_counter(), time.process_time()
         while max_frames is None or frames < max_frames:

@@ -46,14 +46,14 @@ def describe(source: str) -> str:
     scheme = _URL.match(source)
     if scheme is None:
         return source
-    rest = source[scheme.end():].rpartition("@")[2]
-    return scheme.group() + re.split(r"[?#]", rest, maxsplit=1)[0]
+    rest = re.split(r"[?#]", source[scheme.end():], maxsplit=1)[0]  # first: a query may hold '@' too
+    return scheme.group() + rest.rpartition("@")[2]
 
 
 def is_v4l2(source: str) -> bool:
     """A V4L2 camera: an index ("0"), or a device node, also via a stable udev link such as
     ``/dev/v4l/by-id/usb-...-video-index0`` (which OpenCV's FFmpeg backend would not open)."""
-    return source.isdigit() or source.startswith("/dev/") or os.path.realpath(source).startswith("/dev/video")
+    return source.isdigit() or os.path.realpath(source).startswith("/dev/video")
 
 
 def is_file(source: str) -> bool:

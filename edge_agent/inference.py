@@ -122,7 +122,13 @@ def open_session(onnx_path: Path, backend: str = "auto", threads: int | None = N
         why = tensorrt_runtime.unavailable_reason()
         engine = None if why else engine_path(onnx_path)
         if engine is not None:
-            return tensorrt_runtime.TrtSession(engine)
+            try:
+                return tensorrt_runtime.TrtSession(engine)
+            except tensorrt_runtime.EngineError as exc:  # corrupt, or built by another TensorRT
+                if backend == "tensorrt":
+                    raise ModelError(str(exc)) from None
+                log.warning("using ONNX Runtime for %s: %s", onnx_path.name, exc)
+                return OrtSession(onnx_path, threads)
         why = why or f"no engine for this GPU next to {onnx_path.name} (run `model_export build --fp16`)"
         if backend == "tensorrt":
             raise ModelError(f"model.backend = \"tensorrt\" but {why}; or set model.backend = \"auto\"")

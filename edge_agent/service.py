@@ -22,13 +22,16 @@ import sqlite3
 import threading
 import time
 from importlib import metadata
+from pathlib import Path
 
+from affectedge import codec
 from affectedge.settings import ConfigError
 from affectedge.v1 import affectedge_pb2 as pb
 from edge_agent.capture import NETWORK_TIMEOUT_MS, Camera
 from edge_agent.config import AgentConfig, SpoolSection
 from edge_agent.emotion_model import EmotionModel, read_manifest
 from edge_agent.faces.mtcnn import FaceDetector
+from edge_agent.inference import ModelError
 from edge_agent.pipeline import CameraPipeline
 from edge_agent.publisher import Publisher, timestamp
 from edge_agent.quality import QualityGate
@@ -73,6 +76,17 @@ def load_models(config: AgentConfig) -> tuple[EmotionModel, FaceDetector]:
     return model, detector
 
 
+def model_version(models_dir: Path) -> str:
+    """The manifest's version, which every batch carries: checked against the wire contract's cap here,
+    so a long one stops the start-up in one line instead of every status message failing later."""
+    version = read_manifest(models_dir)["version"]
+    if len(version) > codec.TEXT_LIMITS["model_version"]:
+        raise ModelError(f"{models_dir}/manifest.json: version has {len(version)} characters, more than the "
+                         f"{codec.TEXT_LIMITS['model_version']} the wire contract allows; re-export with a shorter "
+                         "--version")
+    return version
+
+
 def open_spool(section: SpoolSection) -> Spool:
     """The spool, or a ConfigError naming ``spool.path``: caught at start-up, not by a crash loop."""
     try:
@@ -87,7 +101,7 @@ class Agent:
         self.config = config
         # config errors (spool, TLS files) first, before the model load logs anything
         self.spool = open_spool(config.spool)
-        self.publisher = Publisher(config.mqtt, config.agent, self.spool, read_manifest(config.model.dir)["version"])
+        self.publisher = Publisher(config.mqtt, config.agent, self.spool, model_version(config.model.dir))
         self.model, detector = load_models(config)
         gate = QualityGate(config.quality)
         ids = itertools.count(1)  # anonymous track ids, shared by the cameras, restart at 1

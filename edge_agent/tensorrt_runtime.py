@@ -44,6 +44,10 @@ def gpu_tag() -> str | None:
     return f"{name}-sm{major}{minor}"
 
 
+class EngineError(RuntimeError):
+    """An engine file this TensorRT cannot load: ``auto`` falls back to ONNX Runtime, ``tensorrt`` stops."""
+
+
 def batch_slices(size: int, max_batch: int) -> list[slice]:
     """Split a batch of ``size`` into runs the engine's profile accepts (a camera may see more faces
     than the engine was built for, ``model_export build --max-batch``); one run when it fits."""
@@ -67,8 +71,8 @@ class TrtSession:
         self._file = engine_file
         self._engine = runtime.deserialize_cuda_engine(engine_file.read_bytes())
         if self._engine is None:
-            raise RuntimeError(f"{engine_file} could not be deserialized (built by another TensorRT version?); "
-                               "rebuild it with `model_export build`")
+            raise EngineError(f"{engine_file} could not be deserialized (built by another TensorRT version?); "
+                              "rebuild it with `model_export build`")
         self._context = self._engine.create_execution_context()
         self._stream = cuda.Stream()
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]

@@ -77,6 +77,15 @@ def _existing(path: Path, what: str, hint: str) -> Path:
     return path
 
 
+def _version(text: str) -> str:
+    """Agents publish the version with every batch, and the wire contract caps it (affectedge.codec)."""
+    from affectedge.codec import TEXT_LIMITS
+
+    if not 0 < len(text) <= TEXT_LIMITS["model_version"]:
+        raise argparse.ArgumentTypeError(f"{len(text)} characters; use 1 to {TEXT_LIMITS['model_version']}")
+    return text
+
+
 def _warn_if_validating_on_training_faces(data: Path) -> None:
     """A class-folder tree without train/ and val/ serves as both splits (fine for a smoke test), but
     its val accuracy and best checkpoint then only measure memorisation: say so once, up front."""
@@ -399,7 +408,8 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--no-parity", action="store_true",
                    help="export without the parity check (when no faces are at hand); not for a model to ship")
     x.add_argument("--opset", type=int, default=17, help="ONNX opset for tf2onnx (default 17)")
-    x.add_argument("--version", help="model version string (default: vit-bilstm-<run name>)")
+    x.add_argument("--version", type=_version,
+                   help="model version string, at most 64 characters (default: vit-bilstm-<run name>)")
     x.add_argument("--encoder-only", action="store_true",
                    help="export only encoder.onnx (an ensemble member for `model_export ensemble --member`)")
     x.set_defaults(func=cmd_export)
@@ -424,7 +434,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--head-epochs", type=positive_int, default=12, help="epochs of each member's head (default 12)")
     m.add_argument("--seed", type=int, default=1337,
                    help="seed of the heads' weights and clip synthesis (default 1337)")
-    m.add_argument("--version", help="model version string (default: vit-bilstm-ensemble-<members>)")
+    m.add_argument("--version", type=_version,
+                   help="model version string, at most 64 characters (default: vit-bilstm-ensemble-<members>)")
     m.set_defaults(func=cmd_ensemble)
 
     o = sub.add_parser(

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from sqlalchemy import func, select
 
 from affectedge.loopback import free_port
+from affectedge.settings import ConfigError
 from affectedge.v1 import affectedge_pb2 as pb
 from affectedge.v1 import affectedge_pb2_grpc as pb_grpc
 from coordinator import db
@@ -297,8 +298,13 @@ def test_cli_serve_stops_cleanly_on_sigterm(tmp_path, mosquitto):
     assert "received SIGTERM" in log and "stopped" in log and "Traceback" not in log
 
 
-def test_shipped_example_config_is_valid():
+def test_shipped_example_config_is_valid_once_its_token_is_set(tmp_path):
     from coordinator.config import load_config
 
-    config = load_config(ROOT / "deploy" / "coordinator.example.toml")
-    assert config.mqtt.clean_start is False and config.grpc.tokens
+    example = (ROOT / "deploy" / "coordinator.example.toml").read_text()
+    with pytest.raises(ConfigError, match=r"grpc\.tokens.*placeholder"):  # a publicly known token never serves
+        load_config(ROOT / "deploy" / "coordinator.example.toml")
+    edited = tmp_path / "coordinator.toml"
+    edited.write_text(example.replace('"change-me-long-random"', '"3f9a1c0e8b7d6a5f4e3d2c1b0a9f8e7d"'))
+    config = load_config(edited)
+    assert config.mqtt.clean_start is False and config.grpc.tokens == ("3f9a1c0e8b7d6a5f4e3d2c1b0a9f8e7d",)

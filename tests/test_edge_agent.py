@@ -193,7 +193,7 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path):
     unit = (ROOT / "deploy" / "systemd" / "affectedge-agent.service").read_text()
     for directive in ("Type=notify", "User=affectedge", "ProtectSystem=strict", "PrivateTmp=yes",
                       "NoNewPrivileges=yes", "DevicePolicy=closed", "DeviceAllow=char-video4linux rw",
-                      "DeviceAllow=char-nvidia-frontend rw", "DeviceAllow=char-nvidia-uvm rw",
+                      "DeviceAllow=char-nvidia* rw",
                       "DeviceAllow=/dev/nvidiactl rw",
                       "Restart=on-failure", "WatchdogSec=", "StateDirectory=affectedge",
                       "--config /etc/affectedge/agent.toml"):

@@ -4,6 +4,7 @@ line on stderr naming what is wrong, before any camera thread starts, never a tr
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 from pathlib import Path
 
@@ -86,3 +87,19 @@ def test_tensorrt_backend_without_tensorrt(tmp_path: Path):
 def test_a_directory_as_config(tmp_path: Path, command: str):
     line = run_agent(tmp_path, command)
     assert str(tmp_path) in line and "cannot read it" in line
+
+
+@needs_models
+def test_model_version_longer_than_the_wire_allows(tmp_path: Path):
+    """Every batch carries the version; one the contract refuses must stop start-up, not each publish."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for entry in MODELS.iterdir():
+        if entry.name != "manifest.json":
+            (models / entry.name).symlink_to(entry)
+    manifest = json.loads((MODELS / "manifest.json").read_text())
+    (models / "manifest.json").write_text(json.dumps({**manifest, "version": "v" * 65}))
+    config = write_config(tmp_path / "agent.toml", free_port())
+    config.write_text(config.read_text().replace(f'dir = "{MODELS}"', f'dir = "{models}"'))
+    line = run_agent(config)
+    assert "version has 65 characters" in line and "shorter --version" in line

@@ -60,12 +60,18 @@ class Camera(Section):
 
 class WithSecrets(Section):
     password: str | None = None
+    admin_password: str = ""
+    secret_key: str = ""
+    api_tokens: tuple[str, ...] = ()
     cameras: tuple[Camera, ...] = ()
     port: int = 1883
 
 
 @pytest.mark.parametrize("text", [
     "password = 31415926\n",  # wrong type: pydantic's input is the password itself
+    "admin_password = 31415926\n",  # key names that hold a secret word count too
+    "secret_key = 31415926\n",
+    "api_tokens = [31415926]\n",
     '[[cameras]]\nid = "a"\nsource = ["rtsp://admin:S3cret@cam/s"]\n',
     '[[cameras]]\nid = 7\nsource = "rtsp://admin:S3cret@cam/s"\n',  # an error in the same camera
 ])

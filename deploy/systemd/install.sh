@@ -55,18 +55,22 @@ runs_as_service "$PREFIX/venv/bin/python" \
 "$PREFIX/venv/bin/pip" install --quiet $PIP_ARGS --upgrade "$SRC[edge]"
 
 echo "4/6 models"
-find "$PREFIX/models" -name '*.engine' -delete
 MODEL_FILES=$("$PREFIX/venv/bin/python" -c '
 import json, sys
 print("\n".join(entry["file"] for entry in json.load(open(sys.argv[1]))["files"].values()))
 ' "$SRC/models/manifest.json") || die "$SRC/models/manifest.json is not a valid manifest: re-export the model (model_export export)"
-while IFS= read -r file; do
+while IFS= read -r file; do  # all present before anything installed is touched
     [ -f "$SRC/models/$file" ] || die "$SRC/models/$file (listed in manifest.json) is missing: re-export the model (model_export export)"
+done <<< "$MODEL_FILES"
+find "$PREFIX/models" -name '*.engine' -delete
+while IFS= read -r file; do
     install -D -m 0644 "$SRC/models/$file" "$PREFIX/models/$file"
 done <<< "$MODEL_FILES"
 install -m 0644 "$SRC/models/manifest.json" "$PREFIX/models/"
 install -m 0644 "$SRC"/models/mtcnn/*.onnx "$PREFIX/models/mtcnn/"
-(cd "$SRC/models" && find . \( -name '*.engine' -o -name 'engines.*.json' \) -exec install -D -m 0644 {} "$PREFIX/models/{}" \;)
+# engines and their build records, at their relative paths (a failed install fails the pipeline)
+(cd "$SRC/models" && find . \( -name '*.engine' -o -name 'engines.*.json' \) -print0) |
+    while IFS= read -r -d '' file; do install -D -m 0644 "$SRC/models/$file" "$PREFIX/models/$file"; done
 install -m 0644 "$SRC/deploy/agent.example.toml" "$PREFIX/deploy/"
 
 echo "5/6 config"

@@ -14,9 +14,10 @@ from typing import TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 T = TypeVar("T", bound=BaseModel)
-#: keys whose values may hold credentials (passwords, tokens, URLs with user:pass@ or ?pwd=):
-#: an error under one of them never repeats the value, since errors end up in logs and journals
-SECRET_KEYS = frozenset({"password", "secret", "token", "tokens", "source", "url"})
+#: parts of key names whose values may hold credentials (admin_password, secret_key, api_tokens,
+#: URLs with user:pass@ or ?pwd=): an error under such a key never repeats the value, since errors
+#: end up in logs and journals
+SECRET_WORDS = ("password", "secret", "token", "key", "source", "url", "endpoint")
 
 
 class Section(BaseModel):
@@ -43,7 +44,7 @@ def _got(error: dict) -> str:
     """`` (got X)`` for a plain value under a non-secret key; nothing for secrets, and nothing for a
     table or list, which may hold secrets further down (e.g. every camera's source URL)."""
     value = error.get("input")
-    if any(str(part) in SECRET_KEYS for part in error["loc"]):
+    if any(word in str(part) for part in error["loc"] for word in SECRET_WORDS):
         return ""
     if not isinstance(value, str | int | float | bool):
         return ""
