@@ -244,10 +244,10 @@ class Ingest:
         while True:
             try:
                 return self.store.write(received, statuses)
-            except (DBAPIError, ValueError) as exc:
-                if not isinstance(exc, OperationalError | InterfaceError):  # not down, locked or disconnected
-                    raise _DataRejected(exc) from exc
+            except (OperationalError, InterfaceError) as exc:  # down, locked or disconnected
                 why = first_line(exc)
+            except (DBAPIError, ValueError) as exc:  # the rows themselves
+                raise _DataRejected(exc) from exc
             except Exception as exc:  # a pool timeout or a bug: keep the batch and the writer thread
                 why = f"{type(exc).__name__}: {first_line(exc)}"
             self.counters.add(db_errors=1)
