@@ -2,7 +2,9 @@
 
 Authentication is a bearer token in the ``authorization`` metadata, checked by a server
 interceptor before any handler runs (UNAUTHENTICATED otherwise). The standard health service is
-exempt so load balancers and orchestrators can probe without a secret; reflection is not, since
+exempt so load balancers and orchestrators can probe without a secret, and answers NOT_SERVING while
+the coordinator is down (:mod:`coordinator.health`: the database refusing writes, aggregation
+stopped); reflection is not exempt, since
 it describes the API to whoever asks. With no tokens configured auth is off, which the service
 logs as a warning at start.
 """
@@ -156,11 +158,16 @@ class GrpcServer:
 
     def start(self) -> None:
         self.server.start()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.set_serving(True)
         log.info(
             "gRPC listening on %s:%d (%s)", self.config.host, self.port, "TLS" if self.config.tls_cert else "plaintext"
         )
+
+    def set_serving(self, serving: bool) -> None:
+        """What the health service answers (ignored once shutting down, which answers NOT_SERVING)."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
 
     def stop(self, grace: float = 2.0) -> None:
         self.health.enter_graceful_shutdown()

@@ -55,7 +55,8 @@ SKEW_PERIOD_S = 60.0
 
 @dataclass
 class Counters:
-    """What ingest has seen; logged when ingest stops."""
+    """What ingest has seen: on the admin's agents page and in ``/healthz`` while running, logged when
+    ingest stops."""
 
     messages: int = 0
     observations: int = 0
@@ -129,6 +130,13 @@ class Ingest:
         self._clocks = ClockWatch()
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
         self.client = self._client()
+        #: while the writer retries a batch the database will not take: since when (monotonic), and why
+        self.stalled: tuple[float, str] | None = None
+
+    @property
+    def backlog(self) -> int:
+        """Messages received and not yet committed (the batch being retried not counted)."""
+        return self._queue.qsize()
 
     def _client(self) -> mqtt.Client:
         client = mqtt.Client(
@@ -243,14 +251,18 @@ class Ingest:
         """
         while True:
             try:
-                return self.store.write(received, statuses)
+                written = self.store.write(received, statuses)
+                self.stalled = None
+                return written
             except (OperationalError, InterfaceError) as exc:  # down, locked or disconnected
                 why = first_line(exc)
             except (DBAPIError, ValueError) as exc:  # the rows themselves
+                self.stalled = None  # the database answered
                 raise _DataRejected(exc) from exc
             except Exception as exc:  # a pool timeout or a bug: keep the batch and the writer thread
                 why = f"{type(exc).__name__}: {first_line(exc)}"
             self.counters.add(db_errors=1)
+            self.stalled = (self.stalled[0] if self.stalled else time.monotonic(), why)
             self._bad.warning("db", "cannot store %d messages (%s); retrying", messages, why)
             if self._stop.wait(1.0):
                 return None

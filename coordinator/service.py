@@ -27,10 +27,11 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from sqlalchemy import insert
-from werkzeug.serving import make_server
+from werkzeug.serving import WSGIRequestHandler, make_server
 
+from affectedge import systemd
 from affectedge.v1 import affectedge_pb2 as pb
-from coordinator import aggregate, db, retention
+from coordinator import aggregate, db, health, retention
 from coordinator.config import CoordinatorConfig
 from coordinator.grpc_api import GrpcServer
 from coordinator.hub import Hub
@@ -82,11 +83,13 @@ class Coordinator:
         self._stop = threading.Event()
         self._slow = RateLimitedLog(60.0, log)
         self._ticker = threading.Thread(target=self._tick_loop, name="coordinator-ticker", daemon=True)
+        self._last_tick_done = time.monotonic()  # a tick that completed (start-up counts as one)
+        self._monitor = threading.Thread(target=self._monitor_loop, name="coordinator-health", daemon=True)
 
     def _web_server(self):
         web = self.config.web
         try:
-            return make_server(web.host, web.port, create_app(self), threaded=True)
+            return make_server(web.host, web.port, create_app(self), threaded=True, request_handler=_RequestHandler)
         except OSError as exc:
             raise OSError(f"cannot listen on {web.host}:{web.port} for the web app ({exc.strerror}): "
                           "change [web] host/port") from None
@@ -98,13 +101,18 @@ class Coordinator:
         threading.Thread(target=self.web.serve_forever, name="web", daemon=True).start()
         log.info("web app on http://%s:%d", self.config.web.host, self.web.server_port)
         self.ingest.start()
+        self._last_tick_done = time.monotonic()
         self._ticker.start()
+        self._monitor.start()
+        systemd.notify("READY=1")
         log.info("coordinator %s started", self.instance_id)
 
     def stop(self) -> None:
         """Stop taking work, finish what was taken, hand the policy lease over."""
+        systemd.notify("STOPPING=1")
         self._stop.set()
         self._ticker.join(10)
+        self._monitor.join(10)
         self.ingest.stop()
         self.grpc.stop()
         self.web.shutdown()
@@ -137,6 +145,36 @@ class Coordinator:
                 outlet.stop()
             self._outlets = []
 
+    # -- health -------------------------------------------------------------------------------
+
+    def health(self) -> health.Health:
+        """This instance's status now (:mod:`coordinator.health`); reads no database."""
+        now = time.monotonic()
+        stalled = self.ingest.stalled
+        return health.assess(
+            stalled_for_s=now - stalled[0] if stalled else None,
+            db_error=stalled[1] if stalled else None,
+            last_tick_age_s=now - self._last_tick_done,
+            tick_seconds=self.config.aggregate.tick_seconds,
+            broker_connected=self.ingest.connected.is_set(),
+            backlog=self.ingest.backlog,
+            leader=self.is_leader,
+            counters=self.ingest.counters.snapshot(),
+        )
+
+    def _monitor_loop(self) -> None:
+        """Every few seconds: gRPC health follows the status, systemd shows it, and a change is logged
+        once (with what is wrong), so an admin reading the journal sees when and why it went down."""
+        last = health.OK
+        while not self._stop.wait(health.PERIOD_S):
+            now = self.health()
+            self.grpc.set_serving(now.status != health.DOWN)
+            systemd.notify(f"STATUS={now.status_line()}")
+            if now.status != last:
+                (log.info if now.status == health.OK else log.warning)("health %s -> %s: %s", last, now.status,
+                                                                      "; ".join(now.problems) or "all clear")
+                last = now.status
+
     # -- the ticker ---------------------------------------------------------------------------
 
     def _tick_loop(self) -> None:
@@ -147,6 +185,7 @@ class Coordinator:
             started = time.monotonic()
             try:
                 self.tick(utcnow())
+                self._last_tick_done = time.monotonic()
             except Exception:  # a database hiccup must not end aggregation for good
                 log.exception("coordinator tick failed; retrying next tick")
             took = time.monotonic() - started
@@ -246,6 +285,14 @@ class Coordinator:
         if signal.id not in self._announced:
             self._announced[signal.id] = signal.created_at.ToDatetime()
             self.hub.publish(signal)
+
+
+class _RequestHandler(WSGIRequestHandler):
+    """werkzeug's access log without the health probes a load balancer sends every few seconds."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        if self.path != "/healthz":
+            super().log_request(code, size)
 
 
 def _epoch(value: datetime) -> float:

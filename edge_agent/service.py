@@ -5,19 +5,17 @@ by the cameras' fps caps, not by how fast frames arrive. Every ``output.interval
 one batch (observations of all cameras + a summary per camera); every ``output.status_interval_s``
 and whenever the state changes (a camera lost or back) it refreshes the retained status.
 
-systemd integration is the ``sd_notify`` datagram protocol, written out here (a few lines, no
-libsystemd): READY=1 once models are loaded and cameras started, WATCHDOG=1 from the processing
-loop itself (so a hung inference gets the agent restarted), STOPPING=1 on SIGTERM, after which the
-spool is flushed and OFFLINE published before exit.
+systemd integration is the ``sd_notify`` datagram protocol (:mod:`affectedge.systemd`): READY=1
+once models are loaded and cameras started, WATCHDOG=1 from the processing loop itself (so a hung
+inference gets the agent restarted), STOPPING=1 on SIGTERM, after which the spool is flushed and
+OFFLINE published before exit.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import os
 import signal
-import socket
 import sqlite3
 import threading
 import time
@@ -26,6 +24,8 @@ from pathlib import Path
 
 from affectedge import codec
 from affectedge.settings import ConfigError
+from affectedge.systemd import notify as sd_notify
+from affectedge.systemd import watchdog_period
 from affectedge.v1 import affectedge_pb2 as pb
 from edge_agent.capture import NETWORK_TIMEOUT_MS, Camera
 from edge_agent.config import AgentConfig, SpoolSection
@@ -45,28 +45,6 @@ def version() -> str:
         return metadata.version("affectedge")
     except metadata.PackageNotFoundError:
         return "0+unknown"
-
-
-def sd_notify(message: str) -> bool:
-    """Send ``message`` (e.g. ``READY=1``) to systemd if it started us with Type=notify."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]  # abstract namespace socket
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(address)
-        sock.sendall(message.encode())
-    return True
-
-
-def watchdog_period() -> float | None:
-    """Seconds between WATCHDOG=1 pings (half of WatchdogSec=), or None when no watchdog is set."""
-    usec = os.environ.get("WATCHDOG_USEC")
-    pid = os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and int(pid) != os.getpid()):
-        return None
-    return int(usec) / 2e6
 
 
 def load_models(config: AgentConfig) -> tuple[EmotionModel, FaceDetector]:

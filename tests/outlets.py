@@ -13,9 +13,10 @@ from sqlalchemy.orm import sessionmaker
 
 from affectedge.settings import parse
 from affectedge.v1 import affectedge_pb2 as pb
-from coordinator import db
+from coordinator import db, health
 from coordinator.config import CoordinatorConfig
 from coordinator.hub import Hub
+from coordinator.ingest import Counters
 from coordinator.outbox import Outbox, record_signal
 from coordinator.store import Store, utcnow
 
@@ -28,6 +29,12 @@ class Parts:
     sessions: sessionmaker
     hub: Hub = field(default_factory=Hub)
     outlets: list[Outbox] = field(default_factory=list)
+
+    def health(self) -> health.Health:
+        """What the admin page shows of a coordinator whose ingest has not connected yet."""
+        return health.assess(stalled_for_s=None, db_error=None, last_tick_age_s=0.0,
+                             tick_seconds=self.config.aggregate.tick_seconds, broker_connected=False, backlog=0,
+                             leader=False, counters=Counters().snapshot())
 
 
 def parts(tmp_path: Path, **config) -> Parts:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
+import re
 import socket
 import subprocess
 import sys
@@ -12,15 +17,16 @@ from pathlib import Path
 
 import grpc
 import pytest
+import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from affectedge.loopback import free_port
 from affectedge.settings import ConfigError
 from affectedge.v1 import affectedge_pb2 as pb
 from affectedge.v1 import affectedge_pb2_grpc as pb_grpc
-from coordinator import db
+from coordinator import db, health
 from coordinator.bench import CONFUSED, make_batch, mqtt_client, publish
 from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator
@@ -28,6 +34,7 @@ from coordinator.service import Coordinator
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789"
 AUTH = [("authorization", f"Bearer {TOKEN}")]
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 FAST_RULES = """
 [[rule]]
 name = "fast-confusion"
@@ -230,6 +237,75 @@ def test_two_instances_split_the_load_without_duplicate_or_lost_signals(tmp_path
                 instance.stop()
 
 
+def test_health_follows_the_database_and_the_broker(coordinator, mosquitto, monkeypatch, caplog):
+    """/healthz and gRPC health say "down" while the database refuses writes (503, NOT_SERVING),
+    "ok" again once it takes them (the held batch stored), and "degraded" without a broker."""
+    caplog.set_level(logging.INFO, logger="coordinator.service")
+    monkeypatch.setattr(health, "STALL_S", 1.0)
+    monkeypatch.setattr(health, "tick_deadline_s", lambda _tick: 5.0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{coordinator.grpc.port}")
+    probe = health_pb2_grpc.HealthStub(channel)
+
+    def healthz() -> tuple[int, dict]:
+        response = requests.get(f"http://127.0.0.1:{coordinator.web.server_port}/healthz", timeout=5)
+        return response.status_code, response.json()
+
+    def grpc_status() -> int:
+        return probe.Check(health_pb2.HealthCheckRequest(service="affectedge.v1.Coordinator")).status
+
+    def stored() -> int:
+        with coordinator.sessions() as s:
+            return s.scalar(select(func.count()).select_from(db.Observation))
+
+    def rename(table: str, to: str) -> None:
+        with coordinator.sessions.kw["bind"].begin() as conn:
+            conn.execute(text(f"ALTER TABLE {table} RENAME TO {to}"))
+
+    publisher = mqtt_client(mosquitto.url, "test-pub-health")
+    try:
+        assert healthz() == (200, {"status": "ok", "problems": []}) and grpc_status() == SERVING
+        rename("observations", "observations_away")  # every write of a batch now fails
+        published = publish_confused(publisher, "room-h", batches=1)
+        wait_until(lambda: healthz()[0] == 503)
+        code, body = healthz()
+        assert body["status"] == "down" and "the database has refused writes" in body["problems"][0]
+        assert "observations" not in json.dumps(body)  # the database's own words are for admins only
+        assert "no such table: observations" in coordinator.health().db_error
+        wait_until(lambda: grpc_status() == NOT_SERVING)
+        assert "health ok -> down: the database has refused writes" in caplog.text
+        admin = admin_page(coordinator, "/admin/agents")  # the admin sees why, and the counts
+        assert 'data-status="down"' in admin and "no such table: observations" in admin
+        assert re.search(r'data-counter="db_errors">[1-9]', admin)
+
+        rename("observations_away", "observations")
+        wait_until(lambda: healthz() == (200, {"status": "ok", "problems": []}))
+        assert stored() == published and coordinator.health().db_error is None
+        wait_until(lambda: grpc_status() == SERVING)
+        assert "health down -> ok: all clear" in caplog.text
+
+        mosquitto.stop()
+        wait_until(lambda: healthz()[1]["status"] == "degraded")
+        code, body = healthz()
+        assert code == 200 and body["problems"] == [
+            "the MQTT broker is unreachable: no new labels arrive; check [mqtt] url and the broker"]
+        assert grpc_status() == SERVING  # the API still answers from the database
+        assert coordinator.health().counters["observations"] == published
+        assert "/healthz" not in caplog.text  # probes stay out of the access log
+    finally:
+        publisher.loop_stop()
+        channel.close()
+
+
+def admin_page(coordinator: Coordinator, path: str) -> str:
+    """``path`` as the dashboard's admin sees it, over HTTP on loopback."""
+    base = f"http://127.0.0.1:{coordinator.web.server_port}"
+    with requests.Session() as browser:
+        token = re.search(r'name="csrf-token" content="([^"]+)"', browser.get(f"{base}/login", timeout=5).text)
+        browser.post(f"{base}/login", data={"username": "admin", "password": "test-admin-password",
+                                            "csrf_token": token.group(1)}, timeout=5)
+        return browser.get(base + path, timeout=5).text
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "coordinator", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=60)
@@ -277,14 +353,23 @@ def test_cli_config_errors_are_one_line_and_exit_2(tmp_path):
         busy.close()
 
 
-def test_cli_serve_stops_cleanly_on_sigterm(tmp_path, mosquitto):
+def test_cli_serve_speaks_sd_notify_and_stops_cleanly_on_sigterm(tmp_path, mosquitto):
+    """Under systemd (Type=notify): READY=1 once serving, a STATUS= health line, STOPPING=1 on SIGTERM."""
     config = tmp_path / "c.toml"
     config.write_text(
         f'state_dir = "{tmp_path}"\n[mqtt]\nurl = "{mosquitto.url}"\n[database]\nurl = "sqlite:///{tmp_path}/c.db"\n'
         f"[grpc]\nport = {free_port()}\n[web]\nport = {free_port()}\n"
     )
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(30)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
     proc = subprocess.Popen([sys.executable, "-m", "coordinator", "serve", "--config", str(config)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert notify.recv(512) == b"READY=1"
+    status = notify.recv(512).decode()
+    assert re.fullmatch(r"STATUS=(ok|degraded): broker (connected|UNREACHABLE), 0 observations stored, 0 malformed, "
+                        r"backlog 0(, policy leader)?(; .*)?", status), status
     deadline = time.monotonic() + 30
     output = []
     for line in proc.stdout:
@@ -296,6 +381,13 @@ def test_cli_serve_stops_cleanly_on_sigterm(tmp_path, mosquitto):
     log = "".join(output) + rest
     assert proc.returncode == 0, log
     assert "received SIGTERM" in log and "stopped" in log and "Traceback" not in log
+    notify.settimeout(0.5)
+    rest_notified = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            rest_notified.append(notify.recv(512))
+    notify.close()
+    assert b"STOPPING=1" in rest_notified
 
 
 def test_shipped_example_config_is_valid_once_its_token_is_set(tmp_path):

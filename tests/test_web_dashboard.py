@@ -282,6 +282,7 @@ def test_admin_manages_classrooms_users_and_settings(tmp_path):
     ingest(p, [batch("lab-3", "agent-9", now, tracks=3)], now - timedelta(minutes=5))
     agents = client.get("/admin/agents").get_data(as_text=True)
     assert "agent-9" in agents and "○ offline" in agents  # silent for 5 min > agent_offline_after_s
+    assert 'data-status="degraded"' in agents and "the MQTT broker is unreachable" in agents  # no ingest here
 
 
 def test_admin_provisions_an_agent(tmp_path):

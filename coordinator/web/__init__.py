@@ -13,13 +13,13 @@ import secrets
 from datetime import timedelta
 from pathlib import Path
 
-from flask import Flask, g, render_template, request
+from flask import Flask, g, jsonify, render_template, request
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException
 
-from coordinator import users
+from coordinator import health, users
 from coordinator.web import access
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,12 @@ def create_app(coordinator) -> Flask:
     app.view_functions["auth.login"] = limiter.limit(config.web.login_rate, methods=["POST"])(
         app.view_functions["auth.login"]
     )
+
+    @app.get("/healthz")
+    def _healthz():
+        """For load balancers and monitoring: no login, no counts; 503 while the coordinator is down."""
+        now = coordinator.health()
+        return jsonify(now.public()), 503 if now.status == health.DOWN else 200
 
     @app.teardown_request
     def _close_db(_exc) -> None:

@@ -128,7 +128,7 @@ def agents():
     offline_after = access.coordinator().config.aggregate.agent_offline_after_s
     rows = agent_rows(access.dbs(), None, utcnow(), offline_after)
     rooms = access.dbs().scalars(select(db.Classroom.id).order_by(db.Classroom.id)).all()
-    return render_template("admin/agents.html", agents=rows, rooms=rooms)
+    return render_template("admin/agents.html", agents=rows, rooms=rooms, health=access.coordinator().health())
 
 
 @bp.post("/agents/provision")

@@ -1,0 +1,79 @@
+"""How this coordinator is doing: for load balancers (``GET /healthz``, gRPC health), systemd
+(``systemctl status`` shows the STATUS= line) and the admin (the agents page).
+
+Three questions, each answered from state the running parts already keep, so a probe costs no
+query and a load balancer may poll every second:
+
+* **Can ingest store what it receives?** The writer retrying a batch the database will not take
+  (:attr:`coordinator.ingest.Ingest.stalled`) for :data:`STALL_S` means the database is down or
+  locked: labels pile up at the broker, unacknowledged, and nothing is lost yet.
+* **Is aggregation running?** No tick completed for :func:`tick_deadline_s` means live states and
+  signals have stopped (each failure is in the log).
+* **Is the broker connected?** If not, no new labels arrive; the API still serves what the
+  database holds.
+
+*down* (the first two; HTTP 503, gRPC ``NOT_SERVING``) tells a load balancer to send clients
+elsewhere; *degraded* (the broker, or a backlog over :data:`BACKLOG_WARN`) is served as usual
+(HTTP 200) with the problem named. ``/healthz`` shows the status and the problems only; the
+counters and the database's own error are on the admin's page, behind a login.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+OK, DEGRADED, DOWN = "ok", "degraded", "down"
+STALL_S = 10.0  # the database refusing writes this long makes the coordinator "down"
+BACKLOG_WARN = 5000  # messages received and not yet stored: ingest is falling behind
+PERIOD_S = 2.0  # how often the monitor re-assesses (gRPC health, systemd status, transition logs)
+
+
+def tick_deadline_s(tick_seconds: float) -> float:
+    """No completed tick for this long is "down": ten ticks, and never under 30 s (a tick may be slow)."""
+    return max(30.0, 10 * tick_seconds)
+
+
+@dataclass(frozen=True)
+class Health:
+    status: str
+    problems: tuple[str, ...]
+    broker_connected: bool
+    backlog: int
+    leader: bool
+    last_tick_age_s: float
+    counters: dict[str, int]
+    db_error: str | None  # the database's own words while ingest is stalled; admins only
+
+    def public(self) -> dict:
+        """What ``/healthz`` shows anyone who can reach it: no counts, no database error text."""
+        return {"status": self.status, "problems": list(self.problems)}
+
+    def status_line(self) -> str:
+        """One line for ``systemctl status`` and the transition log."""
+        c = self.counters
+        line = (f"{self.status}: broker {'connected' if self.broker_connected else 'UNREACHABLE'}, "
+                f"{c.get('observations', 0)} observations stored, {c.get('malformed', 0)} malformed, "
+                f"backlog {self.backlog}{', policy leader' if self.leader else ''}")
+        return line + (f"; {'; '.join(self.problems)}" if self.problems else "")
+
+
+def assess(*, stalled_for_s: float | None, db_error: str | None, last_tick_age_s: float, tick_seconds: float,
+           broker_connected: bool, backlog: int, leader: bool, counters: dict[str, int]) -> Health:
+    """The status and the problems, each one line saying what is wrong and where to look."""
+    down, degraded = [], []
+    if stalled_for_s is not None and stalled_for_s >= STALL_S:
+        down.append(f"the database has refused writes for {stalled_for_s:.0f} s (down or locked): labels wait "
+                    "unacknowledged at the broker; see the coordinator log")
+    if last_tick_age_s >= tick_deadline_s(tick_seconds):
+        down.append(f"no aggregation tick has completed for {last_tick_age_s:.0f} s: live states and signals "
+                    "have stopped; see the coordinator log")
+    if not broker_connected:
+        degraded.append("the MQTT broker is unreachable: no new labels arrive; check [mqtt] url and the broker")
+    if backlog > BACKLOG_WARN:
+        degraded.append(f"{backlog} messages wait to be stored: ingest is falling behind the agents")
+    status = DOWN if down else DEGRADED if degraded else OK
+    return Health(status, tuple(down + degraded), broker_connected, backlog, leader, last_tick_age_s, counters,
+                  db_error if stalled_for_s is not None else None)
