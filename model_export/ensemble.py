@@ -9,6 +9,8 @@ of its own part of that embedding (stage 2 of :mod:`model_export.train`, unchang
 first and gained nothing (d1 + s3: 0.6695; d1 alone, release v4: 0.6704; s3 alone: 0.6707); averaging
 their own heads gained 1.2 points over v4 on the same faces (McNemar p = 0.0054; MODEL_CARD.md). The edge sees an
 ordinary ``encoder.onnx`` / ``head.onnx`` pair with a wider embedding, so nothing downstream changes.
+``--rotate DEG`` adds each view rotated by ±DEG (:mod:`model_export.views`): three times the
+encoder's work for about half a point, a trade for GPUs or PCs that see few faces.
 
 Members are exported model folders (``manifest.json`` + ``encoder.onnx``), so an earlier shipped
 model whose Keras checkpoint is gone can still take part. The graphs are joined with the ``onnx``
@@ -30,13 +32,12 @@ from onnx import TensorProto, compose, helper, numpy_helper
 
 from edge_agent.emotion_model import ModelError, face_tensor
 from edge_agent.faces.align import SIZE
-from model_export import graph_fusion
+from model_export import graph_fusion, views
 from model_export.manifest import shown
 
 log = logging.getLogger(__name__)
 
 FACE = (SIZE, SIZE, 1)
-INT64_MIN = -(2**63)
 #: TrainConfig fields that only stage 1 uses (the head has its own optimizer settings)
 STAGE1_ONLY = ("epochs", "warmup_epochs", "learning_rate", "weight_decay")
 
@@ -110,37 +111,26 @@ def _model(nodes: list, initializers: list, inputs: list, outputs: list, opsets:
     return model
 
 
-def fuse_encoders(members: list[Member], mirror: bool) -> onnx.ModelProto:
+def fuse_encoders(members: list[Member], mirror: bool, rotations: tuple[float, ...] = ()) -> onnx.ModelProto:
     """``face (N,48,48,1) -> embedding (N, sum of member dims)``; with ``mirror``, each member's
-    embedding is the mean of its embeddings of the face and of its left-right mirror image.
-    LayerNorms, GELUs and self-attention come out fused (:mod:`model_export.graph_fusion`)."""
-    nodes, weights = [], []
-    feed = "face"
-    if mirror:
-        weights += [_const("mirror_starts", [-1]), _const("mirror_ends", [INT64_MIN]),
-                    _const("mirror_axes", [2]), _const("mirror_steps", [-1])]
-        nodes += [
-            helper.make_node("Slice", ["face", "mirror_starts", "mirror_ends", "mirror_axes", "mirror_steps"],
-                             ["face_mirror"], name="mirror"),
-            helper.make_node("Concat", ["face", "face_mirror"], ["face_both_views"], axis=0, name="both_views"),
-        ]
-        feed = "face_both_views"
+    embedding is the mean of its embeddings of the face and of its left-right mirror image, and
+    with ``rotations`` also of those views rotated by each angle (:mod:`model_export.views`; all
+    views in one batch). LayerNorms, GELUs and self-attention come out fused
+    (:mod:`model_export.graph_fusion`)."""
+    nodes, weights, feed, n_views = views.nodes("face", mirror, rotations)
     parts = []
     for i, member in enumerate(members):
         prefix = f"m{i}/"
         member_nodes, member_weights, out = _inline(member.encoder, prefix, feed)
         nodes += member_nodes
         weights += member_weights
-        if mirror:  # (2N, D) -> (2, N, D) -> mean of the two views
-            weights += [_const(f"{prefix}views_shape", [2, -1, member.embed_dim]),
-                        _const(f"{prefix}view0", 0), _const(f"{prefix}view1", 1),
-                        _const(f"{prefix}half", 0.5, np.float32)]
+        if n_views > 1:  # (V*N, D) -> (V, N, D) -> mean over the views
+            weights += [_const(f"{prefix}views_shape", [n_views, -1, member.embed_dim]),
+                        _const(f"{prefix}view_axis", [0]), _const(f"{prefix}per_view", 1 / n_views, np.float32)]
             nodes += [
                 helper.make_node("Reshape", [out, f"{prefix}views_shape"], [f"{prefix}views"]),
-                helper.make_node("Gather", [f"{prefix}views", f"{prefix}view0"], [f"{prefix}plain"], axis=0),
-                helper.make_node("Gather", [f"{prefix}views", f"{prefix}view1"], [f"{prefix}mirrored"], axis=0),
-                helper.make_node("Add", [f"{prefix}plain", f"{prefix}mirrored"], [f"{prefix}sum"]),
-                helper.make_node("Mul", [f"{prefix}sum", f"{prefix}half"], [f"{prefix}mean"]),
+                helper.make_node("ReduceSum", [f"{prefix}views", f"{prefix}view_axis"], [f"{prefix}sum"], keepdims=0),
+                helper.make_node("Mul", [f"{prefix}sum", f"{prefix}per_view"], [f"{prefix}mean"]),
             ]
             out = f"{prefix}mean"
         parts.append(out)
@@ -174,9 +164,10 @@ def compose_clip(encoder: onnx.ModelProto, head: onnx.ModelProto, window: int, d
                   _opsets([encoder, head]), "clip", max(encoder.ir_version, head.ir_version))
 
 
-def parity(members: list[Member], mirror: bool, out_dir: Path, faces: np.ndarray, window: int, head) -> dict:
-    """On real faces: the fused encoder vs each member run alone (max |Δ|), head.onnx vs the Keras
-    ``head`` it was converted from, and clip.onnx vs encoder.onnx followed by head.onnx."""
+def parity(members: list[Member], mirror: bool, rotations: tuple[float, ...], out_dir: Path, faces: np.ndarray,
+           window: int, head) -> dict:
+    """On real faces: the fused encoder vs each member run alone on each view (max |Δ|), head.onnx vs
+    the Keras ``head`` it was converted from, and clip.onnx vs encoder.onnx followed by head.onnx."""
     import onnxruntime as ort
 
     def session(model) -> ort.InferenceSession:
@@ -187,10 +178,8 @@ def parity(members: list[Member], mirror: bool, out_dir: Path, faces: np.ndarray
     expected = []
     for member in members:
         alone = session(member.encoder)
-        emb = alone.run(None, {"face": x})[0]
-        if mirror:
-            emb = (emb + alone.run(None, {"face": np.ascontiguousarray(x[:, :, ::-1])})[0]) / 2
-        expected.append(emb)
+        expected.append(np.mean([alone.run(None, {"face": view})[0]
+                                 for view in views.all_views(x, mirror, rotations)], axis=0))
     fused = session(out_dir / "encoder.onnx").run(None, {"face": x})[0]
     n_clips = len(faces) // window
     windows = fused[: n_clips * window].reshape(n_clips, window, -1)
@@ -242,7 +231,7 @@ def onnx_embedder(encoder: onnx.ModelProto, batch: int = 512):
 
 
 def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirror: bool, version: str,
-        window: int, head_epochs: int, seed: int, verbose: int = 1) -> dict:
+        window: int, head_epochs: int, seed: int, verbose: int = 1, rotations: tuple[float, ...] = ()) -> dict:
     """Fuse the members, train each member's head on its own embedding, write ``out_dir`` and its manifest."""
     import keras
 
@@ -253,17 +242,17 @@ def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirro
     from model_export.train import TrainConfig, train_head
 
     members = [Member.load(d) for d in member_dirs]  # all read before out_dir (maybe a member) is written
-    fused = fuse_encoders(members, mirror)
+    fused = fuse_encoders(members, mirror, rotations)
     dim = sum(m.embed_dim for m in members)
-    log.info("fused %d members (%s), embedding %d, mirror %s", len(members),
-             ", ".join(m.name for m in members), dim, mirror)
+    log.info("fused %d members (%s), embedding %d; views: %s", len(members),
+             ", ".join(m.name for m in members), dim, views.describe(mirror, rotations))
     cfg = TrainConfig(data=str(data), run_dir=str(run_dir), head_epochs=head_epochs, seed=seed)
     model_cfg = ModelConfig(window=window)
     heads = []
     for i, member in enumerate(members):
         log.info("head %d of %d, on %s's embedding", i + 1, len(members), member.name)
         member_cfg = replace(cfg, run_dir=str(run_dir / f"member{i}"))
-        embed = onnx_embedder(fuse_encoders([member], mirror))
+        embed = onnx_embedder(fuse_encoders([member], mirror, rotations))
         heads.append(keras.models.load_model(train_head(member_cfg, model_cfg, verbose=verbose, embed=embed,
                                                         cache_dir=run_dir / "cache")))
     head = AveragedHeads(heads, [m.embed_dim for m in members])
@@ -275,7 +264,7 @@ def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirro
     onnx.save(compose_clip(fused, onnx.load(str(head_export.path)), window, dim), str(out_dir / "clip.onnx"))
 
     faces = load_class_folders(Path(data) / "val", limit_per_class=32).images
-    checks = parity(members, mirror, out_dir, faces, window, head)
+    checks = parity(members, mirror, rotations, out_dir, faces, window, head)
     shapes = {"encoder": ({"face": ["N", *FACE]}, {"embedding": ["N", dim]}),
               "head": (head_export.inputs, head_export.outputs),
               "clip": ({"clip": ["N", window, *FACE]}, {"probs": ["N", 7]})}
@@ -291,7 +280,7 @@ def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirro
         files={name: manifest.file_entry(out_dir / f"{name}.onnx", out_dir, inputs=i, outputs=o)
                for name, (i, o) in shapes.items()},
         parity=checks,
-        test_time_augmentation="each member: mean of the face and its mirror image" if mirror else "none",
+        test_time_augmentation=views.describe(mirror, rotations),
     )
     print(f"{out_dir}: encoder (N,48,48,1)->(N,{dim}) from {len(members)} members, head, clip; "
           f"parity {json.dumps(checks)}")

@@ -17,7 +17,7 @@ pytest.importorskip("tf2onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from edge_agent.emotion_model import EmotionModel, ModelError  # noqa: E402
-from model_export import ensemble, manifest  # noqa: E402
+from model_export import ensemble, manifest, views  # noqa: E402
 from model_export.datasets import load_class_folders  # noqa: E402
 from model_export.model import ModelConfig, build_encoder  # noqa: E402
 from model_export.onnx_export import convert  # noqa: E402
@@ -71,6 +71,20 @@ def test_fused_encoder_is_the_members_side_by_side(members: list[Path], faces: n
 
 
 @pytest.mark.slow
+def test_rotated_views_are_the_members_on_each_view_averaged(members: list[Path], faces: np.ndarray) -> None:
+    loaded = [ensemble.Member.load(m) for m in members]
+    model = ensemble.fuse_encoders(loaded, mirror=True, rotations=(8.0, -8.0))
+    fused = _run(model, faces)
+    x = faces.astype(np.float32) / 255.0
+    expected = np.concatenate([np.mean([_run(m / "encoder.onnx", view * 255.0)
+                                        for view in views.all_views(x, True, (8.0, -8.0))], axis=0)
+                               for m in members], axis=1)
+    np.testing.assert_allclose(fused, expected, atol=1e-5)
+    assert np.abs(fused - _run(ensemble.fuse_encoders(loaded, mirror=True), faces)).max() > 1e-3
+    np.testing.assert_allclose(_run(model, np.ascontiguousarray(faces[:, :, ::-1])), fused, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_members_with_different_opsets_are_refused(members: list[Path]) -> None:
     a, b = (ensemble.Member.load(m) for m in members)
     b.encoder.opset_import[0].version = 13
@@ -114,6 +128,14 @@ def test_ensemble_trains_a_head_the_edge_can_load(members: list[Path], tmp_path:
     # the faces are decoded once for the run, not once per member
     assert (tmp_path / "run" / "cache" / "train.npz").exists()
     assert not any((tmp_path / "run" / f"member{i}" / "cache").exists() for i in range(2))
+
+
+@pytest.mark.parametrize("angle", ["0", "45", "x"])
+def test_cli_refuses_a_rotation_outside_0_to_30_degrees(tmp_path: Path, angle: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "model_export", "ensemble", "--member", str(tmp_path),
+                             "--rotate", angle], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert f"argument --rotate: {angle!r} is not an angle above 0 and at most 30 degrees" in result.stderr
 
 
 def test_cli_names_a_missing_member(tmp_path: Path) -> None:
