@@ -34,8 +34,8 @@ from sqlalchemy.ext.hybrid import hybrid_method
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.sql import ColumnElement
 
+from affectedge.errors import first_line
 from affectedge.labels import EMOTIONS
-from coordinator.ratelimit import first_line
 
 PROB_COLUMNS = tuple(f"p_{name}" for name in EMOTIONS)
 #: confidence-weighted probability sums of a rollup, in the same order

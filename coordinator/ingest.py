@@ -36,9 +36,10 @@ from paho.mqtt.properties import Properties
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from affectedge import codec, topics
+from affectedge.errors import first_line
 from affectedge.v1 import affectedge_pb2 as pb
 from coordinator.config import MqttConfig
-from coordinator.ratelimit import RateLimitedLog, first_line
+from coordinator.ratelimit import RateLimitedLog
 from coordinator.store import Received, Store, utcnow
 
 log = logging.getLogger(__name__)

@@ -37,9 +37,10 @@ from urllib.parse import urlsplit
 import requests
 from sqlalchemy import func, or_, select
 
+from affectedge.errors import first_line
 from affectedge.v1 import affectedge_pb2 as pb
 from coordinator import db
-from coordinator.ratelimit import RateLimitedLog, first_line
+from coordinator.ratelimit import RateLimitedLog
 from coordinator.store import Store, signal_message, utcnow
 
 if TYPE_CHECKING:

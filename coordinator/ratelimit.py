@@ -1,7 +1,6 @@
 """Warnings that can repeat thousands of times a minute (bad payloads, a stalled database).
 
-One line per kind per period keeps an admin's journal readable and still says how many there were;
-:func:`first_line` keeps a multi-line error (SQL, parameters) to the line that says what happened.
+One line per kind per period keeps an admin's journal readable and still says how many there were.
 """
 
 from __future__ import annotations
@@ -28,9 +27,3 @@ class RateLimitedLog:
         self._last[kind] = now
         suffix = f" ({skipped} more like it not logged)" if skipped else ""
         self.log.warning(message + suffix, *args)
-
-
-def first_line(exc: BaseException | None) -> str:
-    """The first line of ``exc``'s message (at most 300 characters), or its type for an empty one."""
-    text = str(exc) if exc is not None else ""
-    return text.splitlines()[0][:300] if text.strip() else type(exc).__name__

@@ -17,6 +17,8 @@ from typing import Protocol
 
 import numpy as np
 
+from affectedge.errors import first_line
+
 log = logging.getLogger(__name__)
 
 # ONNX Runtime keeps a telemetry device id and event store under ~/.cache unless this is set before
@@ -56,7 +58,7 @@ class OrtSession:
         try:
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT's error types (InvalidProtobuf, Fail, ...) share no base but Exception
-            raise ModelError(f"{path} does not load ({str(exc).splitlines()[0][:200]}): the file is corrupt or "
+            raise ModelError(f"{path} does not load ({first_line(exc, 200)}): the file is corrupt or "
                              "truncated; reinstall the model files (deploy/systemd/install.sh)") from None
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]

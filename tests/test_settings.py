@@ -1,4 +1,4 @@
-"""Config files: one-line errors naming the key and the fix."""
+"""Config files: one-line errors naming the key and the fix; any error shown as its first line."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from affectedge.errors import first_line
 from affectedge.settings import ConfigError, Section, load
 
 
@@ -108,3 +109,15 @@ def test_duplicate_camera_ids_name_the_id_not_the_sources(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as info:
         load(path, AgentConfig)
     assert "camera id 'front' is used twice" in str(info.value) and "S3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(("exc", "shown"), [
+    (RuntimeError("no such table: observations\n[SQL: INSERT ...]\n(Background ...)"), "no such table: observations"),
+    (RuntimeError("\n  leading blank line\nmore"), "leading blank line"),
+    (RuntimeError(""), "RuntimeError"),  # an empty message: its type, not an IndexError
+    (OSError(), "OSError"),
+    (None, "NoneType"),
+])
+def test_first_line(exc: BaseException | None, shown: str) -> None:
+    assert first_line(exc) == shown
+    assert len(first_line(RuntimeError("x" * 500))) == 300 and len(first_line(RuntimeError("x" * 500), 200)) == 200
