@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import sys
 from pathlib import Path
 
 import cv2
@@ -177,6 +179,20 @@ def test_clip_indices_of_short_windows_end_on_the_labelled_face(window: int) -> 
         assert faces.shape == views.shape == (window,) and faces[-1] == i % 10
         prefixes.add(int((labels[faces] != labels[i % 10]).sum()))
     assert max(prefixes) < window and (1 in prefixes) == (window > 1)  # transitions, never the whole clip
+
+
+def test_embedding_bank_reports_progress_in_a_log_without_a_terminal(caplog, monkeypatch) -> None:
+    """Under nohup or CI there is no progress bar: a line at each tenth says how far and how long."""
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, even under pytest -s
+    faces = np.random.default_rng(0).integers(0, 256, (100, 48, 48), dtype=np.uint8)
+    caplog.set_level(logging.INFO, logger="model_export.clips")
+    bank = clips.embedding_bank(lambda batch: batch.reshape(len(batch), -1)[:, :3].astype(np.float32), faces,
+                                np.random.default_rng(1), views=4, chunk=10)
+    assert bank.shape == (100, 4, 3)
+    np.testing.assert_array_equal(bank[:, 0], faces.reshape(100, -1)[:, :3])  # view 0 is the face as is
+    lines = [r.getMessage() for r in caplog.records if r.name == "model_export.clips"]
+    assert len(lines) == 9 and lines[0].startswith("embedding views: 40 of 400 faces (10%), about ")
+    assert lines[-1].startswith("embedding views: 360 of 400 faces (90%)")
 
 
 def test_class_weights_soften_imbalance() -> None:
