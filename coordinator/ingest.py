@@ -56,8 +56,7 @@ SKEW_PERIOD_S = 60.0
 
 @dataclass
 class Counters:
-    """What ingest has seen: on the admin's agents page and in ``/healthz`` while running, logged when
-    ingest stops."""
+    """What ingest has seen: on the admin's agents page while running, logged when ingest stops."""
 
     messages: int = 0
     observations: int = 0

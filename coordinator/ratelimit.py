@@ -18,7 +18,7 @@ class RateLimitedLog:
         self._last: dict[str, float] = {}
         self._skipped: dict[str, int] = {}
 
-    def warning(self, kind: str, message: str, *args) -> None:
+    def warning(self, kind: str, message: str, *args, exc_info: bool = False) -> None:
         now = time.monotonic()
         if now - self._last.get(kind, -self.every) < self.every:
             self._skipped[kind] = self._skipped.get(kind, 0) + 1
@@ -26,4 +26,4 @@ class RateLimitedLog:
         skipped = self._skipped.pop(kind, 0)
         self._last[kind] = now
         suffix = f" ({skipped} more like it not logged)" if skipped else ""
-        self.log.warning(message + suffix, *args)
+        self.log.warning(message + suffix, *args, exc_info=exc_info)

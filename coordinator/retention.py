@@ -11,6 +11,7 @@ Deletes run in chunks so a large purge never holds the database's write lock for
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select
@@ -25,7 +26,7 @@ AGGREGATE_KEY = "retention.aggregate_days"
 CHUNK = 5000
 
 
-def _purge(sessions: sessionmaker, table, column, before: datetime) -> int:
+def _purge(sessions: sessionmaker, table, column, before: datetime, progress: Callable[[], None]) -> int:
     total = 0
     while True:
         with sessions.begin() as db:
@@ -34,16 +35,21 @@ def _purge(sessions: sessionmaker, table, column, before: datetime) -> int:
                 return total
             db.execute(delete(table).where(table.id.in_(ids)))
         total += len(ids)
+        progress()
 
 
-def purge(sessions: sessionmaker, now: datetime, raw_days: float, aggregate_days: float) -> dict[str, int]:
-    """Delete what is past retention; rows deleted per table."""
+def purge(sessions: sessionmaker, now: datetime, raw_days: float, aggregate_days: float,
+          progress: Callable[[], None] = lambda: None) -> dict[str, int]:
+    """Delete what is past retention; rows deleted per table. ``progress`` is called after each chunk
+    (the coordinator's health counts it: a long purge is work, not a stuck ticker)."""
     raw_before = now - timedelta(days=raw_days)
     deleted = {
-        "observations": _purge(sessions, Observation, Observation.window_end, raw_before),
-        "observation_rollups": _purge(sessions, ObservationRollup, ObservationRollup.window_end, raw_before),
-        "camera_samples": _purge(sessions, CameraSample, CameraSample.ts, raw_before),
-        "aggregates": _purge(sessions, Aggregate, Aggregate.window_end, now - timedelta(days=aggregate_days)),
+        "observations": _purge(sessions, Observation, Observation.window_end, raw_before, progress),
+        "observation_rollups": _purge(sessions, ObservationRollup, ObservationRollup.window_end, raw_before,
+                                      progress),
+        "camera_samples": _purge(sessions, CameraSample, CameraSample.ts, raw_before, progress),
+        "aggregates": _purge(sessions, Aggregate, Aggregate.window_end, now - timedelta(days=aggregate_days),
+                             progress),
     }
     if any(deleted.values()):
         log.info("retention: deleted %s (raw before %s)", deleted, raw_before.isoformat(timespec="seconds"))

@@ -83,7 +83,7 @@ class Coordinator:
         self._stop = threading.Event()
         self._slow = RateLimitedLog(60.0, log)
         self._ticker = threading.Thread(target=self._tick_loop, name="coordinator-ticker", daemon=True)
-        self._last_tick_done = time.monotonic()  # a tick that completed (start-up counts as one)
+        self._last_progress = time.monotonic()  # the ticker's last progress (start-up counts as one)
         self._monitor = threading.Thread(target=self._monitor_loop, name="coordinator-health", daemon=True)
 
     def _web_server(self):
@@ -101,7 +101,7 @@ class Coordinator:
         threading.Thread(target=self.web.serve_forever, name="web", daemon=True).start()
         log.info("web app on http://%s:%d", self.config.web.host, self.web.server_port)
         self.ingest.start()
-        self._last_tick_done = time.monotonic()
+        self._ticker_progress()
         self._ticker.start()
         self._monitor.start()
         systemd.notify("READY=1")
@@ -154,7 +154,7 @@ class Coordinator:
         return health.assess(
             stalled_for_s=now - stalled[0] if stalled else None,
             db_error=stalled[1] if stalled else None,
-            last_tick_age_s=now - self._last_tick_done,
+            last_tick_age_s=now - self._last_progress,
             tick_seconds=self.config.aggregate.tick_seconds,
             broker_connected=self.ingest.connected.is_set(),
             backlog=self.ingest.backlog,
@@ -162,18 +162,25 @@ class Coordinator:
             counters=self.ingest.counters.snapshot(),
         )
 
+    def _ticker_progress(self) -> None:
+        """The ticker is working, not stuck (called after each tick and each chunk a purge deletes)."""
+        self._last_progress = time.monotonic()
+
     def _monitor_loop(self) -> None:
         """Every few seconds: gRPC health follows the status, systemd shows it, and a change is logged
         once (with what is wrong), so an admin reading the journal sees when and why it went down."""
         last = health.OK
         while not self._stop.wait(health.PERIOD_S):
-            now = self.health()
-            self.grpc.set_serving(now.status != health.DOWN)
-            systemd.notify(f"STATUS={now.status_line()}")
-            if now.status != last:
-                (log.info if now.status == health.OK else log.warning)("health %s -> %s: %s", last, now.status,
-                                                                      "; ".join(now.problems) or "all clear")
-                last = now.status
+            try:
+                now = self.health()
+                if now.status != last:
+                    (log.info if now.status == health.OK else log.warning)("health %s -> %s: %s", last, now.status,
+                                                                          "; ".join(now.problems) or "all clear")
+                    last = now.status
+                self.grpc.set_serving(now.status != health.DOWN)
+                systemd.notify(f"STATUS={now.status_line()}")
+            except Exception:  # the monitor must outlive any one failure, or gRPC health freezes
+                self._slow.warning("health", "health check failed; retrying in %.0f s", health.PERIOD_S, exc_info=True)
 
     # -- the ticker ---------------------------------------------------------------------------
 
@@ -185,7 +192,7 @@ class Coordinator:
             started = time.monotonic()
             try:
                 self.tick(utcnow())
-                self._last_tick_done = time.monotonic()
+                self._ticker_progress()
             except Exception:  # a database hiccup must not end aggregation for good
                 log.exception("coordinator tick failed; retrying next tick")
             took = time.monotonic() - started
@@ -260,7 +267,7 @@ class Coordinator:
             self._last_retention = now
             raw = self.store.setting(retention.RAW_KEY) or self.config.database.retention_days
             kept = self.store.setting(retention.AGGREGATE_KEY) or self.config.database.aggregate_retention_days
-            retention.purge(self.sessions, now, float(raw), float(kept))
+            retention.purge(self.sessions, now, float(raw), float(kept), progress=self._ticker_progress)
 
     def _threshold_overrides(self) -> dict[str, float]:
         overrides = {}

@@ -71,6 +71,11 @@ def _smoothing(text: str) -> float:
     return _number(text, lambda v: 0.0 <= v < 1.0, "a number from 0 up to (not including) 1")
 
 
+def _opset(text: str) -> int:
+    return int(_number(text, lambda v: v.is_integer() and 13 <= v <= 99,
+                       "a whole number of at least 13 (at 12 the exported encoder does not run)"))
+
+
 def _angle(text: str) -> float:
     return _number(text, lambda v: 0.0 < v <= 30.0, "an angle above 0 and at most 30 degrees")
 
@@ -412,7 +417,7 @@ def parser() -> argparse.ArgumentParser:
                         "written when the ONNX files match Keras on them")
     x.add_argument("--no-parity", action="store_true",
                    help="export without the parity check (when no faces are at hand); not for a model to ship")
-    x.add_argument("--opset", type=int, default=17, help="ONNX opset for tf2onnx (default 17)")
+    x.add_argument("--opset", type=_opset, default=17, help="ONNX opset for tf2onnx, 13 or later (default 17)")
     x.add_argument("--version", type=_version,
                    help="model version string, at most 64 characters (default: vit-bilstm-<run name>)")
     x.add_argument("--encoder-only", action="store_true",
@@ -436,8 +441,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--data", type=Path, default=DEFAULT_DATA, help="DATA with train/ and val/ class folders")
     m.add_argument("--no-mirror", action="store_true", help="do not average each member over the mirror image")
     m.add_argument("--rotate", type=_angle, metavar="DEG",
-                   help="also average each member over its views rotated by +DEG and -DEG (8 measured best: about "
-                        "half a point of accuracy for three times the encoder's work; for GPUs or few faces)")
+                   help="also average each member over its views rotated by +DEG and -DEG (8 measured: about half a "
+                        "point of accuracy for three times the encoder's work; for GPUs or few faces)")
     m.add_argument("--window", type=positive_int, default=8, help="frames per window T")
     m.add_argument("--head-epochs", type=positive_int, default=12, help="epochs of each member's head (default 12)")
     m.add_argument("--seed", type=int, default=1337,

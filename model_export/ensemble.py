@@ -38,6 +38,7 @@ from model_export.manifest import shown
 log = logging.getLogger(__name__)
 
 FACE = (SIZE, SIZE, 1)
+MIN_OPSET = 13
 #: TrainConfig fields that only stage 1 uses (the head has its own optimizer settings)
 STAGE1_ONLY = ("epochs", "warmup_epochs", "learning_rate", "weight_decay")
 
@@ -117,6 +118,12 @@ def fuse_encoders(members: list[Member], mirror: bool, rotations: tuple[float, .
     with ``rotations`` also of those views rotated by each angle (:mod:`model_export.views`; all
     views in one batch). LayerNorms, GELUs and self-attention come out fused
     (:mod:`model_export.graph_fusion`)."""
+    encoders = [m.encoder for m in members]
+    opsets = _opsets(encoders)
+    opset = next(o.version for o in opsets if o.domain in ("", "ai.onnx"))
+    if opset < MIN_OPSET:  # ReduceSum takes its axes as an input from 13; at 12 tf2onnx's encoder fails anyway
+        raise ModelError(f"the members use opset {opset}: re-export them with --opset {MIN_OPSET} or later "
+                         "(default 17)")
     nodes, weights, feed, n_views = views.nodes("face", mirror, rotations)
     parts = []
     for i, member in enumerate(members):
@@ -136,12 +143,11 @@ def fuse_encoders(members: list[Member], mirror: bool, rotations: tuple[float, .
         parts.append(out)
     nodes.append(helper.make_node("Concat", parts, ["embedding"], axis=1, name="join_members"))
     dim = sum(m.embed_dim for m in members)
-    encoders = [m.encoder for m in members]
     fused, _ = graph_fusion.fuse(_model(
         nodes, weights,
         [helper.make_tensor_value_info("face", TensorProto.FLOAT, ["N", *FACE])],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", dim])],
-        _opsets(encoders), "ensemble_encoder", max(e.ir_version for e in encoders)), attention=True)
+        opsets, "ensemble_encoder", max(e.ir_version for e in encoders)), attention=True)
     return fused  # members exported before graph_fusion existed get their fused kernels here
 
 

@@ -9,8 +9,8 @@ into the fused encoder, so the edge runs them without knowing.
 A rotation is a fixed bilinear warp about the crop's centre with the border reflected as OpenCV's
 ``BORDER_REFLECT_101`` does: four taps per output pixel. In ONNX that is a ``Gather`` of the
 taps and a weighted sum (a few kB of constants, plain ops that ONNX Runtime and TensorRT run at
-any opset), and :func:`rotate` is the same arithmetic in NumPy, which the parity check compares
-the fused graph against.
+opset 13 and later, which ``model_export export`` requires), and :func:`rotate` is the same
+arithmetic in NumPy, which the parity check compares the fused graph against.
 """
 
 from __future__ import annotations

@@ -54,9 +54,12 @@ def test_store_aggregates_lease_and_retention_on_postgres(postgres_url):
     assert store.last_signal_at("room-pg", "pg", now - timedelta(seconds=60)) is not None
     assert [s.id for s in store.signals_since(now - timedelta(seconds=1))] == [fired[0].id]
 
-    deleted = retention.purge(sessions, now + timedelta(days=31), raw_days=30, aggregate_days=365)
+    chunks = []
+    deleted = retention.purge(sessions, now + timedelta(days=31), raw_days=30, aggregate_days=365,
+                              progress=lambda: chunks.append(1))
     assert deleted["observations"] == 7 and deleted["camera_samples"] == 3
     assert deleted["observation_rollups"] >= 1
+    assert len(chunks) == 3  # one chunk deleted from each table holding rows past retention: health sees work
 
 
 @pytest.mark.slow

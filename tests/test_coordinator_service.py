@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from sqlalchemy import func, select, text
 
+from affectedge import systemd
 from affectedge.loopback import free_port
 from affectedge.settings import ConfigError
 from affectedge.v1 import affectedge_pb2 as pb
@@ -294,6 +295,25 @@ def test_health_follows_the_database_and_the_broker(coordinator, mosquitto, monk
     finally:
         publisher.loop_stop()
         channel.close()
+
+
+def test_an_unreachable_notify_socket_is_logged_once_and_changes_nothing(tmp_path, mosquitto, monkeypatch, caplog):
+    """systemd's socket gone (or never there): a warning per kind of message, and the service runs on."""
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "no-such.sock"))
+    monkeypatch.setattr(systemd, "_warned", set())
+    instance = Coordinator(make_config(tmp_path, mosquitto.url, "coord-n", tmp_path / "n.db"))
+    instance.start()
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{instance.grpc.port}")
+        wait_until(lambda: caplog.text.count("cannot tell systemd") == 2)  # READY, then the first STATUS
+        time.sleep(2 * health.PERIOD_S)
+        probe = health_pb2_grpc.HealthStub(channel)
+        check = probe.Check(health_pb2.HealthCheckRequest(service="affectedge.v1.Coordinator"))
+        assert check.status == SERVING and instance._monitor.is_alive()
+        assert caplog.text.count("cannot tell systemd") == 2 and "cannot tell systemd STATUS through" in caplog.text
+        channel.close()
+    finally:
+        instance.stop()
 
 
 def admin_page(coordinator: Coordinator, path: str) -> str:

@@ -90,6 +90,10 @@ def test_members_with_different_opsets_are_refused(members: list[Path]) -> None:
     b.encoder.opset_import[0].version = 13
     with pytest.raises(ModelError, match="same --opset"):
         ensemble.fuse_encoders([a, b], mirror=True)
+    for member in (a, b):  # below 13 ReduceSum's axes are no input, and tf2onnx's encoder does not run
+        member.encoder.opset_import[0].version = 12
+    with pytest.raises(ModelError, match="opset 12: re-export them with --opset 13 or later"):
+        ensemble.fuse_encoders([a, b], mirror=True)
 
 
 @pytest.mark.slow
@@ -128,6 +132,13 @@ def test_ensemble_trains_a_head_the_edge_can_load(members: list[Path], tmp_path:
     # the faces are decoded once for the run, not once per member
     assert (tmp_path / "run" / "cache" / "train.npz").exists()
     assert not any((tmp_path / "run" / f"member{i}" / "cache").exists() for i in range(2))
+
+
+def test_cli_export_refuses_an_opset_below_13(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "model_export", "export", "--run", str(tmp_path), "--opset", "12"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "argument --opset: '12' is not a whole number of at least 13" in result.stderr
 
 
 @pytest.mark.parametrize("angle", ["0", "45", "x"])

@@ -8,20 +8,35 @@ WATCHDOG=1 pings stop.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
 
 def notify(message: str) -> bool:
-    """Send ``message`` (e.g. ``READY=1``) to systemd if it started us with Type=notify."""
+    """Send ``message`` (e.g. ``READY=1``) to systemd if it started us with Type=notify.
+
+    Best effort: a socket that cannot be reached is logged, not raised, so a service never stops
+    working over its status line (systemd, missing READY=1, times the start out and says so)."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]  # abstract namespace socket
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(address)
-        sock.sendall(message.encode())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        kind = message.split("=")[0]
+        if kind not in _warned:  # once per kind: STATUS and WATCHDOG are sent every few seconds
+            _warned.add(kind)
+            log.warning("cannot tell systemd %s through NOTIFY_SOCKET=%s: %s", kind, os.environ.get("NOTIFY_SOCKET"),
+                        exc.strerror or exc)
+        return False
     return True
 
 
