@@ -441,8 +441,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--data", type=Path, default=DEFAULT_DATA, help="DATA with train/ and val/ class folders")
     m.add_argument("--no-mirror", action="store_true", help="do not average each member over the mirror image")
     m.add_argument("--rotate", type=_angle, metavar="DEG",
-                   help="also average each member over its views rotated by +DEG and -DEG (8 measured: about half a "
-                        "point of accuracy for three times the encoder's work; for GPUs or few faces)")
+                   help="also average each member over its views rotated by +DEG and -DEG (4 to 8 measured alike: "
+                        "about half a point of accuracy for three times the encoder's work; for GPUs or few faces)")
     m.add_argument("--window", type=positive_int, default=8, help="frames per window T")
     m.add_argument("--head-epochs", type=positive_int, default=12, help="epochs of each member's head (default 12)")
     m.add_argument("--seed", type=int, default=1337,
