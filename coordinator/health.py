@@ -26,10 +26,7 @@ measures how far behind it can fall.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-
-log = logging.getLogger(__name__)
 
 OK, DEGRADED, DOWN = "ok", "degraded", "down"
 STALL_S = 10.0  # the database refusing writes this long makes the coordinator "down"
@@ -68,7 +65,8 @@ class Health:
 
 def assess(*, stalled_for_s: float | None, db_error: str | None, last_tick_age_s: float, tick_seconds: float,
            broker_connected: bool, backlog: int, leader: bool, counters: dict[str, int]) -> Health:
-    """The status and the problems, each one line saying what is wrong and where to look."""
+    """The status and the problems, each one line saying what is wrong and where to look (``db_error``:
+    the database's words while ingest is stalled, else None)."""
     down, degraded = [], []
     if stalled_for_s is not None and stalled_for_s >= STALL_S:
         down.append(f"the database has refused writes for {stalled_for_s:.0f} s (down or locked): labels wait "
@@ -80,4 +78,4 @@ def assess(*, stalled_for_s: float | None, db_error: str | None, last_tick_age_s
         degraded.append("the MQTT broker is unreachable: no new labels arrive; check [mqtt] url and the broker")
     status = DOWN if down else DEGRADED if degraded else OK
     return Health(status, tuple(down + degraded), broker_connected, backlog, leader, last_tick_age_s, counters,
-                  db_error if stalled_for_s is not None else None)
+                  db_error)
