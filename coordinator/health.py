@@ -72,7 +72,7 @@ def assess(*, stalled_for_s: float | None, db_error: str | None, last_tick_age_s
         down.append(f"the database has refused writes for {stalled_for_s:.0f} s (down or locked): labels wait "
                     "to be stored; see the coordinator log")
     if last_tick_age_s >= tick_deadline_s(tick_seconds):
-        down.append(f"no aggregation tick has completed for {last_tick_age_s:.0f} s: live states and signals "
+        down.append(f"the aggregation ticker has made no progress for {last_tick_age_s:.0f} s: live states and signals "
                     "have stopped; see the coordinator log")
     if not broker_connected:
         degraded.append("the MQTT broker is unreachable: no new labels arrive; check [mqtt] url and the broker")

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -65,6 +66,22 @@ class OrtSession:
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self._session.run(self.output_names, inputs)
+
+
+def run_in_batches(run: Callable[[dict[str, np.ndarray]], list[np.ndarray]], inputs: dict[str, np.ndarray],
+                   max_batch: int) -> list[np.ndarray]:
+    """``run`` over ``inputs`` (batch along axis 0) in runs of at most ``max_batch``, outputs joined in order.
+
+    Why: a camera may see more faces than a TensorRT profile accepts (``model_export build
+    --max-batch``), MTCNN's R- and O-Net get hundreds of candidate crops on a busy frame, and the
+    offline tools run tens of thousands of faces; one run when the batch fits.
+    """
+    size = len(next(iter(inputs.values())))
+    if size <= max_batch:
+        return run(inputs)
+    parts = [run({name: array[start:start + max_batch] for name, array in inputs.items()})
+             for start in range(0, size, max_batch)]
+    return [np.concatenate(outputs) for outputs in zip(*parts, strict=True)]
 
 
 def sha256(path: Path) -> str:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_agent.inference import run_in_batches
+
 
 @functools.cache
 def unavailable_reason() -> str | None:
@@ -48,14 +50,6 @@ class EngineError(RuntimeError):
     """An engine file this TensorRT cannot load: ``auto`` falls back to ONNX Runtime, ``tensorrt`` stops."""
 
 
-def batch_slices(size: int, max_batch: int) -> list[slice]:
-    """Split a batch of ``size`` into runs the engine's profile accepts (a camera may see more faces
-    than the engine was built for, ``model_export build --max-batch``); one run when it fits."""
-    if size <= max_batch:
-        return [slice(0, size)]
-    return [slice(start, min(start + max_batch, size)) for start in range(0, size, max_batch)]
-
-
 class TrtSession:
     """A deserialized engine with one execution context; inputs/outputs staged through pinned memory."""
 
@@ -88,10 +82,7 @@ class TrtSession:
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Outputs for ``inputs`` (batch along axis 0), in several runs when the batch exceeds the profile."""
-        size = len(inputs[self.input_names[0]])
-        parts = [self._run_once({n: inputs[n][part] for n in self.input_names})
-                 for part in batch_slices(size, self.max_batch)]
-        return parts[0] if len(parts) == 1 else [np.concatenate(out) for out in zip(*parts, strict=True)]
+        return run_in_batches(self._run_once, {n: inputs[n] for n in self.input_names}, self.max_batch)
 
     def _run_once(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         cuda, trt = self._cuda, self._trt

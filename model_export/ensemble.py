@@ -32,6 +32,7 @@ from onnx import TensorProto, compose, helper, numpy_helper
 
 from edge_agent.emotion_model import ModelError, face_tensor
 from edge_agent.faces.align import SIZE
+from edge_agent.inference import run_in_batches
 from model_export import graph_fusion, views
 from model_export.manifest import shown
 
@@ -230,8 +231,7 @@ def onnx_embedder(encoder: onnx.ModelProto, batch: int = 512):
     session = ort.InferenceSession(encoder.SerializeToString(), providers=["CPUExecutionProvider"])
 
     def embed(faces: np.ndarray) -> np.ndarray:
-        x = face_tensor(faces)
-        return np.concatenate([session.run(None, {"face": x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+        return run_in_batches(lambda inputs: session.run(None, inputs), {"face": face_tensor(faces)}, batch)[0]
 
     return embed
 

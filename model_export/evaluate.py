@@ -19,6 +19,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, r
 
 from affectedge.labels import EMOTIONS
 from edge_agent.emotion_model import EmotionModel
+from edge_agent.inference import run_in_batches
 from model_export import clips
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,10 @@ class Predictor:
     batch: int = 256
 
     def embed(self, faces: np.ndarray) -> np.ndarray:
-        return np.concatenate([self.model.embed(faces[i:i + self.batch])
-                               for i in range(0, len(faces), self.batch)])
+        return run_in_batches(lambda x: [self.model.embed(x["faces"])], {"faces": faces}, self.batch)[0]
 
     def classify(self, windows: np.ndarray) -> np.ndarray:
-        return np.concatenate([self.model.classify(windows[i:i + self.batch])
-                               for i in range(0, len(windows), self.batch)])
+        return run_in_batches(lambda x: [self.model.classify(x["windows"])], {"windows": windows}, self.batch)[0]
 
     def still(self, faces: np.ndarray) -> np.ndarray:
         """(N, 48, 48) uint8 -> (N, 7): each photo as a static window."""

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.inference import pick_engine, sha256
-from edge_agent.tensorrt_runtime import batch_slices
+from edge_agent.inference import pick_engine, run_in_batches, sha256
 
 TAG = "nvidia-h200-sm90"
 
@@ -52,14 +51,18 @@ def test_engine_without_a_record_is_used_and_a_missing_engine_is_none(tmp_path: 
     assert pick_engine(onnx, "other-gpu-sm75") is None
 
 
-@pytest.mark.parametrize(("size", "max_batch", "expected"), [
-    (5, 32, [(0, 5)]),
-    (32, 32, [(0, 32)]),
-    (70, 32, [(0, 32), (32, 64), (64, 70)]),
-    (0, 32, [(0, 0)]),
-])
-def test_batches_over_the_engine_profile_are_split(size: int, max_batch: int, expected: list):
-    parts = batch_slices(size, max_batch)
-    assert [(p.start, p.stop) for p in parts] == expected
-    covered = np.concatenate([np.arange(size)[p] for p in parts])
-    assert covered.tolist() == list(range(size))  # every face once, in order
+@pytest.mark.parametrize(("size", "max_batch", "runs"), [(5, 32, [5]), (32, 32, [32]), (70, 32, [32, 32, 6]),
+                                                     (0, 32, [0])])
+def test_batches_over_the_engine_profile_are_split(size: int, max_batch: int, runs: list):
+    seen = []
+
+    def run(inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        assert len(inputs["face"]) == len(inputs["mask"])
+        seen.append(len(inputs["face"]))
+        return [inputs["face"] * 2, inputs["mask"][:, None]]
+
+    faces = np.arange(size, dtype=np.float32)
+    doubled, masks = run_in_batches(run, {"face": faces, "mask": -faces}, max_batch)
+    assert seen == runs  # never more than the profile holds
+    assert doubled.tolist() == (faces * 2).tolist()  # every face once, in order
+    assert masks.shape == (size, 1) and masks[:, 0].tolist() == (-faces).tolist()

@@ -32,7 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge_agent.inference import Session, open_session
+from edge_agent.inference import Session, open_session, run_in_batches
 
 #: P-Net sees 12x12 windows with stride 2 (its receptive field and its pooling).
 CELL, STRIDE = 12, 2
@@ -110,10 +110,8 @@ def pyramid_scales(height: int, width: int, min_face_size: int, scale_factor: fl
 
 
 def run_batched(session: Session, batch: np.ndarray) -> list[np.ndarray]:
-    """``session.run`` over ``batch`` in chunks of at most :data:`MAX_BATCH`."""
-    name = session.input_names[0]
-    parts = [session.run({name: batch[i:i + MAX_BATCH]}) for i in range(0, len(batch), MAX_BATCH)]
-    return [np.concatenate(outputs) for outputs in zip(*parts, strict=True)]
+    """``session.run`` over ``batch`` in runs of at most :data:`MAX_BATCH`."""
+    return run_in_batches(session.run, {session.input_names[0]: batch}, MAX_BATCH)
 
 
 class FaceDetector:
