@@ -8,6 +8,7 @@ import json
 import re
 from datetime import timedelta
 
+import pytest
 from outlets import publish_signal
 from sqlalchemy import select
 from webapp import HAPPY, add_classroom, add_user, batch, csrf_token, ingest, login, web
@@ -88,8 +89,10 @@ def test_event_stream_forwards_only_this_classroom(tmp_path):
     assert not p.hub._subs  # closing the page unsubscribes
 
 
-def test_event_stream_ends_when_the_user_loses_access(tmp_path):
-    """An open page must not keep streaming a classroom its user was unassigned from."""
+@pytest.mark.parametrize("next_item", ["state", "signal"])
+def test_event_stream_ends_when_the_user_loses_access(tmp_path, next_item):
+    """An open page must not keep streaming a classroom its user was unassigned from: no state,
+    and no signal either."""
     p, client = _teacher(tmp_path)
     now = utcnow()
     ingest(p, [batch("room-1", "agent-1", now, tracks=4)], now)
@@ -102,7 +105,10 @@ def test_event_stream_ends_when_the_user_loses_access(tmp_path):
     assert next(chunks).startswith(b"event: state\n")  # still assigned: streamed
     with p.sessions.begin() as session:
         session.get(db.Classroom, "room-1").instructor = None
-    p.hub.publish(state)
+    if next_item == "state":
+        p.hub.publish(state)
+    else:
+        publish_signal(p, classroom="room-1")
     assert next(chunks, None) is None  # unassigned: the stream ends instead
     response.close()
     assert not p.hub._subs

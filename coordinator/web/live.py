@@ -104,8 +104,8 @@ def _sse(event: str, data: dict) -> str:
 def _stream(coordinator, classroom_id: str, user_id: int) -> Iterator[str]:
     """Runs after the request context is gone, so it opens its own database sessions.
 
-    Access is checked again at each keep-alive and before each state: a user deactivated or
-    unassigned from the classroom stops receiving it within a tick, not when the page closes.
+    Access is checked again before everything it sends (keep-alives included): a user deactivated
+    or unassigned from the classroom stops receiving it within a keep-alive, not when the page closes.
     """
     config = coordinator.config
     subscription = coordinator.hub.subscribe()
@@ -115,24 +115,23 @@ def _stream(coordinator, classroom_id: str, user_id: int) -> Iterator[str]:
             try:
                 item = subscription.queue.get(timeout=KEEPALIVE_S)
             except queue.Empty:
-                with coordinator.sessions() as db_session:
-                    if not access.still_may_see(db_session, user_id, classroom_id):
-                        return
-                yield ": keep-alive\n\n"
+                item = None
+            if item is not None and item.classroom_id != classroom_id:
                 continue
-            if item.classroom_id != classroom_id:
-                continue
-            if isinstance(item, pb.ClassroomState):
-                payload = present.state_json(item, config.aggregate.k_anonymity)
-                with coordinator.sessions() as db_session:
-                    if not access.still_may_see(db_session, user_id, classroom_id):
-                        return
+            with coordinator.sessions() as db_session:
+                if not access.still_may_see(db_session, user_id, classroom_id):
+                    return
+                if isinstance(item, pb.ClassroomState):
+                    payload = present.state_json(item, config.aggregate.k_anonymity)
                     payload["agents"] = agent_rows(
                         db_session, classroom_id, utcnow(), config.aggregate.agent_offline_after_s
                     )
-                yield _sse("state", payload)
-            elif isinstance(item, pb.AdaptationSignal):
-                yield _sse("signal", present.signal_json(item))
+                    message = _sse("state", payload)
+                elif isinstance(item, pb.AdaptationSignal):
+                    message = _sse("signal", present.signal_json(item))
+                else:
+                    message = ": keep-alive\n\n"
+            yield message
     finally:
         coordinator.hub.unsubscribe(subscription)
 
