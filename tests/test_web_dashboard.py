@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import re
+import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -16,7 +18,7 @@ from webapp import HAPPY, add_classroom, add_user, batch, csrf_token, ingest, lo
 from affectedge.labels import EMOTIONS
 from coordinator import aggregate, db, policy, retention
 from coordinator.store import Store, utcnow
-from coordinator.web import history
+from coordinator.web import history, live
 
 
 def _page_data(html: str, element_id: str) -> dict:
@@ -110,6 +112,43 @@ def test_event_stream_ends_when_the_user_loses_access(tmp_path, next_item):
     else:
         publish_signal(p, classroom="room-1")
     assert next(chunks, None) is None  # unassigned: the stream ends instead
+    response.close()
+    assert not p.hub._subs
+
+
+def test_other_classrooms_traffic_does_not_hold_off_the_keep_alive(tmp_path, monkeypatch):
+    """A quiet classroom's page gets its keep-alive (and access check) on time while other
+    classrooms' states flow through the hub every tick."""
+    monkeypatch.setattr(live, "KEEPALIVE_S", 0.5)
+    p, client = _teacher(tmp_path)
+    add_classroom(p, "room-2", "alice")
+    now = utcnow()
+    ingest(p, [batch("room-2", "agent-2", now, tracks=4)], now)
+    with p.sessions() as session:
+        other = aggregate.classroom_state(session, "room-2", 10, now, 3)
+    response = client.get("/classrooms/room-1/events", buffered=False)
+    chunks = response.response
+    assert next(chunks).startswith(b"retry:")
+    stop = threading.Event()
+
+    def busy_hub() -> None:
+        deadline = time.monotonic() + 20  # ends the test's wait on a stream that would never send
+        while not stop.is_set() and time.monotonic() < deadline:
+            p.hub.publish(other)
+            stop.wait(0.05)
+
+    publisher = threading.Thread(target=busy_hub, daemon=True)
+    publisher.start()
+    try:
+        assert next(chunks) == b": keep-alive\n\n"
+        assert publisher.is_alive()  # sent while the hub was still busy, not after it went quiet
+        with p.sessions.begin() as session:
+            session.get(db.Classroom, "room-1").instructor = None
+        assert next(chunks, None) is None  # unassigned: ended at the next keep-alive
+        assert publisher.is_alive()
+    finally:
+        stop.set()
+        publisher.join()
     response.close()
     assert not p.hub._subs
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import queue
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 
@@ -29,6 +30,8 @@ bp = Blueprint("live", __name__)
 HISTORY = timedelta(minutes=15)
 #: a comment line this often lets the server notice a closed page (and proxies keep the stream)
 KEEPALIVE_S = 15.0
+#: what a page is sent from the hub
+FORWARDED = (pb.ClassroomState, pb.AdaptationSignal)
 
 
 def agent_rows(session, classroom_id: str | None, now: datetime, offline_after_s: float) -> list[dict]:
@@ -104,20 +107,26 @@ def _sse(event: str, data: dict) -> str:
 def _stream(coordinator, classroom_id: str, user_id: int) -> Iterator[str]:
     """Runs after the request context is gone, so it opens its own database sessions.
 
-    Access is checked again before everything it sends (keep-alives included): a user deactivated
-    or unassigned from the classroom stops receiving it within a keep-alive, not when the page closes.
+    Access is checked again before everything it sends: once a user is deactivated or unassigned
+    from the classroom, nothing more is sent and the stream ends at the next state, signal or
+    keep-alive. The keep-alive is due :data:`KEEPALIVE_S` after the last thing sent, however busy
+    the hub is with other classrooms, so a quiet classroom's page is checked (and a closed one
+    noticed) on time.
     """
     config = coordinator.config
     subscription = coordinator.hub.subscribe()
     try:
         yield "retry: 2000\n\n"
+        due = time.monotonic() + KEEPALIVE_S
         while True:
             try:
-                item = subscription.queue.get(timeout=KEEPALIVE_S)
+                item = subscription.queue.get(timeout=max(0.0, due - time.monotonic()))
             except queue.Empty:
                 item = None
-            if item is not None and item.classroom_id != classroom_id:
-                continue
+            if item is not None and (item.classroom_id != classroom_id or not isinstance(item, FORWARDED)):
+                if time.monotonic() < due:
+                    continue
+                item = None
             with coordinator.sessions() as db_session:
                 if not access.still_may_see(db_session, user_id, classroom_id):
                     return
@@ -132,6 +141,7 @@ def _stream(coordinator, classroom_id: str, user_id: int) -> Iterator[str]:
                 else:
                     message = ": keep-alive\n\n"
             yield message
+            due = time.monotonic() + KEEPALIVE_S
     finally:
         coordinator.hub.unsubscribe(subscription)
 
