@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from affectedge.cli_args import positive_int
+from model_export import MIN_OPSET, OPSET
 from model_export.augment import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,8 +73,9 @@ def _smoothing(text: str) -> float:
 
 
 def _opset(text: str) -> int:
-    return int(_number(text, lambda v: v.is_integer() and 13 <= v <= 99,
-                       "a whole number of at least 13 (at 12 the exported encoder does not run)"))
+    return int(_number(text, lambda v: v.is_integer() and MIN_OPSET <= v <= 99,
+                       f"a whole number of at least {MIN_OPSET} "
+                       f"(at {MIN_OPSET - 1} the exported encoder does not run)"))
 
 
 def _angle(text: str) -> float:
@@ -417,7 +419,8 @@ def parser() -> argparse.ArgumentParser:
                         "written when the ONNX files match Keras on them")
     x.add_argument("--no-parity", action="store_true",
                    help="export without the parity check (when no faces are at hand); not for a model to ship")
-    x.add_argument("--opset", type=_opset, default=17, help="ONNX opset for tf2onnx, 13 or later (default 17)")
+    x.add_argument("--opset", type=_opset, default=OPSET,
+                   help=f"ONNX opset for tf2onnx, {MIN_OPSET} or later (default {OPSET})")
     x.add_argument("--version", type=_version,
                    help="model version string, at most 64 characters (default: vit-bilstm-<run name>)")
     x.add_argument("--encoder-only", action="store_true",

@@ -33,13 +33,12 @@ from onnx import TensorProto, compose, helper, numpy_helper
 from edge_agent.emotion_model import ModelError, face_tensor
 from edge_agent.faces.align import SIZE
 from edge_agent.inference import run_in_batches
-from model_export import graph_fusion, views
+from model_export import MIN_OPSET, OPSET, graph_fusion, views
 from model_export.manifest import shown
 
 log = logging.getLogger(__name__)
 
 FACE = (SIZE, SIZE, 1)
-MIN_OPSET = 13
 #: TrainConfig fields that only stage 1 uses (the head has its own optimizer settings)
 STAGE1_ONLY = ("epochs", "warmup_epochs", "learning_rate", "weight_decay")
 
@@ -122,9 +121,9 @@ def fuse_encoders(members: list[Member], mirror: bool, rotations: tuple[float, .
     encoders = [m.encoder for m in members]
     opsets = _opsets(encoders)
     opset = next(o.version for o in opsets if o.domain in ("", "ai.onnx"))
-    if opset < MIN_OPSET:  # ReduceSum takes its axes as an input from 13; at 12 tf2onnx's encoder fails anyway
+    if opset < MIN_OPSET:
         raise ModelError(f"the members use opset {opset}: re-export them with --opset {MIN_OPSET} or later "
-                         "(default 17)")
+                         f"(default {OPSET})")
     nodes, weights, feed, n_views = views.nodes("face", mirror, rotations)
     parts = []
     for i, member in enumerate(members):

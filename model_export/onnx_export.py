@@ -27,12 +27,11 @@ import tf2onnx
 from onnx import helper, numpy_helper
 
 from edge_agent.emotion_model import face_tensor
-from model_export import graph_fusion
+from model_export import OPSET, graph_fusion
 from model_export.model import INPUT_SIZE, build_clip_model
 
 log = logging.getLogger(__name__)
 
-OPSET = 17
 
 
 @dataclass(frozen=True)
