@@ -65,9 +65,10 @@ class EmotionModel:
                 raise ModelError(f"manifest.json lists no {key} model: run `model_export quantize` first")
             entry = manifest["files"][key]
             path = models_dir / entry["file"]
-            if verify and path.exists() and sha256(path) != entry["sha256"]:
+            checked = verify and path.exists()
+            if checked and sha256(path) != entry["sha256"]:
                 raise ModelError(f"{path} does not match the sha256 in manifest.json; reinstall the model files")
-            sessions[name] = open_session(path, backend, threads)
+            sessions[name] = open_session(path, backend, threads, entry["sha256"] if checked else None)
         model = cls(sessions["encoder"], sessions["head"], int(manifest["window"]),
                     int(manifest["embed_dim"]), manifest["version"], int8)
         log.info("model %s on %s (window %d)", model.version, model.backend, model.window)

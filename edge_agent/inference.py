@@ -92,12 +92,12 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def engine_path(onnx_path: Path) -> Path | None:
+def engine_path(onnx_path: Path, onnx_sha256: str | None = None) -> Path | None:
     """The TensorRT engine built for this machine's GPU next to ``onnx_path``, if any."""
     from edge_agent import tensorrt_runtime
 
     tag = tensorrt_runtime.gpu_tag()
-    return None if tag is None else pick_engine(onnx_path, tag)
+    return None if tag is None else pick_engine(onnx_path, tag, onnx_sha256)
 
 
 def engine_record(engine: Path, tag: str) -> dict | None:
@@ -114,23 +114,26 @@ def engine_record(engine: Path, tag: str) -> dict | None:
     return None
 
 
-def pick_engine(onnx_path: Path, tag: str) -> Path | None:
+def pick_engine(onnx_path: Path, tag: str, onnx_sha256: str | None = None) -> Path | None:
     """``<stem>.<tag>.engine`` next to ``onnx_path`` unless its build record says it was built from
-    another ONNX file: an engine left over from an older model would give that model's answers."""
+    another ONNX file: an engine left over from an older model would give that model's answers.
+    ``onnx_sha256`` is the file's hash when the caller has just checked it, so it is not read twice."""
     engine = onnx_path.with_name(f"{onnx_path.stem}.{tag}.engine")
     if not engine.exists():
         return None
     entry = engine_record(engine, tag)
     built_from = entry.get("source_sha256") if entry else None
-    if built_from and built_from != sha256(onnx_path):
+    if built_from and built_from != (onnx_sha256 or sha256(onnx_path)):
         log.warning("ignoring %s: it was built from another %s; rebuild it with `model_export build`",
                     engine, onnx_path.name)
         return None
     return engine
 
 
-def open_session(onnx_path: Path, backend: str = "auto", threads: int | None = None) -> Session:
-    """Open ``onnx_path`` (or its TensorRT engine) on the requested backend."""
+def open_session(onnx_path: Path, backend: str = "auto", threads: int | None = None,
+                 onnx_sha256: str | None = None) -> Session:
+    """Open ``onnx_path`` (or its TensorRT engine) on the requested backend; ``onnx_sha256``, the
+    file's hash if the caller has verified it, spares hashing it again to match an engine."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     if not onnx_path.exists():
@@ -139,7 +142,7 @@ def open_session(onnx_path: Path, backend: str = "auto", threads: int | None = N
         from edge_agent import tensorrt_runtime
 
         why = tensorrt_runtime.unavailable_reason()
-        engine = None if why else engine_path(onnx_path)
+        engine = None if why else engine_path(onnx_path, onnx_sha256)
         if engine is not None:
             try:
                 return tensorrt_runtime.TrtSession(engine)

@@ -25,9 +25,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from model_export import OPSET
+
 log = logging.getLogger(__name__)
 
-OPSET = 17
 #: Where the edge looks for the nets (``<models>/mtcnn``, see edge_agent.config).
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "mtcnn"
 #: Largest |ONNX - Keras| accepted on any output; float32 conv reordering stays around 1e-6.

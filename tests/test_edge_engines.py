@@ -45,6 +45,18 @@ def test_engine_built_from_an_older_onnx_is_ignored_with_a_warning(tmp_path: Pat
     assert "model_export build" in caplog.text and f"{onnx.stem}.{TAG}.engine" in caplog.text
 
 
+def test_a_hash_the_caller_has_checked_is_used_instead_of_reading_the_file_again(tmp_path: Path, monkeypatch):
+    onnx = models_dir(tmp_path, b"the current model")
+    checked = sha256(onnx)
+
+    def no_second_read(path: Path) -> str:
+        raise AssertionError(f"{path} hashed again")
+
+    monkeypatch.setattr("edge_agent.inference.sha256", no_second_read)
+    assert pick_engine(onnx, TAG, checked) is not None
+    assert pick_engine(onnx, TAG, "0" * 64) is None  # the given hash is what is matched
+
+
 def test_engine_without_a_record_is_used_and_a_missing_engine_is_none(tmp_path: Path):
     onnx = models_dir(tmp_path, None)
     assert pick_engine(onnx, TAG) is not None
