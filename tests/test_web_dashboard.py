@@ -91,10 +91,22 @@ def test_event_stream_forwards_only_this_classroom(tmp_path):
     assert not p.hub._subs  # closing the page unsubscribes
 
 
+def _next_within(chunks, seconds: float):
+    """The stream's next chunk (None at its end), or a failure if none comes within ``seconds``."""
+    got = []
+    reader = threading.Thread(target=lambda: got.append(next(chunks, None)), daemon=True)
+    reader.start()
+    reader.join(seconds)
+    assert got, f"the stream sent nothing and did not end within {seconds} s"
+    return got[0]
+
+
 @pytest.mark.parametrize("next_item", ["state", "signal"])
-def test_event_stream_ends_when_the_user_loses_access(tmp_path, next_item):
+def test_event_stream_ends_when_the_user_loses_access(tmp_path, monkeypatch, next_item):
     """An open page must not keep streaming a classroom its user was unassigned from: no state,
-    and no signal either."""
+    and no signal either. The stream ends *at* that item: no keep-alive is due for an hour, so
+    a stream that dropped the item without ending would fail here instead of ending later."""
+    monkeypatch.setattr(live, "KEEPALIVE_S", 3600.0)
     p, client = _teacher(tmp_path)
     now = utcnow()
     ingest(p, [batch("room-1", "agent-1", now, tracks=4)], now)
@@ -111,7 +123,7 @@ def test_event_stream_ends_when_the_user_loses_access(tmp_path, next_item):
         p.hub.publish(state)
     else:
         publish_signal(p, classroom="room-1")
-    assert next(chunks, None) is None  # unassigned: the stream ends instead
+    assert _next_within(chunks, 10) is None  # unassigned: the stream ends instead
     response.close()
     assert not p.hub._subs
 
