@@ -6,9 +6,12 @@ shared subscription) all see the same classroom. Windows are summed over
 :class:`coordinator.db.ObservationRollup` rows (one per agent and instant, written with the raw
 observations), so a window of tens of thousands of observations is a few hundred small rows.
 
-Privacy: below ``k`` distinct learners in a window (k-anonymity), a state is ``suppressed``: its
+Privacy: below ``k`` learners in a window (k-anonymity), a state is ``suppressed``: its
 distribution and learning states are zeros, because with one or two learners they *are* those
 learners' emotions. Counts (faces, learners, observations) stay, as a camera's head count does.
+Learners are the distinct anonymous tracks, capped by the cameras' peak head counts
+(:func:`learners`): the edge gives a face a new track id each time it comes back into view, so
+one learner looking away twice would otherwise count as three and lift the suppression.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ _WEIGHTED = [ObservationRollup.__table__.c[column] for column in SUM_COLUMNS]
 
 @dataclass
 class Tally:
-    """Observations summed from rollups: counts, confidence-weighted sums and distinct learners."""
+    """Observations summed from rollups: counts, confidence-weighted sums and distinct tracks."""
 
     observations: int = 0
     confidence: float = 0.0
@@ -54,7 +57,7 @@ class Tally:
             self.learner_keys.update(f"{agent_id}:{track}" for track in tracks.split(","))
 
     @property
-    def learners(self) -> int:
+    def distinct_tracks(self) -> int:
         return len(self.learner_keys)
 
     def distribution(self) -> list[float]:
@@ -62,6 +65,14 @@ class Tally:
         if self.confidence <= 0:
             return list(ZEROS)
         return [s / self.confidence for s in self.weighted]
+
+
+def learners(distinct_tracks: int, peak_faces: int) -> int:
+    """Learners in a window: its distinct track ids, but never more than the sum over cameras of
+    each camera's largest head count in it. Track ids overcount one face re-tracked after leaving
+    the view; head counts undercount learners who take turns in front of a camera; for
+    k-anonymity the smaller is the safe one."""
+    return min(distinct_tracks, peak_faces)
 
 
 def _window_tallies(db: Session, ids: Sequence[str], start: datetime, end: datetime) -> dict[str, Tally]:
@@ -135,6 +146,18 @@ def _faces_present(db: Session, ids: Sequence[str], start: datetime, end: dateti
     return dict(rows.all())
 
 
+def _peak_faces(db: Session, ids: Sequence[str], start: datetime, end: datetime) -> dict[str, int]:
+    """Per classroom, the sum over its cameras of each camera's largest head count in the window."""
+    C = CameraSample
+    peaks = (
+        select(C.classroom_id, func.max(C.faces_present).label("peak"))
+        .where(C.classroom_id.in_(ids), C.ts > start, C.ts <= end)
+        .group_by(C.classroom_id, C.agent_id, C.camera_id)
+        .subquery()
+    )
+    return dict(db.execute(select(peaks.c.classroom_id, func.sum(peaks.c.peak)).group_by(peaks.c.classroom_id)).all())
+
+
 def classroom_states(
     db: Session,
     ids: Sequence[str],
@@ -154,20 +177,22 @@ def classroom_states(
     sessions = open_sessions(db, ids)
     courses = dict(db.execute(select(Classroom.id, Classroom.course_id).where(Classroom.id.in_(ids))).all())
     faces = _faces_present(db, ids, start, now)
+    peaks = _peak_faces(db, ids, start, now)
     online = agents_online_by_classroom(db, ids, now, offline_after_s)
     result = {}
     for classroom_id in ids:
         tally, session = tallies[classroom_id], sessions.get(classroom_id)
+        count = learners(tally.distinct_tracks, peaks.get(classroom_id, 0))
         state = pb.ClassroomState(
             classroom_id=classroom_id,
             session_id=session.id if session else "",
             course_id=(session.course_id if session else "") or courses.get(classroom_id) or "",
             window_seconds=window_s,
             faces_present=faces.get(classroom_id, 0),
-            learners=tally.learners,
+            learners=count,
             agents_online=online.get(classroom_id, 0),
             observations=tally.observations,
-            suppressed=tally.learners < k,
+            suppressed=count < k,
         )
         state.window_start.FromDatetime(start)
         state.window_end.FromDatetime(now)
@@ -263,16 +288,12 @@ def _raw_buckets(
         tally.add_sums(observations, confidence, weighted)
         tally.add_tracks(agent_id, tracks)
     faces = _raw_faces(db, classroom_id, start, end, bucket_s)
-    return {
-        index: {
-            "observations": tally.observations,
-            "learners": tally.learners,
-            "suppressed": tally.learners < k,
-            "distribution": tally.distribution(),
-            "faces": faces.get(index, 0),
-        }
-        for index, tally in tallies.items()
-    }
+    buckets = {}
+    for index, tally in tallies.items():
+        count = learners(tally.distinct_tracks, faces.get(index, 0))
+        buckets[index] = {"observations": tally.observations, "learners": count, "suppressed": count < k,
+                          "distribution": tally.distribution(), "faces": faces.get(index, 0)}
+    return buckets
 
 
 def _raw_faces(db: Session, classroom_id: str, start: datetime, end: datetime, bucket_s: int) -> dict:

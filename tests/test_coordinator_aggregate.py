@@ -25,8 +25,29 @@ def sessions(tmp_path):
     return db.connect(f"sqlite:///{tmp_path / 'agg.db'}")
 
 
-def add_obs(sessions, classroom: str, rows: list[tuple]) -> None:
-    """rows: (agent, camera, track, seconds before NOW, distribution, confidence)."""
+def head_counts(rows: list[tuple]) -> dict[tuple[str, str, float], int]:
+    """Each camera's head count at each instant of ``rows``: its distinct tracks then."""
+    tracks: dict[tuple[str, str, float], set] = {}
+    for agent, camera, track, ago, *_ in rows:
+        tracks.setdefault((agent, camera, ago), set()).add(track)
+    return {key: len(seen) for key, seen in tracks.items()}
+
+
+def add_head_counts(sessions, classroom: str, rows: list[tuple]) -> None:
+    """The camera summaries an edge sends with ``rows``."""
+    with sessions.begin() as s:
+        s.execute(insert(db.CameraSample), [
+            {"classroom_id": classroom, "agent_id": agent, "camera_id": camera, "ts": NOW - timedelta(seconds=ago),
+             "faces_present": faces}
+            for (agent, camera, ago), faces in head_counts(rows).items()
+        ])
+
+
+def add_obs(sessions, classroom: str, rows: list[tuple], with_head_counts: bool = True) -> None:
+    """rows: (agent, camera, track, seconds before NOW, distribution, confidence); with their
+    cameras' head counts unless a test writes its own."""
+    if with_head_counts:
+        add_head_counts(sessions, classroom, rows)
     with sessions.begin() as s:
         db.insert_observations(
             s,
@@ -72,6 +93,7 @@ def test_state_is_confidence_weighted_counts_distinct_learners_and_latest_faces(
             ("ag2", "cam0", 1, 5, one_hot("angry"), 0.3),  # same track id, other agent: a new learner
             ("ag1", "cam0", 3, 90, one_hot("sad"), 1.0),  # outside a 60 s window
         ],
+        with_head_counts=False,
     )
     with sessions.begin() as s:
         s.execute(
@@ -102,15 +124,31 @@ def test_state_is_confidence_weighted_counts_distinct_learners_and_latest_faces(
 
 
 def test_below_k_learners_is_suppressed_with_no_per_learner_detail(sessions):
-    add_obs(sessions, "room-b", [("ag1", "cam0", t, t, one_hot("sad"), 0.8) for t in (1, 2)])
+    add_obs(sessions, "room-b", [("ag1", "cam0", track, t, one_hot("sad"), 0.8) for t in (1, 2) for track in (1, 2)])
     with sessions() as s:
         state = aggregate.classroom_state(s, "room-b", 10, NOW, k=3)
         assert aggregate.classroom_state(s, "room-b", 10, NOW, k=2).suppressed is False
         points = aggregate.timeline(s, "room-b", NOW - timedelta(seconds=10), NOW, 10, k=3)
-    assert state.suppressed and state.learners == 2 and state.observations == 2
+    assert state.suppressed and state.learners == 2 and state.observations == 4
     assert list(state.distribution) == [0.0] * 7
     assert all(ls.score == 0 for ls in state.states)
     assert len(points) == 1 and points[0]["suppressed"] and points[0]["distribution"] == [0.0] * 7
+
+
+def test_one_face_tracked_again_after_looking_away_stays_one_learner(sessions):
+    """The edge gives a face that left the view a new track id; three ids of one face, never two
+    in view at once, must not lift k = 3's suppression, in the live state nor in the history."""
+    add_obs(sessions, "room-b", [("ag1", "cam0", track, ago, one_hot("fear"), 0.9)
+                                 for track, agos in ((1, (40, 39)), (2, (20, 19)), (3, (2, 1))) for ago in agos])
+    with sessions() as s:
+        state = aggregate.classroom_state(s, "room-b", 60, NOW, k=3)
+        points = aggregate.timeline(s, "room-b", NOW - timedelta(seconds=60), NOW, 60, k=3)
+    assert state.learners == 1 and state.suppressed and list(state.distribution) == [0.0] * 7
+    assert points[0]["learners"] == 1 and points[0]["suppressed"] and points[0]["distribution"] == [0.0] * 7
+    add_obs(sessions, "room-b", [("ag1", "cam0", track, 0.5, one_hot("fear"), 0.9) for track in (4, 5, 6)])
+    with sessions() as s:  # three faces in view at once: three learners (not the six ids)
+        state = aggregate.classroom_state(s, "room-b", 60, NOW, k=3)
+    assert state.learners == 3 and not state.suppressed
 
 
 def test_timeline_buckets_raw_data_and_falls_back_to_stored_snapshots(sessions):
@@ -177,11 +215,15 @@ def _raw_rows(rng: random.Random, count: int) -> list[tuple]:
 
 
 def _by_brute_force(rows: list[tuple], window_s: float) -> tuple[int, int, list[float]]:
-    """(observations, learners, distribution) straight from the raw rows: the definition."""
+    """(observations, learners, distribution) straight from the raw rows: the definition
+    (learners: distinct tracks, at most the sum of each camera's largest head count)."""
     inside = [r for r in rows if 0 <= r[3] < window_s]
     total = sum(r[5] for r in inside)
     dist = [sum(r[5] * r[4][i] for r in inside) / total for i in range(len(EMOTIONS))]
-    return len(inside), len({(r[0], r[1], r[2]) for r in inside}), dist
+    peaks: dict[tuple[str, str], int] = {}
+    for (agent, camera, _ago), faces in head_counts(inside).items():
+        peaks[agent, camera] = max(peaks.get((agent, camera), 0), faces)
+    return len(inside), min(len({(r[0], r[1], r[2]) for r in inside}), sum(peaks.values())), dist
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -190,7 +232,8 @@ def test_window_from_rollups_equals_the_raw_definition(sessions, seed):
     rng = random.Random(seed)
     rows = _raw_rows(rng, 400)
     for chunk in range(0, len(rows), 37):  # several transactions, like ingest's
-        add_obs(sessions, "room-r", rows[chunk : chunk + 37])
+        add_obs(sessions, "room-r", rows[chunk : chunk + 37], with_head_counts=False)
+    add_head_counts(sessions, "room-r", rows)
     with sessions() as s:
         for window in (1, 10, 60):
             state = aggregate.classroom_state(s, "room-r", window, NOW, k=1)
