@@ -166,18 +166,33 @@ def classroom_states(
     k: int,
     offline_after_s: float = 30.0,
 ) -> dict[str, pb.ClassroomState]:
-    """Each classroom over ``(now - window_s, now]`` (by observation window end, naive UTC).
+    """Each classroom over ``(now - window_s, now]`` (by observation window end, naive UTC), or
+    from the end of its last closed session if that is later: a lesson begun a minute ago is
+    judged on its own minute, not on the end of the one before it. (The end, not the start of the
+    open session: a session opened by the first observations of a day starts when they arrive,
+    just after they were made.)
 
-    One query per quantity for all the classrooms together, which is what keeps a tick over many
-    classrooms short.
+    One query per quantity for all the classrooms that share a window start, which is what keeps
+    a tick over many classrooms short.
     """
     ids = list(ids)
-    start = now - timedelta(seconds=window_s)
-    tallies = _window_tallies(db, ids, start, now)
     sessions = open_sessions(db, ids)
+    earliest = now - timedelta(seconds=window_s)
+    ended = dict(db.execute(
+        select(ClassSession.classroom_id, func.max(ClassSession.ended_at))
+        .where(ClassSession.classroom_id.in_(ids), ClassSession.ended_at.is_not(None))
+        .group_by(ClassSession.classroom_id)
+    ).all())
+    starts = {cid: max(earliest, ended[cid]) if cid in ended else earliest for cid in ids}
+    tallies: dict[str, Tally] = {}
+    faces: dict[str, int] = {}
+    peaks: dict[str, int] = {}
+    for start in set(starts.values()):
+        group = [cid for cid in ids if starts[cid] == start]
+        tallies |= _window_tallies(db, group, start, now)
+        faces |= _faces_present(db, group, start, now)
+        peaks |= _peak_faces(db, group, start, now)
     courses = dict(db.execute(select(Classroom.id, Classroom.course_id).where(Classroom.id.in_(ids))).all())
-    faces = _faces_present(db, ids, start, now)
-    peaks = _peak_faces(db, ids, start, now)
     online = agents_online_by_classroom(db, ids, now, offline_after_s)
     result = {}
     for classroom_id in ids:
@@ -194,7 +209,7 @@ def classroom_states(
             observations=tally.observations,
             suppressed=count < k,
         )
-        state.window_start.FromDatetime(start)
+        state.window_start.FromDatetime(starts[classroom_id])
         state.window_end.FromDatetime(now)
         distribution = ZEROS if state.suppressed else tally.distribution()
         state.distribution.extend(distribution)

@@ -2,7 +2,8 @@
 
 Rules live in a TOML file (``coordinator/rules.toml`` is the shipped, commented default). Per
 classroom and rule the engine keeps two facts between ticks: since when the trigger condition has
-held, and whether the rule has fired and not yet cleared (hysteresis). Cooldown is *not* kept in
+held, and whether the rule has fired and not yet cleared (hysteresis); a new class session starts
+both afresh. Cooldown is *not* kept in
 memory: it is read from the stored signals, so it survives a restart and a change of the instance
 that evaluates policy. Admin overrides of a rule's threshold come from the ``settings`` table
 (``policy.<rule>.threshold``, a number); the clear level moves with it, keeping the hysteresis gap.
@@ -84,11 +85,19 @@ class Rule(settings.Section):
         return clear < trigger if self.rising else clear > trigger
 
     def levels(self, override: float | None) -> tuple[float, float]:
-        """(trigger, clear) with an admin override of the trigger applied."""
+        """(trigger, clear) with an admin override of the trigger applied. The clear level keeps the
+        rule's gap, but where that would put it at or past the end of the 0..1 scale (an override
+        of 5% with a 10-point gap) it goes halfway to that end instead: a share never falls below
+        0, so a clear level of 0 would leave the rule fired for good."""
         default_clear = self.trigger - DEFAULT_HYSTERESIS if self.rising else self.trigger + DEFAULT_HYSTERESIS
         gap = (self.clear if self.clear is not None else default_clear) - self.trigger
         trigger = self.trigger if override is None else override
-        return trigger, min(1.0, max(0.0, trigger + gap))
+        clear = trigger + gap
+        if self.rising and clear <= 0:
+            clear = trigger / 2
+        elif not self.rising and clear >= 1:
+            clear = (1 + trigger) / 2
+        return trigger, clear
 
 
 class RulesFile(settings.Section):
@@ -143,6 +152,7 @@ def observed_value(rule: Rule, state: pb.ClassroomState) -> float | None:
 class _Track:
     since: datetime | None = None  # when the trigger condition started holding
     active: bool = False  # fired and not yet cleared
+    session_id: str = ""  # the class session these facts are about
 
 
 #: (classroom_id, rule name, since) -> when that rule last fired there after ``since``, or None
@@ -163,6 +173,13 @@ class PolicyEngine:
         """Forget all tracking (this instance stopped evaluating policy)."""
         self._tracks.clear()
 
+    def unfire(self, signal: pb.AdaptationSignal) -> None:
+        """Take back a signal that could not be stored, so its rule fires again on the next tick
+        instead of waiting, marked as fired, for a clear that may never come."""
+        track = self._tracks.get((signal.classroom_id, signal.evidence.rule))
+        if track is not None:
+            track.active = False
+
     def forget_except(self, classroom_ids: set[str]) -> None:
         """Drop tracking of classrooms that are no longer active."""
         for key in [k for k in self._tracks if k[0] not in classroom_ids]:
@@ -180,6 +197,8 @@ class PolicyEngine:
         for rule in self.rules:
             state = windows[rule.window_s]
             track = self._tracks.setdefault((classroom_id, rule.name), _Track())
+            if track.session_id != state.session_id:  # a new lesson: nothing carries over
+                track.since, track.active, track.session_id = None, False, state.session_id
             value = observed_value(rule, state)
             threshold, clear = rule.levels(overrides.get(rule.name))
             if value is None:

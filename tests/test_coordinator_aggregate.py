@@ -202,6 +202,26 @@ def test_store_writes_batches_and_attaches_them_to_one_auto_opened_session(sessi
     assert store.end_session("room-d", NOW) == 1 and store.end_session("room-d", NOW) == 0
 
 
+def test_a_window_starts_no_earlier_than_the_last_session_end(sessions):
+    """A lesson started 20 s ago is judged on its own 20 s: the happy minute before it, in the
+    session the start closed, is not in its 60 s window; a classroom whose session has run all
+    along keeps the whole window."""
+    before = [(f"ag{i}", "cam0", 1, 40, one_hot("happy"), 1.0) for i in range(3)]
+    after = [(f"ag{i}", "cam0", 1, 10, one_hot("fear"), 1.0) for i in range(3)]
+    add_obs(sessions, "room-s", before + after)
+    add_obs(sessions, "room-t", before + after)
+    store = Store(sessions)
+    for room in ("room-s", "room-t"):
+        store.start_session(room, NOW - timedelta(minutes=5))
+    store.start_session("room-s", NOW - timedelta(seconds=20))
+    with sessions() as s:
+        states_ = aggregate.classroom_states(s, ["room-s", "room-t"], 60, NOW, k=3)
+    lesson, whole = states_["room-s"], states_["room-t"]
+    assert lesson.observations == 3 and lesson.distribution[EMOTIONS.index("fear")] == pytest.approx(1.0)
+    assert lesson.window_start.ToDatetime() == NOW - timedelta(seconds=20) and lesson.session_id
+    assert whole.observations == 6 and whole.window_start.ToDatetime() == NOW - timedelta(seconds=60)
+
+
 def _raw_rows(rng: random.Random, count: int) -> list[tuple]:
     """Random observations: several agents, cameras and tracks, batch instants that repeat."""
     rows = []

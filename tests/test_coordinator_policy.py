@@ -129,3 +129,44 @@ def test_shipped_rules_load_and_bad_rules_are_one_line_config_errors(tmp_path: P
         with pytest.raises(ConfigError, match=message) as info:
             policy.load_rules(path)
         assert "\n" not in str(info.value)
+
+
+def test_a_new_session_starts_the_rules_afresh(store):
+    """A rule half-way through its minimum duration, or fired and waiting to clear, in one lesson
+    carries nothing into the next one."""
+    rule = RULE.model_copy(update={"cooldown_s": 0})
+    engine = policy.PolicyEngine((rule,), store.last_signal_at)
+
+    def tick(seconds: int, confused: float, session: str) -> list[pb.AdaptationSignal]:
+        state = state_with(confused)
+        state.session_id = session
+        return engine.evaluate("room-1", T0 + timedelta(seconds=seconds), {60: state}, {})
+
+    assert tick(0, 0.5, "s1") == [] and tick(20, 0.5, "s1") == []
+    assert tick(30, 0.5, "s2") == []  # 30 s above the trigger, but only 0 s of them in s2
+    fired = tick(60, 0.5, "s2")
+    assert len(fired) == 1 and fired[0].session_id == "s2" and fired[0].evidence.sustained_seconds == 30
+    assert tick(70, 0.5, "s2") == []  # fired, waiting for the clear level
+    assert tick(80, 0.5, "s3") == [] and len(tick(110, 0.5, "s3")) == 1  # s3 is not held by s2's signal
+
+
+def test_an_override_near_the_end_of_the_scale_can_still_clear(store):
+    """With a 10-point gap, a 5% trigger would put the clear level at 0, which a share never
+    falls below: the rule would stay fired for good. It clears halfway to 0 instead."""
+    rule = RULE.model_copy(update={"min_duration_s": 0, "cooldown_s": 0})
+    assert rule.levels(0.05) == pytest.approx((0.05, 0.025))
+    low = policy.Rule(name="low", signal="SWITCH_MODALITY", states=("engaged",), below=0.95, window_s=60)
+    assert low.levels(0.95) == pytest.approx((0.95, 0.975))
+    engine = policy.PolicyEngine((rule,), store.last_signal_at)
+    fired = run(engine, store, [0.1, 0.1, 0.0, 0.1], overrides={"confusion": 0.05})
+    assert [t for t, _ in fired] == [0, 30]  # cleared by the 0.0 at 20 s, fired again at 30 s
+
+
+def test_a_signal_that_could_not_be_stored_fires_again_on_the_next_tick(store):
+    rule = RULE.model_copy(update={"min_duration_s": 0})
+    engine = policy.PolicyEngine((rule,), store.last_signal_at)
+    first = engine.evaluate("room-1", T0, {60: state_with(0.5)}, {})
+    assert len(first) == 1
+    engine.unfire(first[0])  # the service does this when storing it fails
+    again = engine.evaluate("room-1", T0 + timedelta(seconds=1), {60: state_with(0.5)}, {})
+    assert len(again) == 1 and again[0].id != first[0].id
