@@ -225,6 +225,19 @@ class CoordinatorConfig(Section):
     xapi: XapiConfig = XapiConfig()
     broker: BrokerConfig = BrokerConfig()
 
+    @field_validator("webhooks")
+    @classmethod
+    def _distinct_urls(cls, hooks: tuple[WebhookConfig, ...]) -> tuple[WebhookConfig, ...]:
+        """Deliveries and senders are keyed by URL, so a second entry with the same URL would silently
+        replace the first (the URL is not repeated: it may hold credentials)."""
+        first: dict[str, int] = {}
+        for i, hook in enumerate(hooks, 1):
+            if hook.url in first:
+                raise ValueError(f"webhooks {first[hook.url]} and {i} have the same url: keep one entry per "
+                                 "receiver and list all its classrooms there")
+            first[hook.url] = i
+        return hooks
+
 
 def load_config(path: Path | str | None) -> CoordinatorConfig:
     """Validated config from ``path`` (defaults when None); :class:`ConfigError` on any problem."""

@@ -101,7 +101,22 @@ def _reset(state_dir: Path) -> bool:
     return True
 
 
+def _broker_ok(url: str) -> bool:
+    """Whether ``--broker`` is mqtt://host[:port]. Checked before anything starts, so a mistake is
+    named as the option typed, not as the config key ``mqtt.url``; mqtts:// is refused too, since
+    the edge agent the demo configures connects without TLS."""
+    try:
+        parts = urlparse(url)
+        return parts.scheme == "mqtt" and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port outside 0-65535, an unclosed [IPv6]
+        return False
+
+
 def run(duration: float, camera: str, broker: str | None, web_port: int, state_dir: Path) -> int:
+    if broker is not None and not _broker_ok(broker):
+        print("error: --broker takes an MQTT broker URL of the form mqtt://host:port, e.g. mqtt://localhost:1883",
+              file=sys.stderr)
+        return 2
     stop = threading.Event()
     # Ctrl-C and SIGTERM only ask for a stop: the shutdown below then runs once, uninterrupted
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hmac
 import logging
 import queue
+import socket
+import ssl
 import threading
 from concurrent import futures
 from functools import partial
@@ -98,6 +100,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             hub.unsubscribe(subscription)
 
     def GetClassroomState(self, request: pb.GetClassroomStateRequest, context) -> pb.ClassroomState:
+        if not request.classroom_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "classroom_id is required: take one from ListClassrooms")
         config = self.coordinator.config.aggregate
         window = request.window_seconds or config.default_window
         if window > MAX_WINDOW_S:
@@ -143,8 +147,10 @@ class GrpcServer:
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        address = f"{self.config.host}:{self.config.port}"
+        host = self.config.host
+        address = f"[{host}]:{self.config.port}" if ":" in host else f"{host}:{self.config.port}"  # IPv6 in []
         if self.config.tls_cert:
+            _check_tls(self.config.tls_cert, self.config.tls_key)
             key, cert = Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes()
             bind = partial(self.server.add_secure_port, address, grpc.ssl_server_credentials([(key, cert)]))
         else:
@@ -152,7 +158,8 @@ class GrpcServer:
         try:
             self.port = bind()
         except RuntimeError:
-            raise OSError(f"cannot listen on {address} for gRPC (in use?): change [grpc] host/port") from None
+            raise OSError(f"cannot listen on {address} for gRPC ({_bind_failure(host, self.config.port)}): "
+                          "change [grpc] host/port") from None
         if not self.config.tokens:
             log.warning("gRPC auth is disabled: set [grpc] tokens to require a bearer token")
 
@@ -173,3 +180,27 @@ class GrpcServer:
         self.health.enter_graceful_shutdown()
         self._stopping.set()
         self.server.stop(grace).wait()
+
+
+def _check_tls(cert: str, key: str) -> None:
+    """Raise a one-line :class:`OSError` unless ``cert`` and ``key`` are a PEM certificate and its
+    unencrypted key: gRPC would only fail to bind, and say nothing of why."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key, password=b"")
+    except ssl.SSLError as exc:
+        mismatch = exc.reason == "KEY_VALUES_MISMATCH"
+        why = "the key is not the certificate's" if mismatch else "not PEM, or the key is encrypted"
+        raise OSError(f"[grpc] tls_cert {cert} and tls_key {key} cannot serve TLS ({why}): point them at a PEM "
+                      "certificate and its unencrypted private key") from None
+
+
+def _bind_failure(host: str, port: int) -> str:
+    """Why gRPC could not bind ``host:port``, which its RuntimeError never says: what the OS answers
+    a plain socket bound there."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(address)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return "refused by gRPC; GRPC_VERBOSITY=debug shows why"

@@ -20,6 +20,7 @@ sees all of any classroom's data; what keeps the signals right and unique is thi
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -27,9 +28,18 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from sqlalchemy import insert
-from werkzeug.serving import WSGIRequestHandler, make_server
+from sqlalchemy.exc import SQLAlchemyError
+from werkzeug.serving import (
+    LISTEN_QUEUE,
+    BaseWSGIServer,
+    WSGIRequestHandler,
+    get_sockaddr,
+    make_server,
+    select_address_family,
+)
 
 from affectedge import systemd
+from affectedge.errors import first_line
 from affectedge.v1 import affectedge_pb2 as pb
 from coordinator import aggregate, db, health, retention
 from coordinator.config import CoordinatorConfig
@@ -86,20 +96,28 @@ class Coordinator:
         self._last_progress = time.monotonic()  # the ticker's last progress (start-up counts as one)
         self._monitor = threading.Thread(target=self._monitor_loop, name="coordinator-health", daemon=True)
 
-    def _web_server(self):
+    def _web_server(self) -> BaseWSGIServer:
         web = self.config.web
         try:
-            return make_server(web.host, web.port, create_app(self), threaded=True, request_handler=_RequestHandler)
+            app = create_app(self)
+        except OSError as exc:  # the generated session key cannot be kept in state_dir
+            raise OSError(f"cannot keep the dashboard session key in state_dir {self.config.state_dir!r} "
+                          f"({exc.strerror or exc}): make it a writable folder or set [web] secret_key") from None
+        try:
+            listener = _listen(web.host, web.port)
         except OSError as exc:
-            raise OSError(f"cannot listen on {web.host}:{web.port} for the web app ({exc.strerror}): "
+            raise OSError(f"cannot listen on {web.host}:{web.port} for the web app ({exc.strerror or exc}): "
                           "change [web] host/port") from None
+        with listener:  # make_server works on a duplicate of it
+            return make_server(web.host, web.port, app, threaded=True, request_handler=_RequestHandler,
+                               fd=listener.fileno())
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
         self.grpc.start()
         threading.Thread(target=self.web.serve_forever, name="web", daemon=True).start()
-        log.info("web app on http://%s:%d", self.config.web.host, self.web.server_port)
+        log.info("web app on http://%s:%d", self.config.web.host, self.web.port)
         self.ingest.start()
         self._ticker_progress()
         self._ticker.start()
@@ -223,14 +241,16 @@ class Coordinator:
         self, session, classroom_ids: list[str], window: int, now: datetime, fresh: bool = False
     ) -> dict[str, pb.ClassroomState]:
         """The classrooms' states over ``window``, recomputing (together) only those that have
-        moved far enough since they were last computed."""
+        moved far enough since they were last computed or whose class session has changed."""
         refresh = max(self.config.aggregate.tick_seconds, window / REFRESH_DIVISOR)
+        open_now = {cid: s.id for cid, s in aggregate.open_sessions(session, classroom_ids).items()}
         stale = [
             classroom_id
             for classroom_id in classroom_ids
             if fresh
             or (cached := self._cache.get((classroom_id, window))) is None
             or (now - cached.window_end.ToDatetime()).total_seconds() >= refresh * 0.999
+            or cached.session_id != open_now.get(classroom_id, "")
         ]
         if stale:
             agg = self.config.aggregate
@@ -259,7 +279,13 @@ class Coordinator:
             with self.sessions.begin() as session:
                 session.execute(insert(db.Aggregate), snapshots)
         for signal in fired:
-            record_signal(self.store, signal, self._outlets)
+            try:
+                record_signal(self.store, signal, self._outlets)
+            except SQLAlchemyError as exc:
+                self.policy.unfire(signal)
+                log.warning("could not store signal %s %s in %s (%s); it fires again on the next tick",
+                            signal.id, pb.SignalKind.Name(signal.kind), signal.classroom_id, first_line(exc, 200))
+                continue
             log.info("signal %s %s in %s: %s", signal.id, pb.SignalKind.Name(signal.kind),
                      signal.classroom_id, signal.reason)
             self._announce(signal)
@@ -300,6 +326,22 @@ class _RequestHandler(WSGIRequestHandler):
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         if self.path != "/healthz":
             super().log_request(code, size)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket for the web app, bound here rather than by werkzeug: werkzeug answers a port
+    in use with a message of its own and ``sys.exit(1)``, which systemd restarts over and over, where
+    an :class:`OSError` becomes the coordinator's one-line error and exit status 2."""
+    family = select_address_family(host, port)
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as werkzeug's own bind does
+        listener.bind(get_sockaddr(host, port, family))
+        listener.listen(LISTEN_QUEUE)
+    except OSError:
+        listener.close()
+        raise
+    return listener
 
 
 def _epoch(value: datetime) -> float:

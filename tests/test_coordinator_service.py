@@ -20,6 +20,7 @@ import pytest
 import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from outlets import parts
 from sqlalchemy import func, select, text
 
 from affectedge import systemd
@@ -30,6 +31,7 @@ from affectedge.v1 import affectedge_pb2_grpc as pb_grpc
 from coordinator import db, health
 from coordinator.bench import CONFUSED, make_batch, mqtt_client, publish
 from coordinator.config import CoordinatorConfig
+from coordinator.grpc_api import GrpcServer
 from coordinator.service import Coordinator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,6 +144,20 @@ def test_grpc_auth_health_and_reflection(coordinator):
     channel.close()
 
 
+def test_grpc_listens_on_ipv6_and_refuses_an_empty_classroom_id(tmp_path):
+    server = GrpcServer(parts(tmp_path, grpc={"host": "::", "port": free_port()}))  # "::" was ":::port" to gRPC
+    server.start()
+    try:
+        with grpc.insecure_channel(f"[::1]:{server.port}") as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            assert stub.ListClassrooms(pb.ListClassroomsRequest()).classrooms == []
+            with pytest.raises(grpc.RpcError) as info:
+                stub.GetClassroomState(pb.GetClassroomStateRequest(window_seconds=60))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "classroom_id" in info.value.details()
+    finally:
+        server.stop()
+
+
 class _AddAuth(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
     def _with_auth(self, details):
         return details._replace(metadata=list(details.metadata or []) + AUTH)
@@ -248,7 +264,7 @@ def test_health_follows_the_database_and_the_broker(coordinator, mosquitto, monk
     probe = health_pb2_grpc.HealthStub(channel)
 
     def healthz() -> tuple[int, dict]:
-        response = requests.get(f"http://127.0.0.1:{coordinator.web.server_port}/healthz", timeout=5)
+        response = requests.get(f"http://127.0.0.1:{coordinator.web.port}/healthz", timeout=5)
         return response.status_code, response.json()
 
     def grpc_status() -> int:
@@ -318,7 +334,7 @@ def test_an_unreachable_notify_socket_is_logged_once_and_changes_nothing(tmp_pat
 
 def admin_page(coordinator: Coordinator, path: str) -> str:
     """``path`` as the dashboard's admin sees it, over HTTP on loopback."""
-    base = f"http://127.0.0.1:{coordinator.web.server_port}"
+    base = f"http://127.0.0.1:{coordinator.web.port}"
     with requests.Session() as browser:
         token = re.search(r'name="csrf-token" content="([^"]+)"', browser.get(f"{base}/login", timeout=5).text)
         browser.post(f"{base}/login", data={"username": "admin", "password": "test-admin-password",
@@ -337,13 +353,23 @@ def test_cli_config_errors_are_one_line_and_exit_2(tmp_path):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
+    busy_port = busy.getsockname()[1]
+    (tmp_path / "not-a-folder").write_text("")
+    (tmp_path / "junk.pem").write_text("not PEM\n")
+    fine = f'[database]\nurl = "sqlite:///{tmp_path}/y.db"\n[grpc]\nport = {free_port()}\n'
     cases = {
         "missing.toml": None,
         "syntax.toml": "[grpc\nport = 1",
         "unknown.toml": "[mqtt]\nurll = 'mqtt://x'",
         "rules.toml": f'[policy]\nrules = "{bad_rules}"\n[database]\nurl = "sqlite:///{tmp_path}/x.db"',
-        "port.toml": f'state_dir = "{tmp_path}"\n[grpc]\nport = {busy.getsockname()[1]}\n'
+        "port.toml": f'state_dir = "{tmp_path}"\n[grpc]\nport = {busy_port}\n'
         f'[database]\nurl = "sqlite:///{tmp_path}/x.db"',
+        # werkzeug answered a busy web port with exit status 1, which systemd restarts forever
+        "web-port.toml": f'state_dir = "{tmp_path}"\n{fine}[web]\nport = {busy_port}\n',
+        "state-dir.toml": f'state_dir = "{tmp_path}/not-a-folder"\n{fine}',
+        "tls.toml": f'{fine}tls_cert = "{tmp_path}/junk.pem"\ntls_key = "{tmp_path}/junk.pem"\n',
+        "webhooks.toml": '[[webhooks]]\nurl = "https://lms.example/hook"\n'
+        '[[webhooks]]\nurl = "https://lms.example/hook"\nclassrooms = ["room-2"]\n',
         # each of these once loaded fine and then failed quietly: outlets off, anyone in, no rate limit
         "xapi.toml": '[xapi]\nendpoint = "lrs.example.org/xAPI"',
         "token.toml": '[grpc]\ntokens = [""]',
@@ -354,7 +380,12 @@ def test_cli_config_errors_are_one_line_and_exit_2(tmp_path):
         "syntax.toml": "not valid TOML",
         "unknown.toml": "unknown key `mqtt.urll`",
         "rules.toml": "rule.0.signal",
-        "port.toml": "cannot listen on",
+        "port.toml": f"cannot listen on 127.0.0.1:{busy_port} for gRPC (Address already in use)",
+        "web-port.toml": f"cannot listen on 127.0.0.1:{busy_port} for the web app (Address already in use): "
+        "change [web] host/port",
+        "state-dir.toml": f"state_dir '{tmp_path}/not-a-folder'",
+        "tls.toml": "[grpc] tls_cert",
+        "webhooks.toml": "webhooks 1 and 2 have the same url",
         "xapi.toml": "xapi.endpoint",
         "token.toml": "grpc.tokens",
         "rate.toml": "web.login_rate",

@@ -40,3 +40,14 @@ def test_demo_refuses_to_empty_a_folder_it_did_not_make(tmp_path: Path) -> None:
     assert result.returncode == 2 and (precious / "coordinator.db").read_text() == "real data"
     assert result.stderr.startswith(f"error: --state-dir {precious} holds files the demo did not create")
     assert result.stderr.count("\n") == 1
+
+
+def test_a_broker_without_a_scheme_is_one_line_naming_the_option(tmp_path: Path) -> None:
+    """`--broker localhost:1883` was a traceback about `mqtt.url`, a key the user never wrote."""
+    result = subprocess.run(
+        [sys.executable, "-m", "coordinator", "demo", "--broker", "localhost:1883", "--state-dir", str(tmp_path / "d")],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert result.returncode == 2 and not (tmp_path / "d").exists()  # refused before anything started
+    assert result.stderr.startswith("error: --broker ") and "mqtt://localhost:1883" in result.stderr
+    assert result.stderr.count("\n") == 1

@@ -79,6 +79,9 @@ def test_signal_filters(tmp_path):
     later = (utcnow() + timedelta(minutes=1)).isoformat() + "Z"
     assert ids(f"?since={later}") == set() and len(ids(f"?until={later}")) == 3
     assert client.get("/api/v1/signals?status=maybe", headers=BEARER).status_code == 400
+    bogus = client.get("/api/v1/signals?kind=BOGUS", headers=BEARER)  # was 200 and [], as if none had fired
+    assert bogus.status_code == 400 and bogus.json["error"] == (
+        "kind must be one of SLOW_DOWN, REVIEW, OFFER_HINT, INCREASE_CHALLENGE, TAKE_BREAK, SWITCH_MODALITY")
     assert client.get("/api/v1/signals?since=yesterday", headers=BEARER).status_code == 400
     assert client.get("/api/v1/signals?limit=0", headers=BEARER).status_code == 400
     assert client.get("/api/v1/signals?limit=ten", headers=BEARER).status_code == 400

@@ -39,6 +39,23 @@ def test_pages_need_a_login_and_a_login_sets_a_safe_cookie(tmp_path):
     assert client.get("/").status_code == 302
 
 
+@pytest.mark.parametrize("target, location", [
+    ("/classrooms/x?window=60", "/classrooms/x?window=60"),
+    ("/\\evil.example/x", "/"),  # browsers read "/\\" as "//": another site
+    ("/\t/evil.example/x", "/"),  # and drop the tab
+    ("/classrooms/x\\..", "/"),
+    ("//evil.example/x", "/"),
+    ("https://evil.example/", "/"),
+    ("evil.example", "/"),
+])
+def test_login_redirects_only_to_paths_on_this_site(tmp_path, target, location):
+    _, app = web(tmp_path)
+    client = app.test_client()
+    answer = client.post("/login", data={"username": "admin", "password": ADMIN_PASSWORD,
+                                         "csrf_token": csrf_token(client), "next": target})
+    assert answer.status_code == 302 and answer.headers["Location"] == location
+
+
 def test_cookie_secure_when_configured(tmp_path):
     _, app = web(tmp_path, web={"cookie_secure": True})
     answer = login(app.test_client(), "admin", ADMIN_PASSWORD)

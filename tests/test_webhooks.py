@@ -17,6 +17,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
 from affectedge.codec import decode
+from affectedge.settings import ConfigError
 from affectedge.v1 import affectedge_pb2 as pb
 from coordinator import db
 from coordinator.outbox import MAX_BACKOFF_S, retry_delay
@@ -133,6 +134,14 @@ def test_signed_json_reaches_matching_webhooks_only(tmp_path):
     assert [(r.status, r.attempts) for r in rows] == [("delivered", 1)] * 3
     assert {r.headers[DELIVERY_HEADER] for r in everything.requests} == {
         str(r.id) for r in rows if r.target == everything.url}
+
+
+def test_two_webhooks_with_one_url_are_refused(tmp_path):
+    """Deliveries are keyed by URL, so the second entry used to replace the first without a word."""
+    url = "https://lms:password@lms.example/hook"
+    with pytest.raises(ConfigError, match=r"^test config: key `webhooks`: .*webhooks 1 and 3 have the same url") as e:
+        parts(tmp_path, webhooks=[hook(url), hook("https://other.example/hook"), hook(url, classrooms=["room-2"])])
+    assert "password" not in str(e.value) and "\n" not in str(e.value)
 
 
 def test_verify_signature_rejects_tampering_wrong_secret_and_replays():

@@ -7,7 +7,6 @@ guessing passwords is slow; the session is cleared on login so a planted session
 from __future__ import annotations
 
 import logging
-from urllib.parse import urlsplit
 
 from flask import Blueprint, flash, redirect, render_template, request, session, url_for
 
@@ -19,11 +18,12 @@ bp = Blueprint("auth", __name__)
 
 
 def _safe_next(target: str | None) -> str:
-    """Only same-site paths: an open redirect after login would help phishing."""
-    if not target:
-        return url_for("live.index")
-    parts = urlsplit(target)
-    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
+    r"""Only same-site paths: an open redirect after login would help phishing. Browsers read ``\`` as
+    ``/`` and drop tabs and newlines, so ``/\evil.example`` and ``/<tab>/evil.example`` lead to another
+    site just as ``//evil.example`` does: only ``/`` followed by a character other than ``/`` passes,
+    and nothing with a backslash or a control character anywhere in it."""
+    if (not target or not target.startswith("/") or target[1:2] in ("", "/")
+            or any(char == "\\" or not char.isprintable() for char in target)):
         return url_for("live.index")
     return target
 
