@@ -4,7 +4,9 @@
   :class:`~edge_agent.spool.Spool`; a sender thread hands the oldest rows to paho-mqtt while
   connected (at most ``MAX_INFLIGHT`` unacknowledged) and deletes each row on its PUBACK. paho
   re-sends unacknowledged messages itself after a reconnect, and MQTT keeps one client's QoS 1
-  messages in order, so batches arrive in ``seq`` order.
+  messages in order, so batches arrive in ``seq`` order. A batch the broker refuses for now (MQTT 5:
+  its ACL, a quota) stays in the spool and goes again after a back-off, with those after it, in order;
+  only one it can never accept (:data:`PERMANENT_REFUSALS`) is dropped and counted.
 * ``.../status`` — a retained :class:`AgentStatus`: ONLINE on every (re)connect, refreshed by the
   service, OFFLINE on a clean stop; the same OFFLINE message is the Last Will, so the broker
   announces a crashed or unplugged agent by itself.
@@ -36,12 +38,23 @@ from affectedge import codec, topics
 from affectedge.settings import ConfigError
 from affectedge.v1 import affectedge_pb2 as pb
 from edge_agent.config import AgentSection, MqttSection, TlsSection
-from edge_agent.spool import Row, Spool
+from edge_agent.spool import DiskFull, Row, Spool
 
 log = logging.getLogger(__name__)
 
 MAX_INFLIGHT = 20
 QOS = 1
+# PUBACK reason codes no retry can turn into a delivery, since the batch itself is wrong for the broker: topic
+# name invalid, payload format invalid. The others (not authorized, quota exceeded, unspecified error, ...)
+# an admin fixes or they pass, so those batches wait in the spool.
+PERMANENT_REFUSALS = frozenset({0x90, 0x99})
+# what to fix for a refusal, by reason code (the default: any other)
+REFUSAL_FIXES = {
+    0x87: "check the broker ACL allows agent {agent!r} in classroom {classroom!r} to publish there, e.g. re-run "
+          "`coordinator provision-agent`",
+    0x97: "the broker's quota for this client is used up; it passes, or raise the broker's limits",
+}
+DEFAULT_FIX = "the broker's log says why"
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -111,7 +124,13 @@ class Publisher:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._warned_full = False  # once per outage, not once per batch
-        self._warned_refused = False  # once per connection, not once per batch
+        self._warned_disk_full = False  # once until a batch is spooled again, not once per batch
+        self._warned_refused = False  # once per connection or refusal episode, not once per batch
+        # batches refused for now (sender thread, under _lock): the oldest refused row, sent again from there
+        # at _resend_at; _backoff is 0 while no batch is refused, else doubles per refused round
+        self._resend_from: int | None = None
+        self._resend_at = 0.0
+        self._backoff = 0.0
         self._warned_unreachable = False  # once per outage, not once per retry
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
 
@@ -133,13 +152,26 @@ class Publisher:
 
     def publish_batch(self, observations: Iterable[pb.EmotionObservation],
                       summaries: Iterable[pb.CameraSummary]) -> pb.ObservationBatch:
-        """Number, encode and spool one batch; it is sent as soon as the broker is reachable."""
+        """Number, encode and spool one batch; it is sent as soon as the broker is reachable.
+
+        On a full disk the batch is dropped (counted in ``spool_dropped``) rather than sent around the
+        spool: its ``seq`` is not saved then and may come again after a restart, when consumers would
+        skip the new batch as a duplicate, and it would overtake the batches waiting in the spool.
+        """
         batch = pb.ObservationBatch(
             agent_id=self.agent.id, classroom_id=self.agent.classroom, model_version=self.model_version,
             seq=self.spool.next_seq(), sent_at=timestamp(time.time()),
             observations=observations, summaries=summaries)
         content_type, payload = self._encode(batch)
-        if self.spool.put(self.observations_topic, content_type, payload) and not self._warned_full:
+        try:
+            pushed_out = self.spool.put(self.observations_topic, content_type, payload)
+        except DiskFull as exc:
+            self._warn_disk_full(exc)
+            return batch
+        if self._warned_disk_full:
+            log.info("the spool's disk has space again: spooling batches again")
+            self._warned_disk_full = False
+        if pushed_out and not self._warned_full:
             log.warning("spool full (%d batches): dropping the oldest until the broker is back "
                         "(counted in the status' spool_dropped)", self.spool.max_batches)
             self._warned_full = True
@@ -153,32 +185,60 @@ class Publisher:
             with self._lock:
                 # every acked mid is registered: its publish() returned before we got _lock
                 while self._acked:
-                    self._settle(*self._acked.popleft())
+                    try:
+                        self._settle(*self._acked.popleft())
+                    except DiskFull as exc:  # the row stays for the next start (a delivered one: consumers skip it)
+                        self._warn_disk_full(exc)
                 if not self.connected.is_set():
                     continue
                 in_flight = sum(row is not None for row in self._inflight.values())
+                if self._resend_from is not None:
+                    # the refused rows go first, so none after them may still be in flight
+                    if in_flight or time.monotonic() < self._resend_at:
+                        continue
+                    self.spool.resend_from(self._resend_from)
+                    self._resend_from = None
                 for row in self.spool.take(MAX_INFLIGHT - in_flight):
                     info = self._client.publish(row.topic, row.payload, QOS,
                                                 properties=self._properties(row.content_type))
                     self._inflight[info.mid] = row
 
     def _settle(self, mid: int, reason_code: ReasonCode) -> None:
-        """Delete the row of an answered PUBLISH: delivered, or refused (dropped, never retried)."""
+        """Act on an answered PUBLISH: delete a delivered batch, drop one the broker can never accept, and keep
+        one it refused for now (ACL, quota) to go again after a back-off: an admin's fix must not cost the backlog."""
         row = self._inflight.pop(mid, None)
-        if reason_code.is_failure:
-            self._warn_refused(row.topic if row is not None else self.status_topic, reason_code)
-            if row is not None:
-                self.spool.reject(row.id)
-        elif row is not None:
+        if row is None:
+            if reason_code.is_failure:
+                self._warn_refused(self.status_topic, reason_code, "the next status replaces it")
+        elif not reason_code.is_failure:
             self.spool.ack(row.id)
+            if self._backoff and self._resend_from is None:
+                log.info("the broker accepts batches on %s again", row.topic)
+                self._backoff, self._warned_refused = 0.0, False
+        elif reason_code.value in PERMANENT_REFUSALS:
+            self.spool.reject(row.id)
+            self._warn_refused(row.topic, reason_code, "dropping such batches (counted in spool_dropped): "
+                               "sending them again cannot change that answer")
+        else:
+            if self._resend_from is None:  # the first refusal of this round
+                self._backoff = min(max(1.0, 2 * self._backoff), self.config.max_backoff_s)
+                self._resend_at = time.monotonic() + self._backoff
+            self._resend_from = row.id if self._resend_from is None else min(self._resend_from, row.id)
+            self._warn_refused(row.topic, reason_code, "keeping the batches in the spool and sending them again, "
+                               f"in order, every {self.config.max_backoff_s} s at most")
 
-    def _warn_refused(self, topic: str, reason_code: ReasonCode) -> None:
-        # a refusal is a deployment error (ACL, wrong id) that repeats for every batch: say it once
+    def _warn_refused(self, topic: str, reason_code: ReasonCode, outcome: str) -> None:
+        # a refusal repeats for every message until it is fixed or passes: say it once
         if not self._warned_refused:
-            log.warning("the broker refused a message on %s (%s): dropping refused batches (counted in "
-                        "spool_dropped); check the broker ACL allows agent %r in classroom %r, e.g. re-run "
-                        "`coordinator provision-agent`", topic, reason_code, self.agent.id, self.agent.classroom)
+            fix = REFUSAL_FIXES.get(reason_code.value, DEFAULT_FIX).format(
+                agent=self.agent.id, classroom=self.agent.classroom)
+            log.warning("the broker refused a message on %s (%s): %s; %s", topic, reason_code, outcome, fix)
             self._warned_refused = True
+
+    def _warn_disk_full(self, exc: DiskFull) -> None:
+        if not self._warned_disk_full:
+            log.warning("%s: dropping new batches (counted in spool_dropped) until space is freed there", exc)
+            self._warned_disk_full = True
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         self._acked.append((mid, reason_code))

@@ -35,7 +35,7 @@ from edge_agent.inference import ModelError
 from edge_agent.pipeline import CameraPipeline
 from edge_agent.publisher import Publisher, timestamp
 from edge_agent.quality import QualityGate
-from edge_agent.spool import Spool
+from edge_agent.spool import DiskFull, Spool
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,13 @@ def model_version(models_dir: Path) -> str:
 
 
 def open_spool(section: SpoolSection) -> Spool:
-    """The spool, or a ConfigError naming ``spool.path``: caught at start-up, not by a crash loop."""
+    """The spool, or a ConfigError naming ``spool.path``: caught at start-up, not by a crash loop.
+    A full disk is no config error: it exits 1, which systemd restarts, so the agent starts once
+    space is freed (the config error's 2 it would not restart)."""
     try:
         return Spool(section.path, section.max_batches)
+    except DiskFull as exc:
+        raise SystemExit(f"edge-agent: {exc} (systemd restarts the agent until it starts)") from None
     except (OSError, sqlite3.Error) as exc:
         raise ConfigError(f"spool.path = {section.path}: cannot open it ({exc}); point spool.path at a file in a "
                           "writable directory, or move a corrupt file away (it holds only unsent batches)") from None

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import signal
+import sqlite3
 import time
 from pathlib import Path
 
 import pytest
 from conftest import free_port, start_mosquitto
 from edge_support import Subscriber
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+from test_edge_spool import fill_disk, free_disk
 
 from affectedge import codec, topics
 from affectedge.v1 import affectedge_pb2 as pb
@@ -119,27 +124,109 @@ def test_json_on_request_over_either_protocol(mosquitto, tmp_path: Path, protoco
     assert message.content_type == expected
 
 
-def test_batches_the_broker_acl_refuses_are_counted_as_dropped_with_one_warning(tmp_path, caplog):
+def test_batches_the_broker_acl_refuses_wait_in_the_spool_and_go_in_order_once_it_allows_them(tmp_path, caplog):
+    observations = topics.observations("lab-a", "pc-1")
     acl = tmp_path / "acl"
-    acl.write_text(f"topic readwrite {topics.status('lab-a', 'pc-1')}\n")  # observations denied
+    acl.write_text(f"topic readwrite {topics.status('lab-a', 'pc-1')}\ntopic read {observations}\n")
     broker = start_mosquitto(tmp_path / "mosquitto", f"acl_file {acl}\nuser root")  # root: reads tmp_path
-    spool = Spool(tmp_path / "spool.sqlite3", max_batches=10)
-    publisher = Publisher(MqttSection(port=broker.port), AGENT, spool, "m1")
+    spool = Spool(tmp_path / "spool.sqlite3", max_batches=100)
+    publisher = Publisher(MqttSection(port=broker.port, max_backoff_s=1), AGENT, spool, "m1")
+    subscriber = Subscriber(broker.port, observations)
     publisher.start(status)
     try:
         assert publisher.connected.wait(10)
-        with caplog.at_level("WARNING", logger="edge_agent.publisher"):
-            for _ in range(3):
+        with caplog.at_level("INFO", logger="edge_agent.publisher"):
+            for _ in range(11):
                 publisher.publish_batch([observation()], [])
+            time.sleep(3.5)  # refused, then sent again after 1 s back-offs: still refused
+            assert (spool.depth, spool.dropped, subscriber.received()) == (11, 0, [])
+
+            acl.write_text(f"topic readwrite {topics.status('lab-a', 'pc-1')}\ntopic readwrite {observations}\n")
+            broker.process.send_signal(signal.SIGHUP)  # the admin fixes the ACL: mosquitto reloads it
+            publisher.publish_batch([observation()], [])
+            subscriber.wait_for(lambda m: len(m) >= 12)
             wait(lambda: spool.depth == 0)
     finally:
         publisher.stop(status())
+        subscriber.close()
         broker.stop()
-    assert spool.dropped == 3
+    assert seqs(subscriber) == list(range(1, 13))
+    assert spool.dropped == 0
     refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
-    assert len(refused) == 1
-    assert topics.observations("lab-a", "pc-1") in refused[0]
-    assert "Not authorized" in refused[0] and "provision-agent" in refused[0]
+    assert len(refused) == 1, refused
+    assert observations in refused[0] and "Not authorized" in refused[0] and "keeping the batches" in refused[0]
+    assert "broker ACL" in refused[0] and "provision-agent" in refused[0]
+    assert any(r.getMessage() == f"the broker accepts batches on {observations} again" for r in caplog.records)
+
+
+@pytest.mark.parametrize("code, dropped", [(0x90, 1), (0x99, 1), (0x80, 0), (0x87, 0), (0x97, 0)])
+def test_only_a_refusal_no_retry_can_change_drops_the_batch(tmp_path, code, dropped):
+    # mosquitto answers a malformed PUBLISH by disconnecting, not with a PUBACK code, so each answer
+    # is handed to the publisher as paho's thread hands it over
+    spool = Spool(tmp_path / "s.sqlite3", max_batches=10)
+    publisher = Publisher(MqttSection(), AGENT, spool, "m1")
+    publisher.publish_batch([observation()], [])
+    [row] = spool.take(1)
+    publisher._inflight[1] = row
+    publisher._settle(1, ReasonCode(PacketTypes.PUBACK, identifier=code))
+    assert (spool.depth, spool.dropped) == (1 - dropped, dropped)
+
+
+class DeletesMeetAFullDisk:
+    """The spool's connection where a DELETE needs disk space there is none of (as a WAL append can)."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+        scratch = sqlite3.connect(":memory:")  # SQLite's own error for a full disk, to replay
+        scratch.execute("PRAGMA max_page_count = 1")
+        with pytest.raises(sqlite3.OperationalError) as full:
+            scratch.execute("CREATE TABLE t (x)")
+        self._full = full.value
+
+    def execute(self, sql: str, *args) -> sqlite3.Cursor:
+        if sql.startswith("DELETE"):
+            raise self._full
+        return self.db.execute(sql, *args)
+
+    def __enter__(self) -> sqlite3.Connection:
+        return self.db.__enter__()
+
+    def __exit__(self, *exc) -> bool:
+        return self.db.__exit__(*exc)
+
+
+def test_a_full_disk_drops_new_batches_with_one_warning_and_keeps_sending_until_space_is_back(
+        mosquitto, tmp_path, caplog):
+    spool = Spool(tmp_path / "spool.sqlite3", max_batches=100)
+    publisher = Publisher(MqttSection(port=mosquitto.port), AGENT, spool, "m1")
+    subscriber = Subscriber(mosquitto.port, topics.observations("lab-a", "pc-1"))
+    with caplog.at_level("INFO", logger="edge_agent.publisher"):
+        publisher.publish_batch([observation()], [])  # spooled before the broker is connected
+        fill_disk(spool)
+        spool._db = DeletesMeetAFullDisk(spool._db)
+        publisher.start(status)
+        try:
+            assert publisher.connected.wait(10)
+            # delivered, but its row cannot be deleted: it stays, sent again after a restart (consumers skip it)
+            wait(lambda: any("disk is full" in m for m in caplog.messages))
+            for _ in range(3):
+                publisher.publish_batch([observation()] * 200, [])  # over a page: it needs a new one
+            assert (spool.depth, spool.dropped) == (1, 3)
+
+            spool._db = spool._db.db
+            free_disk(spool)
+            publisher.publish_batch([observation()], [])
+            subscriber.wait_for(lambda m: len(m) >= 2)
+            wait(lambda: spool.depth == 1)
+        finally:
+            publisher.stop(status(), flush_timeout=0)
+            subscriber.close()
+    assert seqs(subscriber) == [1, 5]  # 2 to 4 dropped, and counted
+    assert spool.dropped == 3
+    full = [m for m in caplog.messages if "disk is full" in m]
+    assert full == [f"the spool's disk is full ({spool.path}): dropping new batches (counted in spool_dropped) "
+                    "until space is freed there"]
+    assert "the spool's disk has space again: spooling batches again" in caplog.messages
 
 
 def test_an_unreachable_broker_is_named_with_the_reason_once_per_outage(tmp_path, caplog):
