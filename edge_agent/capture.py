@@ -174,6 +174,16 @@ class Camera:
                 backoff = min(backoff * 2, self.max_backoff_s)
 
 
+def has_frames(path: str) -> bool:
+    """Whether ``path`` opens as a video with a frame OpenCV decodes: ``bench`` asks before it loads the
+    models, so a wrong file is a one-line error instead of a failure after seconds of start-up."""
+    capture = open_capture(path)
+    try:
+        return capture.isOpened() and capture.read()[0]
+    finally:
+        capture.release()
+
+
 def read_file(path: str):
     """Every frame of a video file once, as fast as it decodes (for ``edge-agent bench``)."""
     capture = open_capture(path)

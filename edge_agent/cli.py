@@ -13,13 +13,14 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from affectedge.cli_args import positive_int
 from affectedge.settings import ConfigError
 from edge_agent import config as agent_config
-from edge_agent.capture import describe, open_capture
+from edge_agent.capture import describe, has_frames, open_capture
 from edge_agent.config import AgentConfig
 
 log = logging.getLogger("edge_agent")
@@ -38,6 +39,28 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
 
 
+@contextmanager
+def _model_errors(config: AgentConfig) -> Iterator[None]:
+    """Model files missing, corrupt or unreadable by this user as one line (UsageError, exit 2): restarting
+    cannot fix them. PermissionError is turned here too, since the detector's mtcnn/ folder raises it
+    while it opens its sessions (edge_agent.faces), not through the manifest."""
+    from edge_agent.emotion_model import ModelError, unreadable
+
+    try:
+        yield
+    except (ModelError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from None
+    except PermissionError as exc:
+        raise UsageError(str(unreadable(exc.filename or config.model.dir, config.model.dir))) from None
+
+
+def _writable(path: Path) -> bool:
+    """Whether this user can create or replace the file ``path``: checked before a bench that runs for minutes."""
+    if path.exists():
+        return path.is_file() and os.access(path, os.W_OK)
+    return path.parent.is_dir() and os.access(path.parent, os.W_OK | os.X_OK)
+
+
 # -- check ----------------------------------------------------------------------------------------------
 
 def _check_model(config: AgentConfig) -> str:
@@ -45,7 +68,8 @@ def _check_model(config: AgentConfig) -> str:
 
     from edge_agent.service import load_models
 
-    model, detector = load_models(config)
+    with _model_errors(config):
+        model, detector = load_models(config)
     detector.detect(np.zeros((240, 320, 3), np.uint8))
     probs = model.classify(np.repeat(model.embed(np.zeros((1, 48, 48), np.uint8))[:, None], model.window, 1))
     if probs.shape != (1, 7):
@@ -133,13 +157,10 @@ def check(config: AgentConfig) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     config = agent_config.load(args.config)
     setup_logging(config.log_level)
-    from edge_agent.emotion_model import ModelError
     from edge_agent.service import Agent
 
-    try:
+    with _model_errors(config):
         agent = Agent(config)
-    except (ModelError, FileNotFoundError) as exc:  # restarting cannot fix missing model files
-        raise UsageError(str(exc)) from None
     agent.run()
     return 0
 
@@ -156,12 +177,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if not args.video.is_file():
         raise UsageError(f"{args.video}: no such video file; pass --video with an existing file")
+    if args.json and not _writable(args.json):
+        raise UsageError(f"--json {args.json}: cannot write a file there; pass a path in an existing, writable "
+                         "directory")
     config = agent_config.load(args.config)
+    # FFmpeg's own lines ("moov atom not found") would come before the one below; read at the first open
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "8")  # AV_LOG_FATAL
+    if not has_frames(str(args.video)):
+        raise UsageError(f"{args.video}: OpenCV decodes no frame from it; pass --video with a video file "
+                         "(e.g. edge_agent/sample/classroom.mp4)")
     if args.detect_every:
         config = config.model_copy(update={"detection": config.detection.model_copy(
             update={"every": args.detect_every})})
     setup_logging("WARNING")
-    result = bench.bench(args.video, config, args.frames)
+    with _model_errors(config):
+        result = bench.bench(args.video, config, args.frames)
     print(bench.render(result))
     if args.json:
         bench.write_json(result, args.json)

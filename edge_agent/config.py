@@ -49,6 +49,13 @@ class CameraSection(Section):
 
     _ids = field_validator("id")(_check_id)
 
+    @model_validator(mode="after")
+    def _size_pair(self) -> CameraSection:
+        """The capture asks the camera for a resolution only as a pair: one alone would be ignored."""
+        if (self.width is None) != (self.height is None):
+            raise ValueError("set both `width` and `height` to ask the camera for a resolution, or neither")
+        return self
+
 
 class DetectionSection(Section):
     #: run the detector on every k-th processed frame; faces are tracked in between
@@ -121,6 +128,14 @@ class MqttSection(Section):
     tls: TlsSection | None = None
     #: seconds between reconnect attempts grow from 1 to this
     max_backoff_s: int = Field(30, ge=1, le=3600)
+
+    @model_validator(mode="after")
+    def _password_needs_username(self) -> MqttSection:
+        """MQTT sends a password only with a username: alone it would be dropped and the broker refuse us."""
+        if self.password is not None and self.username is None:
+            raise ValueError("`password` is set without `username`; set the username the broker knows this agent "
+                             "by (coordinator provision-agent prints both), or remove the password")
+        return self
 
 
 class SpoolSection(Section):

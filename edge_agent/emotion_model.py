@@ -19,17 +19,52 @@ from edge_agent.inference import ModelError, Session, open_session, sha256
 log = logging.getLogger(__name__)
 
 
+#: what the edge reads from manifest.json, and what each must be; the rest is for people and the offline tools
+REQUIRED: dict[str, tuple[type, str]] = {
+    "classes": (list, "a list of class names"), "version": (str, "a string"),
+    "window": (int, "a whole number"), "embed_dim": (int, "a whole number"), "files": (dict, "an object"),
+}
+
+
+def unreadable(path: Path | str, models_dir: Path) -> ModelError:
+    """A model file or folder this user may not read, typically copied by root with a private umask:
+    chmod fixes it, restarting cannot, so it is a ModelError (exit 2) and not a traceback."""
+    return ModelError(f"cannot read {path} (permission denied): make the model files readable by the user the "
+                      f"agent runs as, e.g. chmod -R a+rX {models_dir}")
+
+
 def read_manifest(models_dir: Path) -> dict:
+    """The manifest, checked for every key the edge reads, so a truncated or hand-edited one is a one-line
+    ModelError naming the key instead of a KeyError wherever it is first used."""
     path = models_dir / "manifest.json"
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ModelError(f"{path} is missing: point model.dir at the shipped models/ folder") from None
+        # absolute: a relative model.dir is resolved from the working directory, which is what usually went wrong
+        raise ModelError(f"{path.absolute()} is missing: point model.dir at the shipped models/ folder") from None
+    except PermissionError:
+        raise unreadable(path, models_dir) from None
     except json.JSONDecodeError as exc:
         raise ModelError(f"{path} is not valid JSON ({exc}); reinstall the model files") from None
-    if tuple(manifest.get("classes", ())) != EMOTIONS:
-        raise ModelError(f"{path} lists classes {manifest.get('classes')}; this software expects {list(EMOTIONS)}")
+    if not isinstance(manifest, dict):
+        raise ModelError(f"{path} is not a JSON object; reinstall the model files")
+    for key, (kind, what) in REQUIRED.items():
+        value = manifest.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ModelError(f'{path}: "{key}" is missing or not {what}; reinstall the model files')
+    if tuple(manifest["classes"]) != EMOTIONS:
+        raise ModelError(f"{path} lists classes {manifest['classes']}; this software expects {list(EMOTIONS)}")
+    for key in ("encoder", "head"):
+        file_entry(manifest, key, path)
     return manifest
+
+
+def file_entry(manifest: dict, key: str, path: Path) -> dict:
+    """``files.<key>`` of the manifest at ``path``, checked to name its file and that file's sha256."""
+    entry = manifest["files"].get(key)
+    if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str)):
+        raise ModelError(f'{path}: "files.{key}" is missing or has no "file" and "sha256"; reinstall the model files')
+    return entry
 
 
 def face_tensor(faces: np.ndarray) -> np.ndarray:
@@ -63,14 +98,17 @@ class EmotionModel:
             key = "encoder_int8" if name == "encoder" and int8 else name
             if key not in manifest["files"]:
                 raise ModelError(f"manifest.json lists no {key} model: run `model_export quantize` first")
-            entry = manifest["files"][key]
+            entry = file_entry(manifest, key, models_dir / "manifest.json")
             path = models_dir / entry["file"]
-            checked = verify and path.exists()
-            if checked and sha256(path) != entry["sha256"]:
-                raise ModelError(f"{path} does not match the sha256 in manifest.json; reinstall the model files")
-            sessions[name] = open_session(path, backend, threads, entry["sha256"] if checked else None)
-        model = cls(sessions["encoder"], sessions["head"], int(manifest["window"]),
-                    int(manifest["embed_dim"]), manifest["version"], int8)
+            try:
+                checked = verify and path.exists()
+                if checked and sha256(path) != entry["sha256"]:
+                    raise ModelError(f"{path} does not match the sha256 in manifest.json; reinstall the model files")
+                sessions[name] = open_session(path, backend, threads, entry["sha256"] if checked else None)
+            except PermissionError as exc:  # the file, or its engine (exc.filename)
+                raise unreadable(exc.filename or path, models_dir) from None
+        model = cls(sessions["encoder"], sessions["head"], manifest["window"],
+                    manifest["embed_dim"], manifest["version"], int8)
         log.info("model %s on %s (window %d)", model.version, model.backend, model.window)
         return model
 

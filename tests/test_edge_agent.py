@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -173,6 +174,9 @@ def test_check_reports_one_line_per_check(mosquitto, tmp_path: Path):
     ("[agent\n", "not valid TOML"),
     ('[model]\nbackend = "tensorrt"\nint8 = true\n', "model_export build --int8"),
     (None, "no such config file"),
+    ('[mqtt]\npassword = "s3cret"\n', "key `mqtt`: Value error, `password` is set without `username`"),
+    ("[[cameras]]\nwidth = 640\n", "key `cameras.0`: Value error, set both `width` and `height`"),
+    ("[[cameras]]\nheight = 480\n", "key `cameras.0`: Value error, set both `width` and `height`"),
 ])
 def test_config_errors_exit_2_with_one_line(tmp_path: Path, body, expected):
     path = tmp_path / "agent.toml"
@@ -184,6 +188,21 @@ def test_config_errors_exit_2_with_one_line(tmp_path: Path, body, expected):
         assert result.returncode == 2
         assert result.stdout == ""
         assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr
+
+
+def test_documented_check_runs_as_the_unit_does():
+    """`check` must see what the service sees: model.dir ("models") is relative, so it runs as the unit's
+    User= in its WorkingDirectory=, or it tests another folder's models."""
+    unit = (ROOT / "deploy" / "systemd" / "affectedge-agent.service").read_text()
+    user, workdir = (re.search(rf"^{key}=(.+)$", unit, re.M)[1] for key in ("User", "WorkingDirectory"))
+    command = f"cd {workdir} && sudo -u {user} {workdir}/venv/bin/edge-agent check --config /etc/affectedge/agent.toml"
+    readme = (ROOT / "README.md").read_text().splitlines()
+    assert [line for line in readme if "edge-agent check" in line and "sudo" in line] == [command]
+    script = (ROOT / "deploy" / "systemd" / "install.sh").read_text()
+    assert re.search(r"^PREFIX=(.+)$", script, re.M)[1] == workdir
+    assert re.search(r"^CONF=(.+)$", script, re.M)[1] == "/etc/affectedge"
+    shown = command.replace(workdir, "$PREFIX").replace("/etc/affectedge", "$CONF")
+    assert [line.split(". ", 1)[1] for line in script.splitlines() if "edge-agent check" in line] == [shown]
 
 
 def test_example_config_is_the_defaults():
@@ -226,6 +245,35 @@ def test_bench_missing_video_exits_2_with_one_line():
     assert result.returncode == 2 and result.stdout == ""
     (line,) = result.stderr.strip().splitlines()
     assert line == "edge-agent: missing.mp4: no such video file; pass --video with an existing file"
+
+
+def bench_error(*args: str, cwd: Path = ROOT) -> str:
+    """Run ``edge-agent bench ARGS``, assert exit 2 with one line and no output (nothing benched), return it."""
+    result = subprocess.run([*AGENT_CMD, "bench", *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+    assert result.returncode == 2 and result.stdout == "", result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    return line
+
+
+def test_bench_default_config_outside_the_checkout_names_the_missing_manifest(tmp_path: Path):
+    line = bench_error("--video", str(SAMPLE), "--frames", "1", cwd=tmp_path)
+    assert line == (f"edge-agent: {tmp_path / 'models' / 'manifest.json'} is missing: point model.dir at the "
+                    "shipped models/ folder")
+
+
+def test_bench_refuses_a_file_that_is_no_video(tmp_path: Path):
+    notes = tmp_path / "notes.mp4"
+    notes.write_text("not a video\n")
+    assert bench_error("--video", str(notes)) == (
+        f"edge-agent: {notes}: OpenCV decodes no frame from it; pass --video with a video file "
+        "(e.g. edge_agent/sample/classroom.mp4)")
+
+
+@pytest.mark.parametrize("target", ["missing-dir/bench.json", "."], ids=["no-such-dir", "a-directory"])
+def test_bench_checks_the_json_path_before_it_runs(tmp_path: Path, target: str):
+    out = tmp_path / target
+    assert bench_error("--video", str(SAMPLE), "--json", str(out)) == (
+        f"edge-agent: --json {out}: cannot write a file there; pass a path in an existing, writable directory")
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--frames", "0"), ("--detect-every", "-2"), ("--frames", "ten")])

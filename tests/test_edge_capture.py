@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from edge_support import SAMPLE
 
-from edge_agent.capture import Camera, describe, is_file, is_v4l2
+from edge_agent.capture import Camera, describe, has_frames, is_file, is_v4l2
 
 
 def short_clip(path: Path, frames: int = 10, fps: int = 50) -> Path:
@@ -52,6 +52,14 @@ def test_v4l2_devices_include_udev_links_and_files_do_not(tmp_path: Path):
 def test_sources_kinds():
     assert not is_file("0") and not is_file("/dev/video2") and not is_file("http://cam/mjpg")
     assert is_file("clip.mp4")
+
+
+def test_has_frames_only_for_a_video_that_decodes(tmp_path: Path):
+    """What `edge-agent bench` asks before loading models: a text file or an empty video is no video."""
+    (tmp_path / "notes.mp4").write_text("not a video\n")
+    assert has_frames(str(short_clip(tmp_path / "clip.mp4", frames=1)))
+    assert not has_frames(str(short_clip(tmp_path / "empty.mp4", frames=0)))
+    assert not has_frames(str(tmp_path / "notes.mp4"))
 
 
 def test_file_loops_and_a_slow_consumer_gets_the_newest_frame(tmp_path: Path):

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +31,40 @@ def run_agent(config: Path, command: str = "run", logged: bool = False) -> str:
     (line,) = lines
     assert line.startswith("edge-agent: ")
     return line
+
+
+def models_with_manifest(target: Path, manifest: object) -> Path:
+    """A models/ copy (links) whose manifest.json holds ``manifest``."""
+    target.mkdir()
+    for entry in MODELS.iterdir():
+        if entry.name != "manifest.json":
+            (target / entry.name).symlink_to(entry)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def use_models(config: Path, models: Path) -> Path:
+    config.write_text(config.read_text().replace(f'dir = "{MODELS}"', f'dir = "{models}"'))
+    return config
+
+
+def unprivileged() -> list[str]:
+    """The prefix under which file modes apply to the agent: root reads any file, so as root it drops to nobody."""
+    if os.geteuid() != 0:
+        return []
+    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    if shutil.which("setpriv") is None or subprocess.run([*prefix, sys.executable, "-c", ""]).returncode:
+        pytest.skip("as root this needs setpriv and a Python that user nobody can run")
+    return prefix
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A temporary folder every user may enter (pytest's tmp_path is its owner's alone), for the agent as nobody."""
+    path = Path(tempfile.mkdtemp())
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
 
 
 def models_with_truncated_onet(target: Path) -> Path:
@@ -68,9 +107,7 @@ def test_spool_path_under_a_file(tmp_path: Path):
 @needs_models
 def test_truncated_detector_model(tmp_path: Path):
     models = models_with_truncated_onet(tmp_path / "models")
-    config = write_config(tmp_path / "agent.toml", free_port())
-    config.write_text(config.read_text().replace(f'dir = "{MODELS}"', f'dir = "{models}"'))
-    line = run_agent(config, logged=True)
+    line = run_agent(use_models(write_config(tmp_path / "agent.toml", free_port()), models), logged=True)
     assert "onet.onnx does not load" in line and "reinstall the model files" in line
 
 
@@ -92,14 +129,67 @@ def test_a_directory_as_config(tmp_path: Path, command: str):
 @needs_models
 def test_model_version_longer_than_the_wire_allows(tmp_path: Path):
     """Every batch carries the version; one the contract refuses must stop start-up, not each publish."""
-    models = tmp_path / "models"
+    manifest = json.loads((MODELS / "manifest.json").read_text())
+    models = models_with_manifest(tmp_path / "models", {**manifest, "version": "v" * 65})
+    line = run_agent(use_models(write_config(tmp_path / "agent.toml", free_port()), models))
+    assert "version has 65 characters" in line and "shorter --version" in line
+
+
+@needs_models
+@pytest.mark.parametrize(("change", "expected"), [
+    (lambda m: {k: v for k, v in m.items() if k != "version"}, ': "version" is missing or not a string'),
+    (lambda m: {k: v for k, v in m.items() if k != "files"}, ': "files" is missing or not an object'),
+    (lambda m: {**m, "window": "8"}, ': "window" is missing or not a whole number'),
+    (lambda m: {**m, "files": {"encoder": m["files"]["encoder"]}},
+     ': "files.head" is missing or has no "file" and "sha256"'),
+    (lambda m: [m], " is not a JSON object"),
+], ids=["no-version", "no-files", "window-text", "no-head", "list"])
+def test_incomplete_manifest(tmp_path: Path, change, expected: str):
+    """A truncated or hand-edited manifest names the key to fix, in `run` (exit 2) and in `check`'s model line."""
+    manifest = json.loads((MODELS / "manifest.json").read_text())
+    models = models_with_manifest(tmp_path / "models", change(manifest))
+    config = use_models(write_config(tmp_path / "agent.toml", free_port()), models)
+    message = f"{models / 'manifest.json'}{expected}; reinstall the model files"
+    assert run_agent(config) == f"edge-agent: {message}"
+    checked = subprocess.run([*AGENT_CMD, "check", "--config", str(config)], capture_output=True, text=True,
+                             timeout=60, cwd=ROOT)
+    assert checked.returncode == 1 and "Traceback" not in checked.stderr, checked.stderr[-2000:]
+    assert checked.stdout.splitlines()[1] == f"FAIL  model: {message}"
+
+
+@needs_models
+@pytest.mark.parametrize("blocked", [".", "encoder.onnx", "mtcnn"], ids=["models-dir", "encoder", "mtcnn-dir"])
+def test_model_files_the_service_user_cannot_read(open_dir: Path, blocked: str):
+    """Models copied by root with a private umask: one line naming the path and the chmod, exit 2 (no restart
+    loop), and a readable FAIL line from `check`."""
+    prefix = unprivileged()
+    models = open_dir / "models"
     models.mkdir()
     for entry in MODELS.iterdir():
-        if entry.name != "manifest.json":
+        if entry.name not in ("encoder.onnx", "mtcnn"):
             (models / entry.name).symlink_to(entry)
-    manifest = json.loads((MODELS / "manifest.json").read_text())
-    (models / "manifest.json").write_text(json.dumps({**manifest, "version": "v" * 65}))
-    config = write_config(tmp_path / "agent.toml", free_port())
-    config.write_text(config.read_text().replace(f'dir = "{MODELS}"', f'dir = "{models}"'))
-    line = run_agent(config)
-    assert "version has 65 characters" in line and "shorter --version" in line
+    shutil.copy(MODELS / "encoder.onnx", models)  # a copy: its mode is changed below, never the checkout's
+    (models / "mtcnn").mkdir()
+    for net in (MODELS / "mtcnn").iterdir():
+        (models / "mtcnn" / net.name).symlink_to(net)
+    spool = open_dir / "spool"
+    spool.mkdir(mode=0o777)
+    spool.chmod(0o777)
+    config = use_models(write_config(open_dir / "agent.toml", free_port(), spool=spool / "spool.sqlite3"), models)
+    config.chmod(0o644)
+    (models / blocked).chmod(0)
+    try:
+        run = subprocess.run([*prefix, *AGENT_CMD, "run", "--config", str(config)], capture_output=True, text=True,
+                             timeout=60, cwd=ROOT)
+        check = subprocess.run([*prefix, *AGENT_CMD, "check", "--config", str(config)], capture_output=True,
+                               text=True, timeout=60, cwd=ROOT)
+    finally:
+        (models / blocked).chmod(0o755)
+    fix = f"(permission denied): make the model files readable by the user the agent runs as, e.g. chmod -R a+rX " \
+        f"{models}"
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    (line,) = [line for line in run.stderr.splitlines() if " INFO " not in line]
+    assert line.startswith(f"edge-agent: cannot read {models / blocked}") and line.endswith(fix), line
+    assert check.returncode == 1
+    failed = check.stdout.splitlines()[1]
+    assert failed.startswith(f"FAIL  model: cannot read {models / blocked}") and failed.endswith(fix), failed

@@ -93,6 +93,7 @@ systemctl enable "$UNIT"
 cat <<DONE
 Installed. Next:
   1. edit $CONF/agent.toml (agent id, classroom, cameras, broker)
-  2. sudo -u affectedge $PREFIX/venv/bin/edge-agent check --config $CONF/agent.toml
+  2. cd $PREFIX && sudo -u affectedge $PREFIX/venv/bin/edge-agent check --config $CONF/agent.toml
+     (as the unit runs it: user affectedge in $PREFIX, where the relative model.dir "models" points)
   3. sudo systemctl start $UNIT && journalctl -u $UNIT -f
 DONE
