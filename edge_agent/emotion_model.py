@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from affectedge.labels import EMOTIONS
+from edge_agent.faces.views import View, through
 from edge_agent.inference import ModelError, Session, open_session, sha256
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,16 @@ def file_entry(manifest: dict, key: str, path: Path) -> dict:
     return entry
 
 
+def view_cycle(manifest: dict, models_dir: Path) -> tuple[View, ...]:
+    """The manifest's ``view_cycle`` (``model_export ensemble --cycle``), empty when it has none."""
+    entries = manifest.get("view_cycle") or []
+    try:
+        return tuple(View.from_manifest(entry) for entry in entries)
+    except (KeyError, TypeError, ValueError):
+        raise ModelError(f'{models_dir / "manifest.json"}: "view_cycle" must list objects with "mirror" and '
+                         '"rotate"; reinstall the model files') from None
+
+
 def face_tensor(faces: np.ndarray) -> np.ndarray:
     """(N, 48, 48) uint8 aligned faces -> (N, 48, 48, 1) float32 in [0, 1]: the encoder's input
     (the manifest's ``normalisation``), one definition for the edge and every offline tool."""
@@ -81,6 +92,8 @@ class EmotionModel:
     embed_dim: int
     version: str
     int8: bool = False
+    #: the manifest's ``view_cycle``: a track's k-th face goes through ``views[k mod V]`` (none: as is)
+    views: tuple[View, ...] = ()
 
     @property
     def backend(self) -> str:
@@ -108,13 +121,18 @@ class EmotionModel:
             except PermissionError as exc:  # the file, or its engine (exc.filename)
                 raise unreadable(exc.filename or path, models_dir) from None
         model = cls(sessions["encoder"], sessions["head"], manifest["window"],
-                    manifest["embed_dim"], manifest["version"], int8)
-        log.info("model %s on %s (window %d)", model.version, model.backend, model.window)
+                    manifest["embed_dim"], manifest["version"], int8, view_cycle(manifest, models_dir))
+        log.info("model %s on %s (window %d%s)", model.version, model.backend, model.window,
+                 f", {len(model.views)} views in turn along each track" if model.views else "")
         return model
 
-    def embed(self, faces: np.ndarray) -> np.ndarray:
-        """(N, 48, 48) uint8 aligned faces -> (N, D) float32 embeddings."""
-        return self.encoder.run({"face": face_tensor(faces)})[0]
+    def embed(self, faces: np.ndarray, views: np.ndarray | None = None) -> np.ndarray:
+        """(N, 48, 48) uint8 aligned faces -> (N, D) float32 embeddings; with a view cycle, face i
+        is seen through view ``views[i] mod V`` (each view warped once for all its faces)."""
+        x = face_tensor(faces)
+        if self.views and views is not None:
+            x = through(x, self.views, np.asarray(views) % len(self.views))
+        return self.encoder.run({"face": x})[0]
 
     def classify(self, windows: np.ndarray) -> np.ndarray:
         """(N, T, D) embeddings -> (N, 7) probabilities in EMOTIONS order."""

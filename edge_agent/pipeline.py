@@ -2,10 +2,11 @@
 
 Per processed frame: detect (every k-th frame) or follow tracks by optical flow, align each visible
 face onto the model's 48x48 template, gate it on quality, and embed the accepted faces in one
-encoder call. The embeddings go into a per-track ring of the model's window length T. At each
-publishing tick :meth:`CameraPipeline.collect` runs the BiLSTM head once over the last T
-embeddings of every track seen since the previous tick (one batched call), so the head's cost is
-per learner per second, not per frame. Frames, crops and embeddings never leave this object.
+encoder call (each through the next view of its track's cycle, when the model has one). The
+embeddings go into a per-track ring of the model's window length T. At each publishing tick
+:meth:`CameraPipeline.collect` runs the BiLSTM head once over the last T embeddings of every track
+seen since the previous tick (one batched call), so the head's cost is per learner per second, not
+per frame. Frames, crops and embeddings never leave this object.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class Model(Protocol):
     window: int
     embed_dim: int
 
-    def embed(self, faces: np.ndarray) -> np.ndarray: ...
+    def embed(self, faces: np.ndarray, views: np.ndarray | None = None) -> np.ndarray: ...
 
     def classify(self, windows: np.ndarray) -> np.ndarray: ...
 
@@ -150,7 +151,9 @@ class CameraPipeline:
         if not crops:
             return
         with self.stage("encode"):
-            embeddings = self.model.embed(np.stack(crops))
+            # a model with a view cycle sees a track's k-th embedded face through its view k mod V
+            seen = np.array([self.windows[i].count if i in self.windows else 0 for i, _ in accepted])
+            embeddings = self.model.embed(np.stack(crops), seen)
         for (track_id, quality), embedding in zip(accepted, embeddings, strict=True):
             window = self.windows.get(track_id)
             if window is None:

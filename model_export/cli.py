@@ -280,7 +280,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     rotations = (args.rotate, -args.rotate) if args.rotate else ()
     ensemble.run(args.member, args.out, args.run, args.data, mirror=not args.no_mirror, version=version,
                  window=args.window, head_epochs=args.head_epochs, seed=args.seed,
-                 verbose=1 if sys.stdout.isatty() else 2, rotations=rotations)
+                 verbose=1 if sys.stdout.isatty() else 2, rotations=rotations, cycle=args.cycle)
     return 0
 
 
@@ -446,6 +446,10 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--rotate", type=_angle, metavar="DEG",
                    help="also average each member over its views rotated by +DEG and -DEG (4 to 8 measured alike: "
                         "about half a point of accuracy for three times the encoder's work; for GPUs or few faces)")
+    m.add_argument("--cycle", action="store_true",
+                   help="spread the views over the window instead of averaging them per frame: frame t of a track "
+                        "goes through view t mod V, one encoder pass per frame, and the heads learn from windows "
+                        "seen that way (a still photo then takes one pass per view)")
     m.add_argument("--window", type=positive_int, default=8, help="frames per window T")
     m.add_argument("--head-epochs", type=positive_int, default=12, help="epochs of each member's head (default 12)")
     m.add_argument("--seed", type=int, default=1337,

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 from tqdm import tqdm
 
+from edge_agent.faces.views import View
 from model_export.augment import JITTER, perturb
 
 log = logging.getLogger(__name__)
@@ -28,15 +29,19 @@ TRANSITION = 0.3
 OTHER_FACE_DRAWS = 32  # random tries for a face of another class before scanning the labels
 
 
-def embedding_bank(embed: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
-                   rng: np.random.Generator, views: int = VIEWS, chunk: int = 2048) -> np.ndarray:
+def embedding_bank(embed: Callable[..., np.ndarray], images: np.ndarray,
+                   rng: np.random.Generator, views: int = VIEWS, chunk: int = 2048,
+                   cycle: tuple[View, ...] = ()) -> np.ndarray:
     """(N, 48, 48) uint8 -> (N, views, D): view 0 is the face as is, the others webcam-jittered.
 
     ``embed`` maps uint8 faces to embeddings (Keras during training, ONNX Runtime in evaluation
-    and for an ensemble's fused encoder). Tens of thousands of faces times ``views`` take minutes
+    and for an ensemble's fused encoder). With a view ``cycle`` there is one entry per view of the
+    cycle instead, entry v seen through ``cycle[v]`` (``embed(faces, view)``), for clips whose
+    frames cycle through the views as the edge's do. Tens of thousands of faces times ``views`` take minutes
     on a CPU (half an hour for a rotated-view encoder), hence the progress bar on a terminal and,
     where there is none (``nohup``, a CI log), a log line at each tenth with the time left.
     """
+    views = len(cycle) or views
     parts: list[list[np.ndarray]] = [[] for _ in range(views)]
     total, done, started = views * len(images), 0, time.monotonic()
     next_report = step = max(1, total // 10)
@@ -45,7 +50,7 @@ def embedding_bank(embed: Callable[[np.ndarray], np.ndarray], images: np.ndarray
             batch = images[start:start + chunk]
             for view in range(views):
                 shown = batch if view == 0 else (perturb(batch, rng, JITTER) * 255).round().astype(np.uint8)
-                parts[view].append(embed(shown))
+                parts[view].append(embed(shown, cycle[view]) if cycle else embed(shown))
                 bar.update(len(batch))
                 done += len(batch)
                 if bar.disable and done >= next_report and done < total:
@@ -73,20 +78,24 @@ def _other_class_face(n: int, labels: np.ndarray, index: int, rng: np.random.Gen
 
 
 def clip_indices(n: int, labels: np.ndarray, index: int, window: int,
-                 rng: np.random.Generator, views: int) -> tuple[np.ndarray, np.ndarray]:
+                 rng: np.random.Generator, views: int, cycle: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """For clip of face ``index``: per frame, (face index, view index).
 
     A transition opens the clip with 1 to ``max(1, window // 2 - 1)`` frames of a face of another
     class, so the last frame always shows the labelled face; there is none in a one-frame window or
-    when every face has the same label (a one-class folder in ``evaluate --clips``).
+    when every face has the same label (a one-class folder in ``evaluate --clips``). The views are
+    drawn at random, or with ``cycle`` follow one another from a random first one, as the view cycle
+    of a track at the edge does.
     """
     faces = np.full(window, index)
     if rng.random() < TRANSITION and window > 1:
         other = _other_class_face(n, labels, index, rng)
         if other is not None:
             faces[: rng.integers(1, max(2, window // 2))] = other
-    frame_views = rng.integers(views, size=window)
+    frame_views = (rng.integers(views) + np.arange(window)) % views if cycle else rng.integers(views, size=window)
     for t in range(1, window):  # a dropped frame repeats the previous one, but the last shows the labelled face
         if rng.random() < DROP_FRAME and (t < window - 1 or faces[t - 1] == index):
-            faces[t], frame_views[t] = faces[t - 1], frame_views[t - 1]
+            faces[t] = faces[t - 1]
+            if not cycle:  # a cycle goes on: the edge only counts the frames it embeds
+                frame_views[t] = frame_views[t - 1]
     return faces, frame_views

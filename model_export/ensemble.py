@@ -31,7 +31,9 @@ import onnx
 from onnx import TensorProto, compose, helper, numpy_helper
 
 from edge_agent.emotion_model import ModelError, face_tensor
+from edge_agent.faces import views as face_views
 from edge_agent.faces.align import SIZE
+from edge_agent.faces.views import View
 from edge_agent.inference import run_in_batches
 from model_export import MIN_OPSET, OPSET, graph_fusion, views
 from model_export.manifest import shown
@@ -151,19 +153,25 @@ def fuse_encoders(members: list[Member], mirror: bool, rotations: tuple[float, .
     return fused  # members exported before graph_fusion existed get their fused kernels here
 
 
-def compose_clip(encoder: onnx.ModelProto, head: onnx.ModelProto, window: int, dim: int) -> onnx.ModelProto:
-    """``clip (N,T,48,48,1) -> probs (N,7)``: the encoder on all N*T frames, then the head."""
-    enc_nodes, enc_weights, emb = _inline(encoder, "encoder/", "frames")
+def compose_clip(encoder: onnx.ModelProto, head: onnx.ModelProto, window: int, dim: int,
+                 cycle: tuple[View, ...] = ()) -> onnx.ModelProto:
+    """``clip (N,T,48,48,1) -> probs (N,7)``: the encoder on all N*T frames (frame t through
+    ``cycle[t mod V]`` when the model has a view cycle), then the head."""
+    if cycle:
+        frame_nodes, frame_weights, frames = views.cycle_nodes("clip", cycle, window)
+    else:
+        frame_nodes = [helper.make_node("Reshape", ["clip", "frames_shape"], ["frames"])]
+        frame_weights, frames = [_const("frames_shape", [-1, *FACE])], "frames"
+    enc_nodes, enc_weights, emb = _inline(encoder, "encoder/", frames)
     head_nodes, head_weights, probs = _inline(head, "head/", "windows")
     nodes = [
-        helper.make_node("Reshape", ["clip", "frames_shape"], ["frames"]),
+        *frame_nodes,
         *enc_nodes,
         helper.make_node("Reshape", [emb, "windows_shape"], ["windows"]),
         *head_nodes,
         helper.make_node("Identity", [probs], ["probs"]),
     ]
-    weights = [_const("frames_shape", [-1, *FACE]), _const("windows_shape", [-1, window, dim]),
-               *enc_weights, *head_weights]
+    weights = [*frame_weights, _const("windows_shape", [-1, window, dim]), *enc_weights, *head_weights]
     return _model(nodes, weights,
                   [helper.make_tensor_value_info("clip", TensorProto.FLOAT, ["N", window, *FACE])],
                   [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 7])],
@@ -171,9 +179,10 @@ def compose_clip(encoder: onnx.ModelProto, head: onnx.ModelProto, window: int, d
 
 
 def parity(members: list[Member], mirror: bool, rotations: tuple[float, ...], out_dir: Path, faces: np.ndarray,
-           window: int, head) -> dict:
+           window: int, head, cycle: tuple[View, ...] = ()) -> dict:
     """On real faces: the fused encoder vs each member run alone on each view (max |Δ|), head.onnx vs
-    the Keras ``head`` it was converted from, and clip.onnx vs encoder.onnx followed by head.onnx."""
+    the Keras ``head`` it was converted from, and clip.onnx vs encoder.onnx followed by head.onnx
+    (on frames through the view cycle, as the edge runs them, when there is one)."""
     import onnxruntime as ort
 
     def session(model) -> ort.InferenceSession:
@@ -186,9 +195,13 @@ def parity(members: list[Member], mirror: bool, rotations: tuple[float, ...], ou
         alone = session(member.encoder)
         expected.append(np.mean([alone.run(None, {"face": view})[0]
                                  for view in views.all_views(x, mirror, rotations)], axis=0))
-    fused = session(out_dir / "encoder.onnx").run(None, {"face": x})[0]
+    encoder = session(out_dir / "encoder.onnx")
+    fused = encoder.run(None, {"face": x})[0]
     n_clips = len(faces) // window
-    windows = fused[: n_clips * window].reshape(n_clips, window, -1)
+    frames = x[: n_clips * window]
+    if cycle:
+        frames = face_views.through(frames, cycle, np.tile(np.arange(window) % len(cycle), n_clips))
+    windows = encoder.run(None, {"face": frames})[0].reshape(n_clips, window, -1)
     stepwise = session(out_dir / "head.onnx").run(None, {"embeddings": windows})[0]
     keras_probs = head.predict(windows, verbose=0)
     clip_in = x[: n_clips * window].reshape(n_clips, window, *FACE)
@@ -224,20 +237,27 @@ class AveragedHeads:
 
 
 def onnx_embedder(encoder: onnx.ModelProto, batch: int = 512):
-    """An ONNX encoder as ``(N, 48, 48) uint8 -> (N, D)``, for training the head on its output."""
+    """An ONNX encoder as ``(N, 48, 48) uint8 -> (N, D)``, for training the head on its output;
+    ``embed(faces, view)`` sees the faces through a view first."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(encoder.SerializeToString(), providers=["CPUExecutionProvider"])
 
-    def embed(faces: np.ndarray) -> np.ndarray:
-        return run_in_batches(lambda inputs: session.run(None, inputs), {"face": face_tensor(faces)}, batch)[0]
+    def embed(faces: np.ndarray, view: View | None = None) -> np.ndarray:
+        x = face_tensor(faces) if view is None else view.apply(face_tensor(faces))
+        return run_in_batches(lambda inputs: session.run(None, inputs), {"face": x}, batch)[0]
 
     return embed
 
 
 def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirror: bool, version: str,
-        window: int, head_epochs: int, seed: int, verbose: int = 1, rotations: tuple[float, ...] = ()) -> dict:
-    """Fuse the members, train each member's head on its own embedding, write ``out_dir`` and its manifest."""
+        window: int, head_epochs: int, seed: int, verbose: int = 1, rotations: tuple[float, ...] = (),
+        cycle: bool = False) -> dict:
+    """Fuse the members, train each member's head on its own embedding, write ``out_dir`` and its manifest.
+
+    With ``cycle`` the views (the mirror, the rotations) are not averaged inside the encoder but
+    spread over the window: the encoder runs each frame once, frame t through view t mod V, and
+    the heads learn from clips seen that way (``view_cycle`` in the manifest tells the edge)."""
     import keras
 
     from model_export import manifest
@@ -247,10 +267,14 @@ def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirro
     from model_export.train import TrainConfig, train_head
 
     members = [Member.load(d) for d in member_dirs]  # all read before out_dir (maybe a member) is written
+    view_cycle = face_views.view_set(mirror, rotations) if cycle else ()
+    if cycle:
+        mirror, rotations = False, ()  # one pass per frame: the views go to the frames instead
     fused = fuse_encoders(members, mirror, rotations)
     dim = sum(m.embed_dim for m in members)
+    described = views.describe_cycle(view_cycle) if cycle else views.describe(mirror, rotations)
     log.info("fused %d members (%s), embedding %d; views: %s", len(members),
-             ", ".join(m.name for m in members), dim, views.describe(mirror, rotations))
+             ", ".join(m.name for m in members), dim, described)
     cfg = TrainConfig(data=str(data), run_dir=str(run_dir), head_epochs=head_epochs, seed=seed)
     model_cfg = ModelConfig(window=window)
     heads = []
@@ -259,17 +283,18 @@ def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirro
         member_cfg = replace(cfg, run_dir=str(run_dir / f"member{i}"))
         embed = onnx_embedder(fuse_encoders([member], mirror, rotations))
         heads.append(keras.models.load_model(train_head(member_cfg, model_cfg, verbose=verbose, embed=embed,
-                                                        cache_dir=run_dir / "cache")))
+                                                        cache_dir=run_dir / "cache", cycle=view_cycle)))
     head = AveragedHeads(heads, [m.embed_dim for m in members])
 
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest.clear_model(out_dir)
     onnx.save(fused, str(out_dir / "encoder.onnx"))
     head_export = convert(head, "embeddings", (window, dim), "probs", out_dir / "head.onnx")
-    onnx.save(compose_clip(fused, onnx.load(str(head_export.path)), window, dim), str(out_dir / "clip.onnx"))
+    onnx.save(compose_clip(fused, onnx.load(str(head_export.path)), window, dim, view_cycle),
+              str(out_dir / "clip.onnx"))
 
     faces = load_class_folders(Path(data) / "val", limit_per_class=32).images
-    checks = parity(members, mirror, rotations, out_dir, faces, window, head)
+    checks = parity(members, mirror, rotations, out_dir, faces, window, head, view_cycle)
     shapes = {"encoder": ({"face": ["N", *FACE]}, {"embedding": ["N", dim]}),
               "head": (head_export.inputs, head_export.outputs),
               "clip": ({"clip": ["N", window, *FACE]}, {"probs": ["N", 7]})}
@@ -285,7 +310,8 @@ def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirro
         files={name: manifest.file_entry(out_dir / f"{name}.onnx", out_dir, inputs=i, outputs=o)
                for name, (i, o) in shapes.items()},
         parity=checks,
-        test_time_augmentation=views.describe(mirror, rotations),
+        test_time_augmentation=described,
+        **({"view_cycle": [view.to_manifest() for view in view_cycle]} if view_cycle else {}),
     )
     print(f"{out_dir}: encoder (N,48,48,1)->(N,{dim}) from {len(members)} members, head, clip; "
           f"parity {json.dumps(checks)}")

@@ -19,6 +19,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, r
 
 from affectedge.labels import EMOTIONS
 from edge_agent.emotion_model import EmotionModel
+from edge_agent.faces.views import View
 from edge_agent.inference import run_in_batches
 from model_export import clips
 
@@ -32,16 +33,21 @@ class Predictor:
     model: EmotionModel
     batch: int = 256
 
-    def embed(self, faces: np.ndarray) -> np.ndarray:
-        return run_in_batches(lambda x: [self.model.embed(x["faces"])], {"faces": faces}, self.batch)[0]
+    def embed(self, faces: np.ndarray, view: View | None = None) -> np.ndarray:
+        """(N, 48, 48) uint8 -> (N, D), through ``view`` of the model's view cycle if given."""
+        which = np.full(len(faces), self.model.views.index(view) if view else 0)
+        return run_in_batches(lambda x: [self.model.embed(x["faces"], x["views"])], {"faces": faces, "views": which},
+                              self.batch)[0]
 
     def classify(self, windows: np.ndarray) -> np.ndarray:
         return run_in_batches(lambda x: [self.model.classify(x["windows"])], {"windows": windows}, self.batch)[0]
 
     def still(self, faces: np.ndarray) -> np.ndarray:
-        """(N, 48, 48) uint8 -> (N, 7): each photo as a static window."""
-        emb = self.embed(faces)
-        return self.classify(np.repeat(emb[:, None, :], self.model.window, axis=1))
+        """(N, 48, 48) uint8 -> (N, 7): each photo as a static window, its frames through the model's
+        view cycle when it has one (one encoder pass per view)."""
+        cycle = self.model.views or (None,)
+        per_view = [self.embed(faces, view) for view in cycle[: self.model.window]]
+        return self.classify(np.stack([per_view[t % len(per_view)] for t in range(self.model.window)], axis=1))
 
 
 def metrics(labels: np.ndarray, probs: np.ndarray) -> dict:
@@ -98,12 +104,11 @@ def paired(labels: np.ndarray, probs: np.ndarray, baseline_probs: np.ndarray) ->
 def clip_mode(predictor: Predictor, faces: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
     """Temporal head on synthesised clips vs. the mean of its per-frame (static) predictions."""
     rng = np.random.default_rng(seed)
-    window = predictor.model.window
-    views = clips.VIEWS
-    bank = clips.embedding_bank(predictor.embed, faces, rng, views)
+    window, cycle = predictor.model.window, predictor.model.views
+    bank = clips.embedding_bank(predictor.embed, faces, rng, clips.VIEWS, cycle=cycle)
     sequences = np.empty((len(labels), window, bank.shape[2]), np.float32)
     for i in range(len(labels)):
-        idx, v = clips.clip_indices(len(labels), labels, i, window, rng, views)
+        idx, v = clips.clip_indices(len(labels), labels, i, window, rng, bank.shape[1], bool(cycle))
         sequences[i] = bank[idx, v]
     temporal = predictor.classify(sequences)
     per_frame = predictor.classify(np.repeat(sequences.reshape(-1, 1, sequences.shape[2]), window, axis=1))

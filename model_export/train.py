@@ -24,6 +24,7 @@ import numpy as np
 
 from affectedge.labels import EMOTIONS
 from edge_agent.emotion_model import face_tensor
+from edge_agent.faces.views import View
 from model_export import clips
 from model_export.augment import PRESETS, AugmentConfig, perturb
 from model_export.datasets import Faces, load_cached, load_clip_folders
@@ -287,7 +288,8 @@ def encoder_of(frame_classifier: keras.Model) -> keras.Model:
     return frame_classifier.get_layer("encoder")
 
 
-Embedder = Callable[[np.ndarray], np.ndarray]
+#: ``(N, 48, 48) uint8 -> (N, D)``; with a view cycle also called as ``embed(faces, view)``
+Embedder = Callable[..., np.ndarray]
 
 
 def embed_faces(encoder: keras.Model, faces: np.ndarray) -> np.ndarray:
@@ -302,12 +304,14 @@ def keras_embedder(run: Path) -> Embedder:
 
 
 def train_head(cfg: TrainConfig, model_cfg: ModelConfig, verbose: int = 1, clip_data: Path | None = None,
-               embed: Embedder | None = None, cache_dir: Path | None = None) -> Path:
+               embed: Embedder | None = None, cache_dir: Path | None = None, cycle: tuple[View, ...] = ()) -> Path:
     """Stage 2: freeze the encoder, train the BiLSTM head on clips of embeddings.
 
     Clips are synthesised from the still faces of ``cfg.data`` unless ``clip_data`` holds real
     ones (``<class>/<clip>/<frames>``, optionally under ``train/`` and ``val/``). The encoder is
     the run's own unless ``embed`` is given (``model_export ensemble`` passes its fused ONNX one).
+    With a view ``cycle`` (``ensemble --cycle``; ``embed(faces, view)``), the frames of each
+    synthesised clip go through its views in turn, as a track's frames do at the edge.
     The decoded faces are cached in ``cache_dir`` (default ``RUN/cache``); an ensemble shares one
     cache among its members' heads.
     """
@@ -315,7 +319,8 @@ def train_head(cfg: TrainConfig, model_cfg: ModelConfig, verbose: int = 1, clip_
     run.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(cfg.seed)
     embed = embed or keras_embedder(run)
-    head = build_head(model_cfg, embed_dim=embed(np.zeros((1, INPUT_SIZE, INPUT_SIZE), np.uint8)).shape[1])
+    blank = np.zeros((1, INPUT_SIZE, INPUT_SIZE), np.uint8)
+    head = build_head(model_cfg, embed_dim=(embed(blank, cycle[0]) if cycle else embed(blank)).shape[1])
     head.compile(
         optimizer=keras.optimizers.AdamW(1e-3, weight_decay=1e-4),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
@@ -326,18 +331,21 @@ def train_head(cfg: TrainConfig, model_cfg: ModelConfig, verbose: int = 1, clip_
         keras.callbacks.CSVLogger(run / "head_history.csv"),
     ]
     if clip_data is not None:
+        if cycle:
+            raise ValueError("a view cycle is for synthesised clips: real clips are embedded as recorded")
         return _train_head_on_real_clips(head, embed, clip_data, cfg, model_cfg, callbacks, verbose)
     cache_dir = cache_dir or run / "cache"
     train = load_cached(Path(cfg.data), "train", cache_dir)
     val = load_cached(Path(cfg.data), "val", cache_dir)
     rng = np.random.default_rng(cfg.seed)
-    log.info("embedding %d jittered views of the training faces", clips.VIEWS)
-    train_bank = clips.embedding_bank(embed, train.images, rng)
-    val_bank = clips.embedding_bank(embed, val.images, rng)
+    log.info("embedding %d jittered views of the training faces", len(cycle) or clips.VIEWS)
+    train_bank = clips.embedding_bank(embed, train.images, rng, cycle=cycle)
+    val_bank = clips.embedding_bank(embed, val.images, rng, cycle=cycle)
     weights = class_weights(train.class_counts(), cfg.class_weight_power)
+    cycled = bool(cycle)
     head.fit(
-        ClipBatches(train_bank, train.labels, model_cfg.window, cfg.batch_size, weights, cfg.seed),
-        validation_data=ClipBatches(val_bank, val.labels, model_cfg.window, 512, None, 0),
+        ClipBatches(train_bank, train.labels, model_cfg.window, cfg.batch_size, weights, cfg.seed, cycled),
+        validation_data=ClipBatches(val_bank, val.labels, model_cfg.window, 512, None, 0, cycled),
         epochs=cfg.head_epochs,
         verbose=verbose,
         callbacks=callbacks,
@@ -373,9 +381,9 @@ class ClipBatches(keras.utils.PyDataset):
     """Batches of (clip embeddings (B, T, D), one-hot label[, class weight])."""
 
     def __init__(self, bank: np.ndarray, labels: np.ndarray, window: int, batch_size: int,
-                 weights: np.ndarray | None, seed: int):
+                 weights: np.ndarray | None, seed: int, cycle: bool = False):
         super().__init__()
-        self.bank, self.labels, self.window = bank, labels, window
+        self.bank, self.labels, self.window, self.cycle = bank, labels, window, cycle
         self.batch_size, self.weights, self.seed, self.epoch = batch_size, weights, seed, 0
 
     def __len__(self) -> int:
@@ -390,7 +398,8 @@ class ClipBatches(keras.utils.PyDataset):
             idx = rng.integers(len(self.labels), size=len(idx))
         x = np.empty((len(idx), self.window, self.bank.shape[2]), np.float32)
         for row, i in enumerate(idx):
-            faces, views = clips.clip_indices(len(self.labels), self.labels, i, self.window, rng, self.bank.shape[1])
+            faces, views = clips.clip_indices(len(self.labels), self.labels, i, self.window, rng, self.bank.shape[1],
+                                              self.cycle)
             x[row] = self.bank[faces, views]
         y = keras.utils.to_categorical(self.labels[idx], len(EMOTIONS))
         if self.weights is None:

@@ -16,7 +16,7 @@ keras = pytest.importorskip("keras")
 pytest.importorskip("tf2onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from edge_agent.emotion_model import EmotionModel, ModelError  # noqa: E402
+from edge_agent.emotion_model import EmotionModel, ModelError, face_tensor  # noqa: E402
 from model_export import ensemble, manifest, views  # noqa: E402
 from model_export.datasets import load_class_folders  # noqa: E402
 from model_export.model import ModelConfig, build_encoder  # noqa: E402
@@ -132,6 +132,38 @@ def test_ensemble_trains_a_head_the_edge_can_load(members: list[Path], tmp_path:
     # the faces are decoded once for the run, not once per member
     assert (tmp_path / "run" / "cache" / "train.npz").exists()
     assert not any((tmp_path / "run" / f"member{i}" / "cache").exists() for i in range(2))
+
+
+@pytest.mark.slow
+def test_a_cycle_ensemble_runs_one_pass_per_frame_and_its_clip_model_cycles_too(members: list[Path], tmp_path: Path,
+                                                                             fer_val: Path, faces: np.ndarray) -> None:
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for folder in fer_val.iterdir():
+            (data / split / folder.name).mkdir(parents=True)
+            for path in sorted(folder.iterdir())[:4]:
+                shutil.copy(path, data / split / folder.name / path.name)
+    out = tmp_path / "models"
+    checks = ensemble.run(members[:1], out, tmp_path / "run", data, mirror=True, version="tiny-cycle", window=4,
+                          head_epochs=1, seed=0, verbose=0, rotations=(8.0, -8.0), cycle=True)
+    assert max(checks["encoder_max_abs_diff"], checks["clip_max_abs_prob_diff"]) <= 1e-4
+    written = json.loads((out / "manifest.json").read_text())
+    assert [(v["mirror"], v["rotate"]) for v in written["view_cycle"]] == [
+        (False, 0.0), (True, 0.0), (False, 8.0), (True, 8.0), (False, -8.0), (True, -8.0)]
+    assert written["test_time_augmentation"].startswith("one view per frame, in turn along each track (6:")
+    # the encoder is the member alone, one pass per face: the views are the frames' business
+    np.testing.assert_allclose(_run(out / "encoder.onnx", faces), _run(members[0] / "encoder.onnx", faces),
+                               atol=1e-5)
+    model = EmotionModel.load(out, backend="onnxruntime")
+    clip = faces[:8].reshape(2, 4, 48, 48)
+    windows = np.stack([model.embed(c, np.arange(4)) for c in clip])
+    probs = _run_clip(out / "clip.onnx", clip)
+    np.testing.assert_allclose(probs, model.classify(windows), atol=1e-5)
+
+
+def _run_clip(path: Path, clip: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"clip": face_tensor(clip.reshape(-1, 48, 48)).reshape(*clip.shape, 1)})[0]
 
 
 def test_cli_export_refuses_an_opset_below_13(tmp_path: Path) -> None:
