@@ -147,8 +147,8 @@ class GrpcServer:
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        host = self.config.host
-        address = f"[{host}]:{self.config.port}" if ":" in host else f"{host}:{self.config.port}"  # IPv6 in []
+        host = self.config.host.strip("[]")  # "::1" and "[::1]" alike: IPv6 goes in [] once
+        address = f"[{host}]:{self.config.port}" if ":" in host else f"{host}:{self.config.port}"
         if self.config.tls_cert:
             _check_tls(self.config.tls_cert, self.config.tls_key)
             key, cert = Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes()

@@ -38,6 +38,7 @@ class Detector(Protocol):
 class Model(Protocol):
     window: int
     embed_dim: int
+    views: tuple  # the view cycle (edge_agent.faces.views.View), empty when the model has none
 
     def embed(self, faces: np.ndarray, views: np.ndarray | None = None) -> np.ndarray: ...
 
@@ -64,9 +65,14 @@ def _no_clock(stage: str) -> contextlib.nullcontext:
 
 
 class Window:
-    """The last T embeddings of one track (a ring), with their capture times and quality."""
+    """The last T embeddings of one track (a ring), with their capture times and quality.
 
-    def __init__(self, length: int, dim: int):
+    ``cycled``: the model sees a track's faces through a view cycle, so a young track's window is
+    padded with its embeddings in turn (views 0, 1, 2, 0, 1, 2, ...: consecutive views, as the head
+    learnt them) rather than its first one over and over (view 0 only)."""
+
+    def __init__(self, length: int, dim: int, cycled: bool = False):
+        self.cycled = cycled
         self.embeddings = np.zeros((length, dim), np.float32)
         self.times = np.zeros(length)
         self.scores = np.zeros(length, np.float32)  # the quality gate's combined score per face
@@ -79,9 +85,12 @@ class Window:
         self.count += 1
 
     def sequence(self) -> np.ndarray:
-        """(T, D), oldest first; a track younger than T repeats its first embedding in front."""
+        """(T, D), oldest first; a track younger than T repeats its first embedding in front (or, with
+        ``cycled``, all it has in turn, ending on the newest)."""
         length = len(self.times)
-        if self.count < length:
+        if self.count < length and self.cycled:
+            order = (np.arange(length) - length) % self.count
+        elif self.count < length:
             order = np.concatenate([np.zeros(length - self.count, int), np.arange(self.count)])
         else:
             order = (np.arange(length) + self.count) % length
@@ -157,7 +166,8 @@ class CameraPipeline:
         for (track_id, quality), embedding in zip(accepted, embeddings, strict=True):
             window = self.windows.get(track_id)
             if window is None:
-                window = self.windows[track_id] = Window(self.model.window, self.model.embed_dim)
+                window = self.windows[track_id] = Window(self.model.window, self.model.embed_dim,
+                                                         bool(self.model.views))
             window.push(embedding, t, quality)
             self._fresh.add(track_id)
 

@@ -205,14 +205,17 @@ class Publisher:
 
     def _settle(self, mid: int, reason_code: ReasonCode) -> None:
         """Act on an answered PUBLISH: delete a delivered batch, drop one the broker can never accept, and keep
-        one it refused for now (ACL, quota) to go again after a back-off: an admin's fix must not cost the backlog."""
+        one it refused for now (ACL, quota) to go again after a back-off: an admin's fix must not cost the backlog.
+        The refused go again from the oldest, in order; later batches already in flight may arrive before
+        them, which the coordinator takes in any order (it keys batches by agent and seq)."""
         row = self._inflight.pop(mid, None)
         if row is None:
             if reason_code.is_failure:
                 self._warn_refused(self.status_topic, reason_code, "the next status replaces it")
         elif not reason_code.is_failure:
             self.spool.ack(row.id)
-            if self._backoff and self._resend_from is None:
+            # over only once a whole round went through: a quota lets the first batches of each round pass
+            if self._backoff and self._resend_from is None and not self._inflight:
                 log.info("the broker accepts batches on %s again", row.topic)
                 self._backoff, self._warned_refused = 0.0, False
         elif reason_code.value in PERMANENT_REFUSALS:

@@ -21,17 +21,21 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from edge_agent.emotion_model import EmotionModel, face_tensor
+from edge_agent.emotion_model import EmotionModel, face_tensor, view_cycle
+from edge_agent.faces.views import View, through
 from model_export import manifest
 from model_export.datasets import load_class_folders
 from model_export.evaluate import Predictor, metrics
 
 
 class FaceReader(CalibrationDataReader):
-    """Feeds real faces to the calibrator in batches of 32."""
+    """Feeds real faces to the calibrator in batches of 32, through the model's view cycle in turn
+    when it has one (the encoder sees mirrored and rotated faces at the edge then)."""
 
-    def __init__(self, faces: np.ndarray, batch: int = 32):
+    def __init__(self, faces: np.ndarray, views: tuple[View, ...] = (), batch: int = 32):
         x = face_tensor(faces)
+        if views:
+            x = through(x, views, np.arange(len(x)) % len(views))
         self._batches = iter([{"face": x[i:i + batch]} for i in range(0, len(x), batch)])
 
     def get_next(self):
@@ -39,11 +43,11 @@ class FaceReader(CalibrationDataReader):
 
 
 def _encoder_faces_per_s(model: EmotionModel, faces: np.ndarray, seconds: float = 2.0) -> float:
-    batch = faces[:8]
-    model.embed(batch)
+    batch, views = faces[:8], np.arange(8)  # with a view cycle, each face through another view, as at the edge
+    model.embed(batch, views)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        model.embed(batch)
+        model.embed(batch, views)
         count += len(batch)
     return count / (time.perf_counter() - start)
 
@@ -60,7 +64,8 @@ def run(models_dir: Path, calib_dir: Path, data_dir: Path, calib_size: int) -> d
     quant_pre_process(str(source), str(prepared))
     try:
         layer_norms = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "LayerNormalization"]
-        quantize_static(str(prepared), str(target), FaceReader(calib.images[pick]),
+        views = view_cycle(manifest.read(models_dir), models_dir)
+        quantize_static(str(prepared), str(target), FaceReader(calib.images[pick], views),
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         reduce_range=True, nodes_to_exclude=layer_norms)

@@ -102,7 +102,9 @@ def cycle_nodes(feed: str, cycle: tuple[View, ...], window: int) -> tuple[list, 
     initializers, output name)."""
     build = _Builder()
     frames = [f"{feed}_t{t}" for t in range(window)]
-    build.nodes.append(helper.make_node("Split", [feed], [f"{name}_5d" for name in frames], axis=1))
+    # the sizes as an input: Split takes them so from opset 13, and from 18 needs them (or num_outputs)
+    sizes = build.const("views_split_frames", np.ones(window, np.int64))
+    build.nodes.append(helper.make_node("Split", [feed, sizes], [f"{name}_5d" for name in frames], axis=1))
     face = build.const("views_face", np.array([-1, SIZE, SIZE, 1], np.int64))
     one_frame = build.const("views_one_frame", np.array([-1, 1, SIZE, SIZE, 1], np.int64))
     all_frames = build.const("views_all_frames", np.array([-1, SIZE, SIZE, 1], np.int64))

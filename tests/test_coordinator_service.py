@@ -144,8 +144,9 @@ def test_grpc_auth_health_and_reflection(coordinator):
     channel.close()
 
 
-def test_grpc_listens_on_ipv6_and_refuses_an_empty_classroom_id(tmp_path):
-    server = GrpcServer(parts(tmp_path, grpc={"host": "::", "port": free_port()}))  # "::" was ":::port" to gRPC
+@pytest.mark.parametrize("host", ["::", "[::1]"])  # "::" was ":::port" to gRPC; "[::1]" must not become "[[::1]]"
+def test_grpc_listens_on_ipv6_and_refuses_an_empty_classroom_id(tmp_path, host):
+    server = GrpcServer(parts(tmp_path, grpc={"host": host, "port": free_port()}))
     server.start()
     try:
         with grpc.insecure_channel(f"[::1]:{server.port}") as channel:

@@ -59,24 +59,35 @@ def test_training_settings_are_recorded_relative_to_the_repository(cwd: str, tmp
                                         "teacher": ["models", "/elsewhere/v5"], "seed": 1337}
 
 
-def test_shipped_encoder_is_its_members_seen_twice(fer_val: Path) -> None:
-    """The shipped encoder was fused by `model_export ensemble` from models/members/: each member,
-    run alone on a face and on its mirror image, averaged and concatenated, gives its embedding."""
+def test_shipped_encoder_is_its_members_on_their_views(fer_val: Path) -> None:
+    """The shipped encoder was fused by `model_export ensemble` from models/members/: each member run
+    alone gives its part of the embedding, on each view of the manifest's view cycle (frame k of a
+    track through view k mod V) or, without one, on the face and its mirror image averaged."""
     import onnxruntime as ort
 
+    from edge_agent.emotion_model import view_cycle
+    from edge_agent.faces.views import View
+
     manifest = json.loads((MODELS / "manifest.json").read_text())
-    members = manifest["training"]["members"]
+    cycle = view_cycle(manifest, MODELS)
     faces = load_class_folders(fer_val, limit_per_class=3).images
     x = faces[..., None].astype(np.float32) / 255.0
-    expected = []
-    for member in members:
+    shipped = EmotionModel.load(MODELS, backend="onnxruntime")
+    alone = []
+    for member in manifest["training"]["members"]:
         path = ROOT / member["folder"] / "encoder.onnx"
         assert sha256(path) == member["encoder_sha256"]
-        alone = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        views = [alone.run(None, {"face": v})[0] for v in (x, np.ascontiguousarray(x[:, :, ::-1]))]
-        expected.append((views[0] + views[1]) / 2)
-    shipped = EmotionModel.load(MODELS, backend="onnxruntime").embed(faces)
-    np.testing.assert_allclose(shipped, np.concatenate(expected, axis=1), atol=1e-5)
+        alone.append(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]))
+
+    def members_on(view: View) -> np.ndarray:
+        return np.concatenate([s.run(None, {"face": view.apply(x)})[0] for s in alone], axis=1)
+
+    if cycle:
+        for k, view in enumerate(cycle):
+            np.testing.assert_allclose(shipped.embed(faces, np.full(len(faces), k)), members_on(view), atol=1e-5)
+    else:
+        mirrored = (members_on(View()) + members_on(View(mirror=True))) / 2
+        np.testing.assert_allclose(shipped.embed(faces), mirrored, atol=1e-5)
 
 
 def test_shipped_encoder_fuses_attention_and_expands_to_standard_onnx_for_tensorrt(fer_val: Path) -> None:

@@ -46,14 +46,15 @@ def cycled_models(tmp_path: Path) -> Path:
     return folder
 
 
-def test_the_cycle_nodes_are_the_numpy_views_frame_by_frame(faces: np.ndarray) -> None:
+@pytest.mark.parametrize("opset", [13, 17, 18])
+def test_the_cycle_nodes_are_the_numpy_views_frame_by_frame(faces: np.ndarray, opset: int) -> None:
     window = 8
     nodes, weights, out = views.cycle_nodes("clip", CYCLE, window)
     graph = helper.make_graph(nodes, "cycle", [helper.make_tensor_value_info("clip", TensorProto.FLOAT,
                                                                              ["N", window, 48, 48, 1])],
                               [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["M", 48, 48, 1])],
                               initializer=weights)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     onnx.checker.check_model(model, full_check=True)
     x = face_tensor(faces[:16])
     frames = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
@@ -115,3 +116,20 @@ def test_a_tracks_frames_go_through_the_views_in_turn(cycled_models: Path, share
         np.testing.assert_allclose(window.embeddings[k], original(crop, np.array([k]))[0], atol=1e-6)
     # (the shipped encoder averages each face with its mirror already, so views 0 and 1 agree)
     assert np.abs(window.embeddings[2] - window.embeddings[0]).max() > 1e-3
+
+
+def test_a_young_tracks_window_holds_its_views_in_turn() -> None:
+    """Until a track has T faces its window is padded: with a view cycle by its embeddings in turn,
+    so the head sees consecutive views as it learnt them, not view 0 over and over."""
+    from edge_agent.pipeline import Window
+    from edge_agent.quality import Quality
+
+    GOOD = Quality(eye_distance=40.0, sharpness=100.0, yaw_deg=0.0, detector_confidence=0.99, score=1.0, reason=None)
+    for cycled, expected in ((True, [1, 2, 0, 1, 2, 0, 1, 2]), (False, [0, 0, 0, 0, 0, 0, 1, 2])):
+        window = Window(8, 1, cycled)
+        for k in range(3):
+            window.push(np.array([k], np.float32), 1000.0 + k, GOOD)
+        assert window.sequence()[:, 0].tolist() == expected
+        for k in range(3, 10):
+            window.push(np.array([k], np.float32), 1000.0 + k, GOOD)
+        assert window.sequence()[:, 0].tolist() == list(range(2, 10))  # a full window: the last T, in order
