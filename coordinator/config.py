@@ -24,6 +24,9 @@ Positive = Annotated[float, Field(gt=0)]
 
 MIN_TOKEN = 16  # characters: a bearer token shorter than this is guessable
 PLACEHOLDER = "change-me"  # deploy/coordinator.example.toml's tokens start so: never a real one
+#: deliveries to an LMS: 10 attempts 2 s apart and doubling (jittered) ride out about 20 minutes of
+#: the LMS being down or restarting; 5 gave up after 30-45 s, marking that minute's signals dead
+DEFAULT_ATTEMPTS = 10
 
 
 def _existing_file(value: str) -> str:
@@ -181,7 +184,7 @@ class WebhookConfig(Section):
     url: str
     secret: str = ""
     classrooms: tuple[str, ...] = ()  # empty = all
-    max_attempts: Annotated[int, Field(ge=1)] = 5
+    max_attempts: Annotated[int, Field(ge=1)] = DEFAULT_ATTEMPTS
     backoff_s: Positive = 2.0
     timeout_s: Positive = 5.0
 
@@ -197,7 +200,7 @@ class XapiConfig(Section):
     endpoint: str = ""  # empty = off
     username: str = ""
     password: str = ""
-    max_attempts: Annotated[int, Field(ge=1)] = 5
+    max_attempts: Annotated[int, Field(ge=1)] = DEFAULT_ATTEMPTS
     backoff_s: Positive = 2.0
 
     _url = field_validator("endpoint")(_http_url)

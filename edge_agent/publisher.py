@@ -125,7 +125,8 @@ class Publisher:
         self._stopping = threading.Event()
         self._warned_full = False  # once per outage, not once per batch
         self._warned_disk_full = False  # once until a batch is spooled again, not once per batch
-        self._warned_refused = False  # once per connection or refusal episode, not once per batch
+        # the refusals warned of (by outcome: status, dropped, kept), once per connection or episode, not per batch
+        self._warned_refused: set[str] = set()
         # batches refused for now (sender thread, under _lock): the oldest refused row, sent again from there
         # at _resend_at; _backoff is 0 while no batch is refused, else doubles per refused round
         self._resend_from: int | None = None
@@ -217,7 +218,8 @@ class Publisher:
             # over only once a whole round went through: a quota lets the first batches of each round pass
             if self._backoff and self._resend_from is None and not self._inflight:
                 log.info("the broker accepts batches on %s again", row.topic)
-                self._backoff, self._warned_refused = 0.0, False
+                self._backoff = 0.0
+                self._warned_refused.clear()
         elif reason_code.value in PERMANENT_REFUSALS:
             self.spool.reject(row.id)
             self._warn_refused(row.topic, reason_code, "dropping such batches (counted in spool_dropped): "
@@ -231,12 +233,13 @@ class Publisher:
                                f"in order, every {self.config.max_backoff_s} s at most")
 
     def _warn_refused(self, topic: str, reason_code: ReasonCode, outcome: str) -> None:
-        # a refusal repeats for every message until it is fixed or passes: say it once
-        if not self._warned_refused:
+        # a refusal repeats for every message until it is fixed or passes: say it once per outcome, so a
+        # refused status does not hide that batches are refused too
+        if outcome not in self._warned_refused:
             fix = REFUSAL_FIXES.get(reason_code.value, DEFAULT_FIX).format(
                 agent=self.agent.id, classroom=self.agent.classroom)
             log.warning("the broker refused a message on %s (%s): %s; %s", topic, reason_code, outcome, fix)
-            self._warned_refused = True
+            self._warned_refused.add(outcome)
 
     def _warn_disk_full(self, exc: DiskFull) -> None:
         if not self._warned_disk_full:
@@ -268,7 +271,8 @@ class Publisher:
         log.info("connected to broker %s:%d (MQTT %s)", self.config.host, self.config.port,
                  self.config.protocol)
         self.connected.set()
-        self._warned_full = self._warned_refused = self._warned_unreachable = False
+        self._warned_full = self._warned_unreachable = False
+        self._warned_refused.clear()
         self.publish_status(self._status())
         self._wake.set()
 

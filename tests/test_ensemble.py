@@ -96,15 +96,21 @@ def test_members_with_different_opsets_are_refused(members: list[Path]) -> None:
         ensemble.fuse_encoders([a, b], mirror=True)
 
 
-@pytest.mark.slow
-def test_ensemble_trains_a_head_the_edge_can_load(members: list[Path], tmp_path: Path, fer_val: Path,
-                                                  faces: np.ndarray) -> None:
-    data = tmp_path / "data"  # tiny run, 8 faces per class: the head only has to train, not to be good
+def _tiny_data(data: Path, fer_val: Path, per_class: int) -> Path:
+    """train/ and val/ with the first ``per_class`` val faces of each class: the heads only have to
+    train, not to be good."""
     for split in ("train", "val"):
         for folder in fer_val.iterdir():
             (data / split / folder.name).mkdir(parents=True)
-            for path in sorted(folder.iterdir())[:8]:
+            for path in sorted(folder.iterdir())[:per_class]:
                 shutil.copy(path, data / split / folder.name / path.name)
+    return data
+
+
+@pytest.mark.slow
+def test_ensemble_trains_a_head_the_edge_can_load(members: list[Path], tmp_path: Path, fer_val: Path,
+                                                  faces: np.ndarray) -> None:
+    data = _tiny_data(tmp_path / "data", fer_val, 8)
     out = tmp_path / "models"
     out.mkdir()
     (out / "encoder.int8.onnx").write_bytes(b"stale")  # a previous model's file must not survive
@@ -137,12 +143,7 @@ def test_ensemble_trains_a_head_the_edge_can_load(members: list[Path], tmp_path:
 @pytest.mark.slow
 def test_a_cycle_ensemble_runs_one_pass_per_frame_and_its_clip_model_cycles_too(members: list[Path], tmp_path: Path,
                                                                              fer_val: Path, faces: np.ndarray) -> None:
-    data = tmp_path / "data"
-    for split in ("train", "val"):
-        for folder in fer_val.iterdir():
-            (data / split / folder.name).mkdir(parents=True)
-            for path in sorted(folder.iterdir())[:4]:
-                shutil.copy(path, data / split / folder.name / path.name)
+    data = _tiny_data(tmp_path / "data", fer_val, 4)
     out = tmp_path / "models"
     checks = ensemble.run(members[:1], out, tmp_path / "run", data, mirror=True, version="tiny-cycle", window=4,
                           head_epochs=1, seed=0, verbose=0, rotations=(8.0, -8.0), cycle=True)
