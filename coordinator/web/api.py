@@ -15,15 +15,12 @@ from flask_wtf.csrf import validate_csrf
 from werkzeug.exceptions import BadRequest, Conflict, NotFound, Unauthorized
 from wtforms.validators import ValidationError
 
-from affectedge.v1 import affectedge_pb2 as pb
 from coordinator import aggregate, db
 from coordinator.store import naive_utc, utcnow
 from coordinator.web import access, openapi, present, signals
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 MAX_LIMIT = 1000
-#: what ``?kind=`` accepts: a misspelt kind is a 400, not an empty list that looks like "no signals"
-SIGNAL_KINDS = tuple(value.name for value in pb.SignalKind.DESCRIPTOR.values if value.number)
 
 
 @bp.before_request
@@ -112,8 +109,8 @@ def list_signals():
     if status and status not in signals.STATUSES:
         raise BadRequest(f"status must be one of {', '.join(signals.STATUSES)}")
     kind = request.args.get("kind") or None
-    if kind and kind not in SIGNAL_KINDS:
-        raise BadRequest(f"kind must be one of {', '.join(SIGNAL_KINDS)}")
+    if kind and kind not in signals.KINDS:
+        raise BadRequest(f"kind must be one of {', '.join(signals.KINDS)}")
     limit = _int_arg("limit", 100)
     if not 1 <= limit <= MAX_LIMIT:
         raise BadRequest(f"limit must be between 1 and {MAX_LIMIT}")

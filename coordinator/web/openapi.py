@@ -5,7 +5,7 @@ from __future__ import annotations
 from affectedge.labels import EMOTIONS
 from coordinator import states
 from coordinator.web.access import SESSION_COOKIE
-from coordinator.web.signals import ACTIONS, STATUSES
+from coordinator.web.signals import ACTIONS, KINDS, STATUSES
 
 _SHARES = {"type": "object", "additionalProperties": {"type": "number", "minimum": 0, "maximum": 1}}
 
@@ -84,7 +84,7 @@ _SCHEMAS = {
             "classroom_id": {"type": "string"},
             "session_id": {"type": "string"},
             "course_id": {"type": "string"},
-            "kind": {"type": "string", "example": "SLOW_DOWN"},
+            "kind": {"type": "string", "enum": list(KINDS)},
             "kind_label": {"type": "string", "example": "Slow down"},
             "strength": {"type": "number", "minimum": 0, "maximum": 1},
             "reason": {"type": "string"},
@@ -142,7 +142,7 @@ _PATHS = {
             "parameters": [
                 _query("classroom", "only this classroom", {"type": "string"}),
                 _query("status", "only this status", {"type": "string", "enum": list(STATUSES)}),
-                _query("kind", "only this kind, e.g. SLOW_DOWN", {"type": "string"}),
+                _query("kind", "only this kind", {"type": "string", "enum": list(KINDS)}),
                 _query("session", "only this session id", {"type": "string"}),
                 _query("since", "created at or after (ISO 8601)", {"type": "string", "format": "date-time"}),
                 _query("until", "created before (ISO 8601)", {"type": "string", "format": "date-time"}),

@@ -8,11 +8,14 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from affectedge.v1 import affectedge_pb2 as pb
 from coordinator import db
 
 #: what an instructor can do with an open signal -> the status it gets
 ACTIONS = {"acknowledge": "acknowledged", "dismiss": "dismissed"}
 STATUSES = ("open", *ACTIONS.values())
+#: the kinds a signal can have (what ``?kind=`` accepts: a misspelt kind is a 400, not an empty list)
+KINDS = tuple(value.name for value in pb.SignalKind.DESCRIPTOR.values if value.number)
 
 
 class AlreadyHandled(Exception):
