@@ -10,7 +10,9 @@ first and gained nothing (d1 + s3: 0.6695; d1 alone, release v4: 0.6704; s3 alon
 their own heads gained 1.2 points over v4 on the same faces (McNemar p = 0.0054; MODEL_CARD.md). The edge sees an
 ordinary ``encoder.onnx`` / ``head.onnx`` pair with a wider embedding, so nothing downstream changes.
 ``--rotate DEG`` adds each view rotated by ±DEG (:mod:`model_export.views`): three times the
-encoder's work for about half a point, a trade for GPUs or PCs that see few faces.
+encoder's work for about half a point, a trade for GPUs or PCs that see few faces. ``--cycle``
+spreads the views over the window instead (frame t of a track through view t mod V, the heads
+trained on clips seen so): one encoder pass per frame, as in release v8.
 
 Members are exported model folders (``manifest.json`` + ``encoder.onnx``), so an earlier shipped
 model whose Keras checkpoint is gone can still take part. The graphs are joined with the ``onnx``
