@@ -23,7 +23,7 @@ Positive = Annotated[float, Field(gt=0)]
 
 
 MIN_TOKEN = 16  # characters: a bearer token shorter than this is guessable
-PLACEHOLDER = "change-me"  # deploy/coordinator.example.toml's tokens start so: never a real one
+PLACEHOLDER = "change-me"  # deploy/coordinator.example.toml's secrets start so: never a real one
 #: deliveries to an LMS: 10 attempts 2 s apart and doubling (jittered) ride out about 20 minutes of
 #: the LMS being down or restarting; 5 gave up after 30-45 s, marking that minute's signals dead
 DEFAULT_ATTEMPTS = 10
@@ -70,6 +70,16 @@ class MqttConfig(Section):
     qos: Annotated[int, Field(ge=0, le=2)] = 1
     # persistent session: QoS 1 messages published while the coordinator is down wait in the broker
     clean_start: bool = False
+
+    @field_validator("password")
+    @classmethod
+    def _password(cls, value: str) -> str:
+        # provision-agent writes this password into the broker's password file: a publicly known
+        # one would let anyone read every classroom's labels as the coordinator
+        if value.startswith(PLACEHOLDER):
+            raise ValueError("this is the example config's placeholder: set the coordinator's own broker password, "
+                             "e.g. from `openssl rand -hex 24`")
+        return value
 
     @field_validator("url")
     @classmethod

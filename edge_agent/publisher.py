@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import sqlite3
 import ssl
 import sys
 import threading
@@ -35,6 +36,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from affectedge import codec, topics
+from affectedge.errors import first_line
 from affectedge.settings import ConfigError
 from affectedge.v1 import affectedge_pb2 as pb
 from edge_agent.config import AgentSection, MqttSection, TlsSection
@@ -125,6 +127,7 @@ class Publisher:
         self._stopping = threading.Event()
         self._warned_full = False  # once per outage, not once per batch
         self._warned_disk_full = False  # once until a batch is spooled again, not once per batch
+        self._warned_spool_error = False  # once until the spool works again, not once a second
         # the refusals warned of (by outcome: status, dropped, kept), once per connection or episode, not per batch
         self._warned_refused: set[str] = set()
         # batches refused for now (sender thread, under _lock): the oldest refused row, sent again from there
@@ -183,26 +186,41 @@ class Publisher:
         while not self._stopping.is_set():
             self._wake.wait(1.0)
             self._wake.clear()
-            with self._lock:
-                # every acked mid is registered: its publish() returned before we got _lock
-                while self._acked:
-                    try:
-                        self._settle(*self._acked.popleft())
-                    except DiskFull as exc:  # the row stays for the next start (a delivered one: consumers skip it)
-                        self._warn_disk_full(exc)
-                if not self.connected.is_set():
-                    continue
-                in_flight = sum(row is not None for row in self._inflight.values())
-                if self._resend_from is not None:
-                    # the refused rows go first, so none after them may still be in flight
-                    if in_flight or time.monotonic() < self._resend_at:
-                        continue
-                    self.spool.resend_from(self._resend_from)
-                    self._resend_from = None
-                for row in self.spool.take(MAX_INFLIGHT - in_flight):
-                    info = self._client.publish(row.topic, row.payload, QOS,
-                                                properties=self._properties(row.content_type))
-                    self._inflight[info.mid] = row
+            try:
+                self._send_round()
+            except sqlite3.Error as exc:  # an I/O error must not end the thread: nothing would be sent again
+                if not self._warned_spool_error:
+                    log.error("the spool %s failed (%s): sending stops until it works again (retried every "
+                              "second; batches answered meanwhile are sent again after a restart)",
+                              self.spool.path, first_line(exc, 200))
+                    self._warned_spool_error = True
+                continue
+            if self._warned_spool_error:
+                log.info("the spool %s works again: sending batches", self.spool.path)
+                self._warned_spool_error = False
+
+    def _send_round(self) -> None:
+        """Settle what the broker answered, then hand it what the in-flight window has room for."""
+        with self._lock:
+            # every acked mid is registered: its publish() returned before we got _lock
+            while self._acked:
+                try:
+                    self._settle(*self._acked.popleft())
+                except DiskFull as exc:  # the row stays for the next start (a delivered one: consumers skip it)
+                    self._warn_disk_full(exc)
+            if not self.connected.is_set():
+                return
+            in_flight = sum(row is not None for row in self._inflight.values())
+            if self._resend_from is not None:
+                # the refused rows go first, so none after them may still be in flight
+                if in_flight or time.monotonic() < self._resend_at:
+                    return
+                self.spool.resend_from(self._resend_from)
+                self._resend_from = None
+            for row in self.spool.take(MAX_INFLIGHT - in_flight):
+                info = self._client.publish(row.topic, row.payload, QOS,
+                                            properties=self._properties(row.content_type))
+                self._inflight[info.mid] = row
 
     def _settle(self, mid: int, reason_code: ReasonCode) -> None:
         """Act on an answered PUBLISH: delete a delivered batch, drop one the broker can never accept, and keep

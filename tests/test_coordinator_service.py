@@ -446,9 +446,14 @@ def test_shipped_example_config_is_valid_once_its_token_is_set(tmp_path):
     from coordinator.config import load_config
 
     example = (ROOT / "deploy" / "coordinator.example.toml").read_text()
-    with pytest.raises(ConfigError, match=r"grpc\.tokens.*placeholder"):  # a publicly known token never serves
-        load_config(ROOT / "deploy" / "coordinator.example.toml")
     edited = tmp_path / "coordinator.toml"
+    edited.write_text(example.replace('password = "change-me"', 'password = "b1e2c3d4e5f60718293a4b5c"'))
+    with pytest.raises(ConfigError, match=r"grpc\.tokens.*placeholder"):  # a publicly known token never serves
+        load_config(edited)
     edited.write_text(example.replace('"change-me-long-random"', '"3f9a1c0e8b7d6a5f4e3d2c1b0a9f8e7d"'))
+    with pytest.raises(ConfigError, match=r"mqtt\.password.*placeholder"):  # nor the broker password
+        load_config(edited)
+    edited.write_text(example.replace('"change-me-long-random"', '"3f9a1c0e8b7d6a5f4e3d2c1b0a9f8e7d"')
+                      .replace('password = "change-me"', 'password = "b1e2c3d4e5f60718293a4b5c"'))
     config = load_config(edited)
     assert config.mqtt.clean_start is False and config.grpc.tokens == ("3f9a1c0e8b7d6a5f4e3d2c1b0a9f8e7d",)

@@ -229,6 +229,38 @@ def test_a_full_disk_drops_new_batches_with_one_warning_and_keeps_sending_until_
     assert "the spool's disk has space again: spooling batches again" in caplog.messages
 
 
+def test_a_spool_error_pauses_sending_with_one_error_and_sending_resumes_once_it_works(mosquitto, tmp_path, caplog):
+    """An SQLite I/O error in the sender thread (a failing disk, a -shm file that cannot grow) must not
+    end the thread: before, it died and the agent spooled on without ever sending again."""
+    spool = Spool(tmp_path / "spool.sqlite3", max_batches=100)
+    publisher = Publisher(MqttSection(port=mosquitto.port), AGENT, spool, "m1")
+    subscriber = Subscriber(mosquitto.port, topics.observations("lab-a", "pc-1"))
+    take, failures = spool.take, []
+
+    def failing_take(limit: int):
+        if len(failures) < 3:
+            failures.append(limit)
+            raise sqlite3.OperationalError("disk I/O error")
+        return take(limit)
+
+    spool.take = failing_take
+    with caplog.at_level("INFO", logger="edge_agent.publisher"):
+        publisher.publish_batch([observation()], [])
+        publisher.start(status)
+        try:
+            subscriber.wait_for(lambda m: len(m) >= 1)
+            publisher.publish_batch([observation()], [])
+            subscriber.wait_for(lambda m: len(m) >= 2)
+        finally:
+            publisher.stop(status(), flush_timeout=0)
+            subscriber.close()
+    assert len(failures) == 3 and seqs(subscriber) == [1, 2]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"the spool {spool.path} failed (disk I/O error): sending stops until it works again "
+                      "(retried every second; batches answered meanwhile are sent again after a restart)"]
+    assert f"the spool {spool.path} works again: sending batches" in caplog.messages
+
+
 def test_an_unreachable_broker_is_named_with_the_reason_once_per_outage(tmp_path, caplog):
     port = free_port()  # nothing listens there
     config = MqttSection(host="127.0.0.1", port=port, max_backoff_s=1)
