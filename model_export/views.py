@@ -41,12 +41,14 @@ def describe_cycle(cycle: tuple[View, ...]) -> str:
 
 
 class _Builder:
-    """Nodes and constants for views of graph tensors; each constant is added once, each node
-    named after the tensor it reads, so several views of several tensors share one graph."""
+    """Nodes and constants for views of graph tensors; each constant and each mirror image is added
+    once, each node named after the tensor it reads, so several views of several tensors share one
+    graph (the face's mirror and its rotations share one ``Slice``)."""
 
     def __init__(self) -> None:
         self.nodes: list = []
         self.weights: dict[str, object] = {}
+        self._mirrored: set[str] = set()
 
     def const(self, name: str, array: np.ndarray) -> str:
         if name not in self.weights:
@@ -58,7 +60,9 @@ class _Builder:
         args = [self.const(f"mirror_{name}", np.array(v, np.int64)) for name, v in
                 (("starts", [-1]), ("ends", [INT64_MIN]), ("axes", [2]), ("steps", [-1]))]
         out = f"{feed}_mirror"
-        self.nodes.append(helper.make_node("Slice", [feed, *args], [out], name=out))
+        if out not in self._mirrored:
+            self._mirrored.add(out)
+            self.nodes.append(helper.make_node("Slice", [feed, *args], [out], name=out))
         return out
 
     def rotate(self, feed: str, angle: float) -> str:
@@ -88,8 +92,7 @@ def nodes(feed: str, mirrored: bool, rotations: tuple[float, ...]) -> tuple[list
     """ONNX nodes turning ``feed`` (N, S, S, 1) into all views stacked on the batch axis (V*N, S, S, 1),
     in :func:`all_views`' order. Returns (nodes, initializers, output name, V)."""
     build = _Builder()
-    base = [feed, build.mirror(feed)] if mirrored else [feed]
-    views = base + [build.rotate(b, angle) for angle in rotations for b in base]
+    views = [build.view(feed, view) for view in view_set(mirrored, rotations)]
     if len(views) == 1:
         return build.nodes, list(build.weights.values()), feed, 1
     build.nodes.append(helper.make_node("Concat", views, ["face_views"], axis=0, name="all_views"))
