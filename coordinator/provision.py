@@ -15,8 +15,9 @@ lab-PC password can neither read other classrooms nor impersonate another agent.
 3. returns the ``[agent]``/``[mqtt]`` part of the agent's TOML, ready to paste.
 
 Mosquitto reads both files only at start and on SIGHUP: reload it afterwards
-(``systemctl reload mosquitto``). ``deploy/mosquitto/mosquitto.conf`` is the broker config these
-files plug into.
+(``systemctl reload mosquitto``; ``deploy/systemd/affectedge-broker-reload.path`` does it whenever the
+ACL changes). ``deploy/mosquitto/mosquitto.conf`` is the broker config these files plug into; it puts
+them in a directory the coordinator's service user owns, the one its unit may write.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import base64
 import hashlib
 import json
 import os
+import pwd
 import secrets
 import shutil
 import subprocess
@@ -164,7 +166,21 @@ def _check(config: CoordinatorConfig, name: str, classroom: str) -> tuple[Path, 
     for path in (passwd_file, acl_file):
         if not path.parent.is_dir():
             raise ProvisionError(f"directory {path.parent} does not exist; create it or fix [broker] in the config")
+        # both files are replaced by renaming a new one over them, so the directory must be writable;
+        # under the shipped unit only the ReadWritePaths directory is (a read-only file system fails here too)
+        if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.R_OK)):
+            raise ProvisionError(
+                f"user {_user()} cannot write {path}: provision as the coordinator's service user "
+                f"(sudo -u affectedge), with {path.parent} owned by it (install -d -o affectedge -g mosquitto "
+                "-m 2750 DIR) and listed in the unit's ReadWritePaths (deploy/mosquitto/mosquitto.conf)")
     return passwd_file, acl_file, coordinator_user
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a uid without a passwd entry (some containers)
+        return str(os.geteuid())
 
 
 def provision_agent(config: CoordinatorConfig, name: str, classroom: str) -> ProvisionResult:
@@ -203,7 +219,8 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     print(result.config_snippet, end="")
     print(f"agent {result.username!r} may now publish under {topics.PREFIX}/{args.classroom}/{result.username}/#; "
-          "reload the broker so it rereads its password and ACL files: systemctl reload mosquitto",
+          "reload the broker so it rereads its password and ACL files (affectedge-broker-reload.path does that "
+          "where it runs; else: systemctl reload mosquitto)",
           file=sys.stderr)
     return 0
 

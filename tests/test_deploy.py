@@ -19,7 +19,7 @@ UNITS = {
         "--config /etc/affectedge/agent.toml")),
     "affectedge-coordinator.service": ("coordinator", (
         "NotifyAccess=main", "StateDirectory=affectedge-coordinator", "RestartPreventExitStatus=2",
-        "--config /etc/affectedge/coordinator.toml")),
+        "--config /etc/affectedge/coordinator.toml", "ReadWritePaths=-/etc/mosquitto/affectedge-auth")),
 }
 
 
@@ -37,3 +37,22 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path, name: str):
                             timeout=60, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert name not in result.stderr, result.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_broker_reload_path_unit_watches_the_acl_the_broker_reads(tmp_path: Path):
+    """The path unit must watch the very file mosquitto.conf names as its ACL, and start a unit that exists."""
+    conf = (ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
+    acl = next(line.split()[1] for line in conf.splitlines() if line.startswith("acl_file "))
+    path_unit = (ROOT / "deploy" / "systemd" / "affectedge-broker-reload.path").read_text()
+    assert f"PathChanged={acl}" in path_unit
+    started = next(line.split("=", 1)[1] for line in path_unit.splitlines() if line.startswith("Unit="))
+    assert "systemctl reload mosquitto.service" in (ROOT / "deploy" / "systemd" / started).read_text()
+    coordinator = (ROOT / "deploy" / "systemd" / "affectedge-coordinator.service").read_text()
+    assert f"ReadWritePaths=-{Path(acl).parent}" in coordinator  # the coordinator may write what is watched
+    for name in ("affectedge-broker-reload.path", "affectedge-broker-reload.service"):
+        shutil.copy(ROOT / "deploy" / "systemd" / name, tmp_path / name)
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "affectedge-broker-reload.path")],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "affectedge-broker-reload" not in result.stderr, result.stderr

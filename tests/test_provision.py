@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import base64
+import os
 import queue
+import shutil
 import signal
 import subprocess
+import tempfile
 import tomllib
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 from conftest import Broker, free_port, start_mosquitto, wait_for_port
 from outlets import wait_until
 from sqlalchemy import select
@@ -39,6 +43,7 @@ def config_for(tmp_path: Path, **broker) -> CoordinatorConfig:
 #: tests run as root in private temp dirs: keep Mosquitto from dropping to its own user, which could
 #: not read them (in production the files are group mosquitto, see deploy/mosquitto/mosquitto.conf)
 STAY_ROOT = "user root"
+NOBODY = 65534
 
 
 def secured_broker(tmp_path: Path, config: CoordinatorConfig) -> Broker:
@@ -195,21 +200,23 @@ def test_reprovisioning_rotates_the_password_and_moves_the_agent_after_a_reload(
 
 def test_production_template_serves_tls_to_provisioned_agents(tmp_path):
     """deploy/mosquitto/mosquitto.conf, with its paths moved into tmp_path, on a real broker."""
-    etc = tmp_path / "etc"
+    etc, auth = tmp_path / "etc", tmp_path / "auth"
     etc.mkdir()
+    auth.mkdir()
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
                     "/CN=localhost", "-addext", "subjectAltName=DNS:localhost", "-keyout",
                     str(etc / "broker.key"), "-out", str(etc / "broker.crt")], check=True, capture_output=True)
     config = parse({
         "mqtt": {"username": COORDINATOR, "password": COORDINATOR_PASSWORD, "tls_ca": str(etc / "broker.crt")},
         "database": {"url": f"sqlite:///{tmp_path / 'coordinator.db'}"},
-        "broker": {"passwd_file": str(etc / "passwd"), "acl_file": str(etc / "acl"),
+        "broker": {"passwd_file": str(auth / "passwd"), "acl_file": str(auth / "acl"),
                    "host": "localhost", "tls": True},
     }, CoordinatorConfig, "test config")
     result = provision_agent(config, "agent-1", "room-1")
     port = free_port()
     conf = (DEPLOY_CONF.read_text()
             .replace("/etc/mosquitto/affectedge/", f"{etc}/")
+            .replace("/etc/mosquitto/affectedge-auth/", f"{auth}/")
             .replace("/var/lib/mosquitto/", f"{tmp_path}/")
             .replace("listener 8883", f"listener {port} 127.0.0.1")
             .replace("log_dest syslog", "log_dest stderr")) + f"\n{STAY_ROOT}\n"
@@ -265,3 +272,45 @@ def test_cli_prints_the_snippet_and_fails_in_one_line(tmp_path, capsys):
     _, err = capsys.readouterr()
     assert err.startswith("error: cannot use the database sqlite:///") and err.count("\n") == 1
     assert Path(config.broker.passwd_file).read_text() == before
+
+
+def _as_nobody(call) -> str:
+    """Run ``call`` in a forked child that has dropped to user nobody; the error it raised, or ""."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            call()
+            message = ""
+        except Exception as exc:  # reported to the parent
+            message = f"{type(exc).__name__}: {exc}"
+        os.write(write, message.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        message = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return message
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="drops to user nobody, which needs root")
+def test_a_broker_directory_the_service_user_cannot_write_is_one_line_and_changes_nothing():
+    """The shipped unit's file system is read-only outside its ReadWritePaths: the dashboard's Provision
+    button must say how to fix that, not fail halfway with an errno."""
+    base = Path(tempfile.mkdtemp())
+    try:
+        base.chmod(0o755)  # nobody may reach it, not write it
+        config = config_for(base)
+        (base / "broker").chmod(0o755)
+        Path(config.broker.passwd_file).write_text("someone:$7$hash\n")
+        message = _as_nobody(lambda: provision_agent(config, "agent-1", "room-1"))
+        assert message.startswith(f"ProvisionError: user nobody cannot write {config.broker.passwd_file}: "
+                                  "provision as the coordinator's service user"), message
+        assert "ReadWritePaths" in message and "\n" not in message
+        assert Path(config.broker.passwd_file).read_text() == "someone:$7$hash\n"
+        assert not Path(config.broker.acl_file).exists() and not (base / "coordinator.db").exists()
+        provision_agent(config, "agent-1", "room-1")  # root may
+    finally:
+        shutil.rmtree(base)
