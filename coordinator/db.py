@@ -12,6 +12,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -21,6 +22,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     and_,
     create_engine,
     event,
@@ -169,6 +171,26 @@ def rollup_rows(observations: Iterable[Mapping]) -> list[dict]:
     for key, group in groups.items():
         group["tracks"] = ",".join(sorted(tracks[key]))
     return list(groups.values())
+
+
+class StoredBatch(Base):
+    """The identity of each numbered batch stored, so a redelivered copy is recognised and skipped.
+
+    Written in the transaction that stores the batch's rows (:meth:`coordinator.store.Store.write`),
+    so it survives restarts and is shared by every coordinator on the database. ``seq`` alone
+    is not an identity: it starts at 1 again when an agent's spool is wiped (a reinstall), and the
+    edge's ``sent_at``, set once when the batch is made, tells those new batches from redeliveries.
+    Purged with the raw observations, by ``received_at``.
+    """
+
+    __tablename__ = "stored_batches"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    agent_id: Mapped[str] = mapped_column(String(64))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    sent_at: Mapped[datetime] = mapped_column(DateTime)
+    received_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+    __table_args__ = (UniqueConstraint("agent_id", "seq", "sent_at", name="uq_stored_batch"),)
 
 
 class CameraSample(Base):

@@ -6,8 +6,12 @@ Delivery guarantees, and why each setting is there:
   coordinator is down the broker queues the QoS 1 batches agents publish, and delivers them when
   it reconnects under the same client id.
 * **Ack after commit** (paho ``manual_ack``): a batch is acknowledged to the broker only once its
-  rows are committed, so a crash between receipt and commit means redelivery, not loss. A batch
-  the broker redelivers after a lost ack is recognised by its per-agent ``seq`` and skipped.
+  rows are committed, so a crash between receipt and commit means redelivery, not loss.
+* **Stored once**: a batch delivered again (the broker after a lost ack, an edge agent resending
+  after a lost PUBACK, to this instance or another, before or after a restart) is recognised by
+  its agent, ``seq`` and ``sent_at``, recorded in the database in the transaction that stored it
+  (:meth:`Store.write`), and counted as a duplicate instead. Batches without ``seq`` or ``sent_at``
+  cannot be told apart from new ones and are always stored.
 * **Shared subscription** for observations (``$share/<group>/...``): several coordinators with the
   same group split the batches between them. Statuses use a plain subscription on every instance
   instead: they are few, retained, and brokers never hand retained messages to shared subscribers,
@@ -26,7 +30,6 @@ import queue
 import ssl
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -40,7 +43,7 @@ from affectedge.errors import first_line
 from affectedge.v1 import affectedge_pb2 as pb
 from coordinator.config import MqttConfig
 from coordinator.ratelimit import RateLimitedLog
-from coordinator.store import Received, Store, utcnow
+from coordinator.store import Received, Store, Written, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,6 @@ STATUS_FILTER = f"{topics.PREFIX}/+/+/{topics.STATUS}"
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our queue through a week-long outage
 RECEIVE_MAXIMUM = 2000  # unacknowledged QoS 1 messages the broker may have in flight to us
 MAX_BATCH = 1000  # MQTT messages per database transaction
-DEDUP_PER_AGENT = 256  # recent sequence numbers remembered per agent
 SKEW_TOLERANCE_S = 5.0  # an agent's batches arriving this much off its clock, all minute: warn
 SKEW_PERIOD_S = 60.0
 
@@ -125,7 +127,6 @@ class Ingest:
         self._queue: queue.Queue[_Message] = queue.Queue()
         self._accepting = threading.Event()
         self._stop = threading.Event()
-        self._seen: dict[str, OrderedDict[int, None]] = {}
         self._bad = RateLimitedLog(10.0, log)
         self._clocks = ClockWatch()
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
@@ -237,12 +238,13 @@ class Ingest:
             written = self._store_one_by_one(received, statuses)
         if written is None:
             return  # stopping while the database was down: unacknowledged, so redelivered after restart
-        self.counters.add(messages=len(messages), observations=written, statuses=len(statuses))
+        self.counters.add(messages=len(messages), observations=written.observations, duplicates=written.duplicates,
+                          statuses=len(statuses))
         for m in messages:
             if m.qos:
                 self.client.ack(m.mid, m.qos)
 
-    def _store(self, received: list[Received], statuses: list, messages: int) -> int | None:
+    def _store(self, received: list[Received], statuses: list, messages: int) -> Written | None:
         """Write, retrying while the database is unreachable or locked (or fails unexpectedly, which is
         logged: the writer thread must outlive it); None if stopped meanwhile.
 
@@ -267,9 +269,9 @@ class Ingest:
             if self._stop.wait(1.0):
                 return None
 
-    def _store_one_by_one(self, received: list[Received], statuses: list) -> int | None:
+    def _store_one_by_one(self, received: list[Received], statuses: list) -> Written | None:
         """After a data error: store each message alone and drop (count, log) the ones refused."""
-        written = 0
+        written = Written(0, 0)
         items = [([r], [], f"agent {r.batch.agent_id} seq {r.batch.seq}") for r in received]
         items += [([], [s], f"status of agent {s[0].agent_id}") for s in statuses]
         for one_batch, one_status, what in items:
@@ -312,10 +314,7 @@ class Ingest:
                 statuses.append((message, now))
                 continue
             self._check_clock(message, now)
-            if self._duplicate(message):
-                self.counters.add(duplicates=1)
-            else:
-                received.append(Received(message, now))
+            received.append(Received(message, now))
         return received, statuses
 
     def _check_clock(self, batch: pb.ObservationBatch, now: datetime) -> None:
@@ -334,15 +333,3 @@ class Ingest:
     def _malformed(self, topic: str, why: str) -> None:
         self.counters.add(malformed=1)
         self._bad.warning("malformed", "dropped a malformed message on %s: %s", topic[:200], why[:300])
-
-    def _duplicate(self, batch: pb.ObservationBatch) -> bool:
-        """True if this agent's batch ``seq`` was already stored (a redelivery)."""
-        if not batch.seq:
-            return False
-        seen = self._seen.setdefault(batch.agent_id, OrderedDict())
-        if batch.seq in seen:
-            return True
-        seen[batch.seq] = None
-        if len(seen) > DEDUP_PER_AGENT:
-            seen.popitem(last=False)
-        return False

@@ -1,7 +1,9 @@
 """Deleting raw data past its retention, keeping the (smaller, anonymised) aggregates longer.
 
 Raw observations (with their rollups, which name tracks too) and camera samples are per-track
-and per-camera, so they are the privacy-sensitive part and are kept ``database.retention_days``;
+and per-camera, so they are the privacy-sensitive part and are kept ``database.retention_days``,
+and so are the identities of the batches that brought them (:class:`StoredBatch`, by arrival:
+a redelivery older than that is stored again, its rows already past retention);
 stored :class:`Aggregate` snapshots are k-anonymised and kept ``database.aggregate_retention_days``.
 An admin may override either in the ``settings`` table (``retention.days`` /
 ``retention.aggregate_days``, a number of days).
@@ -17,7 +19,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, select
 from sqlalchemy.orm import sessionmaker
 
-from coordinator.db import Aggregate, CameraSample, Observation, ObservationRollup
+from coordinator.db import Aggregate, CameraSample, Observation, ObservationRollup, StoredBatch
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ def purge(sessions: sessionmaker, now: datetime, raw_days: float, aggregate_days
         "observation_rollups": _purge(sessions, ObservationRollup, ObservationRollup.window_end, raw_before,
                                       progress),
         "camera_samples": _purge(sessions, CameraSample, CameraSample.ts, raw_before, progress),
+        "stored_batches": _purge(sessions, StoredBatch, StoredBatch.received_at, raw_before, progress),
         "aggregates": _purge(sessions, Aggregate, Aggregate.window_end, now - timedelta(days=aggregate_days),
                              progress),
     }

@@ -7,6 +7,9 @@ between them), so each write here is safe to race with another instance's:
   update on conflict", never read-then-insert;
 * a classroom's next session has a deterministic id (derived from the session before it), so two
   instances that both find no open session create the *same* one and the second insert is a no-op;
+* a batch is stored once, however many times and to whichever instances it is delivered: its
+  identity is inserted into :class:`~coordinator.db.StoredBatch` in the transaction that stores it,
+  with "on conflict do nothing", and only the batches whose identity went in are written;
 * policy evaluation runs on one instance at a time, the holder of a lease row (:meth:`Store.lead`)
   that is taken and renewed by compare-and-set.
 """
@@ -35,6 +38,7 @@ from coordinator.db import (
     ObservationRollup,
     Setting,
     Signal,
+    StoredBatch,
     bulk_insert,
     insert_observations,
 )
@@ -65,6 +69,32 @@ class Received:
 
     batch: pb.ObservationBatch
     at: datetime
+
+
+@dataclass(frozen=True)
+class Written:
+    """What one :meth:`Store.write` did with its batches."""
+
+    observations: int  # rows stored
+    duplicates: int  # batches skipped: stored before (by any instance) or twice in this write
+
+    def __add__(self, other: Written) -> Written:
+        return Written(self.observations + other.observations, self.duplicates + other.duplicates)
+
+
+BatchKey = tuple[str, int, datetime]
+
+
+def batch_key(batch: pb.ObservationBatch) -> BatchKey | None:
+    """A batch's identity across redeliveries: agent, ``seq`` and ``sent_at`` (see :class:`StoredBatch`).
+
+    None for a batch without ``seq`` or ``sent_at``: unnumbered, or numbered without the stamp that
+    tells a reinstalled agent's new batch from an old one. Those are always stored: a duplicate
+    stored is a lesser harm than a new batch dropped.
+    """
+    if not batch.seq or not batch.HasField("sent_at"):
+        return None
+    return batch.agent_id, batch.seq, batch.sent_at.ToDatetime()
 
 
 def observation_rows(batch: pb.ObservationBatch, session_id: str | None) -> list[dict]:
@@ -120,11 +150,13 @@ class Store:
 
     # -- ingest ---------------------------------------------------------------------------------
 
-    def write(self, received: list[Received], statuses: list[tuple[pb.AgentStatus, datetime]]) -> int:
-        """Store batches and agent statuses in one transaction; returns observations written."""
+    def write(self, received: list[Received], statuses: list[tuple[pb.AgentStatus, datetime]]) -> Written:
+        """Store batches and agent statuses in one transaction, skipping batches stored before."""
         if not received and not statuses:
-            return 0
+            return Written(0, 0)
         with self.sessions.begin() as db:
+            delivered = len(received)
+            received = self._first_deliveries(db, received)
             new_classrooms = self._ensure_classrooms(
                 db, {r.batch.classroom_id for r in received} | {s.classroom_id for s, _ in statuses}
             )
@@ -166,7 +198,37 @@ class Store:
             for status, at in statuses:
                 self._apply_status(db, status, at)
         self._known_classrooms |= new_classrooms  # only once committed: a rollback must insert them again
-        return len(rows)
+        return Written(len(rows), delivered - len(received))
+
+    def _first_deliveries(self, db: Session, received: list[Received]) -> list[Received]:
+        """The batches not stored before, in order; their identities are recorded in ``db``'s transaction.
+
+        One INSERT … ON CONFLICT DO NOTHING RETURNING for the whole write: the identities it returns
+        went in, the others were already there. Racing another instance over the same batch is safe:
+        PostgreSQL makes the second insert wait for the first transaction and then do nothing (or
+        insert, if the first rolled back); SQLite lets one writer in at a time. The keys go in sorted,
+        so two instances inserting overlapping keys lock them in the same order instead of deadlocking.
+        """
+        keys = [batch_key(r.batch) for r in received]
+        received_at = {key: item.at for key, item in zip(keys, received, strict=True) if key}
+        if not received_at:
+            return received
+        table = StoredBatch.__table__
+        identity = (table.c.agent_id, table.c.seq, table.c.sent_at)
+        rows = [
+            {"agent_id": agent_id, "seq": seq, "sent_at": sent_at, "received_at": at}
+            for (agent_id, seq, sent_at), at in sorted(received_at.items())
+        ]
+        inserted = db.execute(
+            self._insert(table).on_conflict_do_nothing(index_elements=identity).returning(*identity), rows
+        )
+        new = {tuple(row) for row in inserted}
+        fresh = []
+        for key, item in zip(keys, received, strict=True):
+            if key is None or key in new:
+                new.discard(key)  # a second copy in this same write is a duplicate too
+                fresh.append(item)
+        return fresh
 
     def _ensure_classrooms(self, db: Session, ids: set[str]) -> set[str]:
         """Classrooms are created on first sight, named after their id until an admin renames them.
@@ -364,4 +426,4 @@ class Store:
                 db.execute(delete(Setting).where(Setting.key == LEADER_KEY, cast(Setting.value, Text) == current))
 
 
-__all__ = ["Received", "Store", "signal_message", "utcnow"]
+__all__ = ["Received", "Store", "Written", "batch_key", "signal_message", "utcnow"]

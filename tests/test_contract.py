@@ -85,6 +85,7 @@ def test_codec_round_trips_protobuf_and_json() -> None:
         (lambda b: setattr(b.observations[0].window_end, "seconds", 300_000_000_000), "window_end"),
         (lambda b: setattr(b.summaries[0], "faces_present", 3_000_000_000), "faces_present"),
         (lambda b: setattr(b, "model_version", "v" * 65), "model_version"),
+        (lambda b: setattr(b, "seq", 2**63), "seq"),
     ],
 )
 def test_values_no_column_can_hold_are_wire_errors(spoil, message) -> None:

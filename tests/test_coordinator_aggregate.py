@@ -10,7 +10,7 @@ from sqlalchemy import func, insert, select
 
 from affectedge.labels import EMOTIONS
 from coordinator import aggregate, db, states
-from coordinator.store import Received, Store
+from coordinator.store import Received, Store, Written
 
 NOW = datetime(2026, 3, 2, 10, 0, 0)
 
@@ -182,8 +182,8 @@ def test_store_writes_batches_and_attaches_them_to_one_auto_opened_session(sessi
 
     store = Store(sessions)
     batches = [Received(make_batch(f"ag{i}", "room-d", 4, seq=1), NOW) for i in range(3)]
-    assert store.write(batches, []) == 12
-    assert store.write([Received(make_batch("ag9", "room-d", 2, seq=1), NOW)], []) == 2
+    assert store.write(batches, []) == Written(12, 0)
+    assert store.write([Received(make_batch("ag9", "room-d", 2, seq=1), NOW)], []) == Written(2, 0)
     with sessions() as s:
         assert s.get(db.Classroom, "room-d") is not None
         open_sessions = s.scalars(select(db.ClassSession).where(db.ClassSession.ended_at.is_(None))).all()
@@ -194,7 +194,7 @@ def test_store_writes_batches_and_attaches_them_to_one_auto_opened_session(sessi
     # explicit start closes the open session and opens its successor; a second store agrees on ids
     new_id = store.start_session("room-d", NOW, course_id="math-101")
     assert new_id != open_sessions[0].id
-    assert Store(sessions).write([Received(make_batch("ag1", "room-d", 1, seq=2), NOW)], []) == 1
+    assert Store(sessions).write([Received(make_batch("ag1", "room-d", 1, seq=2), NOW)], []) == Written(1, 0)
     with sessions() as s:
         row = s.scalars(select(db.Observation).order_by(db.Observation.id.desc())).first()
         assert row.session_id == new_id

@@ -5,17 +5,18 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select, text
 
 from affectedge import codec, topics
 from affectedge.v1 import affectedge_pb2 as pb
-from coordinator import db
+from coordinator import db, retention
 from coordinator.bench import make_batch, mqtt_client, publish
 from coordinator.config import MqttConfig
 from coordinator.ingest import ClockWatch, Ingest
-from coordinator.store import Store
+from coordinator.store import Received, Store, Written, utcnow
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -36,6 +37,17 @@ def sessions(tmp_path):
     return db.connect(f"sqlite:///{tmp_path / 'ingest.db'}")
 
 
+def rolled_up(sessions) -> int:
+    """Observations as the aggregates count them."""
+    with sessions() as s:
+        return s.scalar(select(func.coalesce(func.sum(db.ObservationRollup.observations), 0)))
+
+
+def same_database(sessions):
+    """A second engine on ``sessions``' database, as another coordinator process would have."""
+    return db.connect(sessions.kw["bind"].url.render_as_string(hide_password=False))
+
+
 def start_ingest(broker, sessions, client_id: str = "coord-test") -> Ingest:
     ingest = Ingest(MqttConfig(url=broker.url, client_id=client_id), Store(sessions))
     ingest.start()
@@ -52,12 +64,13 @@ def test_batches_statuses_and_bad_payloads_end_to_end(mosquitto, sessions):
     publisher.publish(topics.status("room-1", "ag1"), codec.encode(status), qos=1, retain=True).wait_for_publish(5)
     ingest = start_ingest(mosquitto, sessions)
     try:
-        publish(publisher, make_batch("ag1", "room-1", 5, seq=1)).wait_for_publish(5)
+        first = make_batch("ag1", "room-1", 5, seq=1)
+        publish(publisher, first).wait_for_publish(5)
         # JSON (debug format) is accepted too
         as_json = codec.encode(make_batch("ag1", "room-1", 3, seq=2), "json")
         publisher.publish(topics.observations("room-1", "ag1"), as_json, qos=1).wait_for_publish(5)
-        # a redelivered batch (same agent, same seq) is stored once
-        publish(publisher, make_batch("ag1", "room-1", 5, seq=1)).wait_for_publish(5)
+        # a redelivered batch (same agent, seq and sent_at) is stored once
+        publish(publisher, first).wait_for_publish(5)
         # garbage, a wrong-length distribution, and a payload claiming another agent than its topic
         publisher.publish(topics.observations("room-1", "ag1"), b"\xff\x00garbage", qos=1)
         bad = make_batch("ag1", "room-1", 1, seq=3)
@@ -142,6 +155,84 @@ def test_rows_the_database_refuses_are_dropped_alone_and_ingest_goes_on(mosquitt
     finally:
         ingest.stop()
         publisher.loop_stop()
+
+
+def test_a_batch_delivered_again_after_a_restart_is_stored_once(mosquitto, sessions):
+    """A coordinator commits a batch and goes before its ack reaches the broker (a crash): the broker
+    delivers it again to the next coordinator process, and the agent, whose PUBACK was lost as well,
+    sends it again too. The batch is in the database once, with its rollup, and both copies count."""
+    publisher = mqtt_client(mosquitto.url, "test-agent-lost-ack")
+    batch = make_batch("ag1", "room-1", 5, seq=1)
+    first = start_ingest(mosquitto, sessions)
+    first.client.ack = lambda mid, qos: None  # committed but never acknowledged
+    try:
+        publish(publisher, batch).wait_for_publish(5)
+        wait_until(lambda: observations(sessions) == 5)
+    finally:
+        first.stop()
+    second = start_ingest(mosquitto, same_database(sessions))
+    try:
+        wait_until(lambda: second.counters.messages == 1)  # the broker's redelivery
+        publish(publisher, batch).wait_for_publish(5)  # the agent's
+        wait_until(lambda: second.counters.messages == 2)
+        assert observations(sessions) == rolled_up(sessions) == 5
+        assert second.counters.duplicates == 2 and second.counters.malformed == 0
+    finally:
+        second.stop()
+        publisher.loop_stop()
+
+
+def test_coordinators_sharing_the_stream_store_a_batch_sent_again_once(mosquitto, sessions):
+    """The shared subscription hands the copies of a resent batch to different instances."""
+    publisher = mqtt_client(mosquitto.url, "test-agent-resend")
+    ingests = [start_ingest(mosquitto, same_database(sessions), f"coord-{i}") for i in range(2)]
+    try:
+        batch = make_batch("ag1", "room-1", 4, seq=7)
+        for _ in range(6):
+            publish(publisher, batch).wait_for_publish(5)
+        wait_until(lambda: sum(i.counters.messages for i in ingests) == 6)
+        assert all(i.counters.messages for i in ingests)  # each instance got copies
+        assert sum(i.counters.duplicates for i in ingests) == 5
+        assert observations(sessions) == rolled_up(sessions) == 4
+    finally:
+        for ingest in ingests:
+            ingest.stop()
+        publisher.loop_stop()
+
+
+def test_a_reinstalled_agent_reusing_a_seq_is_not_taken_for_a_redelivery(mosquitto, sessions):
+    """A wiped spool numbers batches from 1 again; their own ``sent_at`` tells them from the old ones."""
+    publisher = mqtt_client(mosquitto.url, "test-agent-reinstalled")
+    ingest = start_ingest(mosquitto, sessions)
+    try:
+        old = make_batch("ag1", "room-1", 5, seq=1)
+        publish(publisher, old).wait_for_publish(5)
+        wait_until(lambda: observations(sessions) == 5)
+        new = make_batch("ag1", "room-1", 3, seq=1)
+        new.sent_at.FromSeconds(old.sent_at.seconds + 60)
+        publish(publisher, new).wait_for_publish(5)
+        wait_until(lambda: ingest.counters.messages == 2)
+        assert observations(sessions) == 8 and ingest.counters.duplicates == 0
+    finally:
+        ingest.stop()
+        publisher.loop_stop()
+
+
+def test_store_keeps_each_batch_once_and_its_identity_as_long_as_raw_data(sessions):
+    """Two coordinators' stores on one database, a copy within one write, and the batches that are
+    never taken for copies: unnumbered, or numbered without the ``sent_at`` that tells a reinstall."""
+    now = utcnow()
+    batch = make_batch("ag1", "room-1", 3, seq=1)
+    one, two = Store(sessions), Store(same_database(sessions))
+    assert one.write([Received(batch, now), Received(batch, now)], []) == Written(3, 1)
+    assert two.write([Received(batch, now)], []) == Written(0, 1)
+    unnumbered = make_batch("ag1", "room-1", 1)
+    unstamped = make_batch("ag1", "room-1", 1, seq=2)
+    unstamped.ClearField("sent_at")
+    assert two.write([Received(b, now) for b in (unnumbered, unnumbered, unstamped, unstamped)], []) == Written(4, 0)
+    deleted = retention.purge(sessions, now + timedelta(days=31), raw_days=30, aggregate_days=365)
+    assert deleted["stored_batches"] == 1 and deleted["observations"] == 7
+    assert one.write([Received(batch, now)], []) == Written(3, 0)  # known no longer: its rows are gone too
 
 
 def test_clock_watch_tells_a_wrong_clock_from_a_backlog():

@@ -7,15 +7,17 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import func, insert, select
 
 from coordinator import aggregate, db, retention
 from coordinator.bench import CONFUSED, make_batch, spawned_postgres
 from coordinator.policy import PolicyEngine, Rule
-from coordinator.store import Received, Store, utcnow
+from coordinator.store import Received, Store, Written, batch_key, utcnow
 
 
 @pytest.fixture
@@ -32,8 +34,10 @@ def test_store_aggregates_lease_and_retention_on_postgres(postgres_url):
     store = Store(sessions)
     now = utcnow()
     batches = [Received(make_batch(f"ag{i}", "room-pg", 3, CONFUSED, seq=1), now) for i in range(2)]
-    assert store.write(batches, []) == 6
-    assert Store(sessions).write([Received(make_batch("ag9", "room-pg", 1, seq=1), now)], []) == 1  # 2nd instance
+    assert store.write(batches, []) == Written(6, 0)
+    again = Received(make_batch("ag9", "room-pg", 1, seq=1), now)
+    assert Store(sessions).write([again, again], []) == Written(1, 1)  # 2nd instance
+    assert store.write([again], []) == Written(0, 1)
     with sessions() as s:
         state = aggregate.classroom_state(s, "room-pg", 60, utcnow() + timedelta(seconds=1), k=3)
         points = aggregate.timeline(s, "room-pg", now - timedelta(seconds=30), now + timedelta(seconds=30), 10, k=3)
@@ -58,8 +62,31 @@ def test_store_aggregates_lease_and_retention_on_postgres(postgres_url):
     deleted = retention.purge(sessions, now + timedelta(days=31), raw_days=30, aggregate_days=365,
                               progress=lambda: chunks.append(1))
     assert deleted["observations"] == 7 and deleted["camera_samples"] == 3
-    assert deleted["observation_rollups"] >= 1
-    assert len(chunks) == 3  # one chunk deleted from each table holding rows past retention: health sees work
+    assert deleted["observation_rollups"] >= 1 and deleted["stored_batches"] == 3
+    assert len(chunks) == 4  # one chunk deleted from each table holding rows past retention: health sees work
+
+
+def test_a_batch_racing_into_two_instances_is_stored_once_on_postgres(postgres_url):
+    """Another instance has inserted the batch's identity in a transaction not yet committed: this
+    write waits for it, then stores the batch (the other rolled back) or counts it as a duplicate
+    (the other committed); neither way is it an error that would drop the batch as malformed."""
+    sessions = db.connect(postgres_url)
+    for seq, other_commits, expected in ((1, False, Written(2, 0)), (2, True, Written(0, 1))):
+        batch = make_batch("ag1", "room-pg", 2, seq=seq)
+        agent_id, _, sent_at = batch_key(batch)
+        with sessions() as other, ThreadPoolExecutor(1) as pool:
+            other.execute(insert(db.StoredBatch).values(agent_id=agent_id, seq=seq, sent_at=sent_at,
+                                                        received_at=utcnow()))
+            written = pool.submit(Store(sessions).write, [Received(batch, utcnow())], [])
+            with pytest.raises(TimeoutError):
+                written.result(timeout=1.0)  # waiting for the other transaction
+            if other_commits:
+                other.commit()
+            else:
+                other.rollback()
+            assert written.result(timeout=10) == expected
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(db.Observation)) == 2
 
 
 @pytest.mark.slow

@@ -2,9 +2,9 @@
 
 Validation lives here, once, for both ends: every distribution has exactly 7 finite values in
 [0, 1], ids match the topic rules, labels and states are known enum values, scores are finite in
-[0, 1], timestamps are within protobuf's range (year 1-9999), counts fit a signed 32-bit column and
-version strings at most 64 characters. A payload that fails is a :class:`WireError`, never a crash
-and never a row the coordinator's database refuses.
+[0, 1], timestamps are within protobuf's range (year 1-9999), counts fit a signed 32-bit column, a
+batch's ``seq`` a signed 64-bit one, and version strings at most 64 characters. A payload that
+fails is a :class:`WireError`, never a crash and never a row the coordinator's database refuses.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
 M = TypeVar("M", bound=Message)
 MAX_COUNT = 2**31 - 1  # counts and track ids are stored as signed 32-bit integers
+MAX_SEQ = 2**63 - 1  # a batch's seq (uint64 on the wire) is stored as a signed 64-bit integer
 TEXT_LIMITS = {"version": 64, "model_version": 64, "backend": 32}  # characters, as stored
 _SECONDS = (-62_135_596_800, 253_402_300_799)  # 0001-01-01 .. 9999-12-31, as protobuf defines
 
@@ -72,9 +73,9 @@ def _id(value: str, what: str) -> None:
         raise WireError(f"{what} {value[:70]!r} is not a valid id")
 
 
-def _count(value: int, what: str) -> None:
-    if value > MAX_COUNT:
-        raise WireError(f"{what} is {value}; it must be at most {MAX_COUNT}")
+def _count(value: int, what: str, limit: int = MAX_COUNT) -> None:
+    if value > limit:
+        raise WireError(f"{what} is {value}; it must be at most {limit}")
 
 
 def _text(message: Message, name: str) -> None:
@@ -109,6 +110,7 @@ def validate(message: Message) -> None:
         _id(message.agent_id, "agent_id")
         _id(message.classroom_id, "classroom_id")
         _text(message, "model_version")
+        _count(message.seq, "seq", MAX_SEQ)
         _timestamp(message.sent_at, "sent_at")
         for obs in message.observations:
             _observation(obs)
