@@ -6,7 +6,8 @@
   re-sends unacknowledged messages itself after a reconnect, and MQTT keeps one client's QoS 1
   messages in order, so batches arrive in ``seq`` order. A batch the broker refuses for now (MQTT 5:
   its ACL, a quota) stays in the spool and goes again after a back-off, with those after it, in order;
-  only one it can never accept (:data:`PERMANENT_REFUSALS`) is dropped and counted.
+  only one it can never accept (:data:`PERMANENT_REFUSALS`) is dropped and counted. No packet exceeds the
+  broker's Maximum Packet Size (:mod:`edge_agent.packets`): a batch too large goes as several smaller ones.
 * ``.../status`` — a retained :class:`AgentStatus`: ONLINE on every (re)connect, refreshed by the
   service, OFFLINE on a clean stop; the same OFFLINE message is the Last Will, so the broker
   announces a crashed or unplugged agent by itself.
@@ -40,6 +41,7 @@ from affectedge.errors import first_line
 from affectedge.settings import ConfigError
 from affectedge.v1 import affectedge_pb2 as pb
 from edge_agent.config import AgentSection, MqttSection, TlsSection
+from edge_agent.packets import FALLBACK_MAX_PACKET, WIDEST_SEQ, publish_size, split
 from edge_agent.spool import DiskFull, Row, Spool
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,10 @@ REFUSAL_FIXES = {
     0x97: "the broker's quota for this client is used up; it passes, or raise the broker's limits",
 }
 DEFAULT_FIX = "the broker's log says why"
+# a connection the broker closes sooner than this after CONNACK counts as dropped at once: paho starts its
+# reconnect delay again at 1 s after every CONNACK, so without our own back-off such a broker is redialled
+# every second for ever (e.g. two agents with the same id taking the session from each other)
+STABLE_S = 10.0
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -136,6 +142,12 @@ class Publisher:
         self._resend_at = 0.0
         self._backoff = 0.0
         self._warned_unreachable = False  # once per outage, not once per retry
+        # the largest packet the broker takes (its CONNACK's Maximum Packet Size) and how we know it
+        self._max_packet = FALLBACK_MAX_PACKET
+        self._max_packet_source = "assumed until the broker is reached"
+        self._warned_size: set[str] = set()  # batches split or dropped for size: once per connection each
+        self._connected_at = 0.0
+        self._redial_s = 1  # paho's first reconnect delay; doubles while connections drop at once
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
 
     # -- encoding -------------------------------------------------------------------------------
@@ -155,32 +167,95 @@ class Publisher:
     # -- observations -----------------------------------------------------------------------------
 
     def publish_batch(self, observations: Iterable[pb.EmotionObservation],
-                      summaries: Iterable[pb.CameraSummary]) -> pb.ObservationBatch:
+                      summaries: Iterable[pb.CameraSummary]) -> None:
         """Number, encode and spool one batch; it is sent as soon as the broker is reachable.
 
-        On a full disk the batch is dropped (counted in ``spool_dropped``) rather than sent around the
-        spool: its ``seq`` is not saved then and may come again after a restart, when consumers would
-        skip the new batch as a duplicate, and it would overtake the batches waiting in the spool.
+        A batch larger than the broker takes is spooled as several smaller ones, in order, each with its
+        own ``seq`` (:meth:`_fit`). On a full disk the batch is dropped (counted in ``spool_dropped``) rather
+        than sent around the spool, where it would overtake the batches waiting there.
         """
         batch = pb.ObservationBatch(
             agent_id=self.agent.id, classroom_id=self.agent.classroom, model_version=self.model_version,
-            seq=self.spool.next_seq(), sent_at=timestamp(time.time()),
-            observations=observations, summaries=summaries)
-        content_type, payload = self._encode(batch)
-        try:
-            pushed_out = self.spool.put(self.observations_topic, content_type, payload)
-        except DiskFull as exc:
-            self._warn_disk_full(exc)
-            return batch
-        if self._warned_disk_full:
-            log.info("the spool's disk has space again: spooling batches again")
-            self._warned_disk_full = False
-        if pushed_out and not self._warned_full:
-            log.warning("spool full (%d batches): dropping the oldest until the broker is back "
-                        "(counted in the status' spool_dropped)", self.spool.max_batches)
-            self._warned_full = True
+            sent_at=timestamp(time.time()), observations=observations, summaries=summaries)
+        codec.validate(batch)
+        content_type = codec.content_type(batch, self.config.format)
+        payloads = self._fit(batch, self.observations_topic, content_type, "a new batch")
+        if payloads is None:
+            self.spool.count_dropped()
+            return
+        for payload in payloads:
+            try:
+                pushed_out = self.spool.put(self.observations_topic, content_type, payload)
+            except DiskFull as exc:
+                self._warn_disk_full(exc)
+                continue
+            if self._warned_disk_full:
+                log.info("the spool's disk has space again: spooling batches again")
+                self._warned_disk_full = False
+            if pushed_out and not self._warned_full:
+                log.warning("spool full (%d batches): dropping the oldest until the broker is back "
+                            "(counted in the status' spool_dropped)", self.spool.max_batches)
+                self._warned_full = True
         self._wake.set()
-        return batch
+
+    def _fit(self, batch: pb.ObservationBatch, topic: str, content_type: str, what: str) -> list[bytes] | None:
+        """``batch`` numbered and encoded as one payload, or as several if its packet would exceed the
+        broker's Maximum Packet Size; None (with a warning) if no split fits, for the caller to drop and count.
+
+        The broker closes the connection on a packet over its limit, and the spool would send that batch
+        again after every reconnect, so nothing behind it would ever be delivered. Each part gets its own
+        ``seq``: consumers key batches by it and would skip a repeated one as a duplicate.
+        """
+        fmt = "json" if content_type.startswith(codec.JSON) else "protobuf"
+        properties, limit = self._properties(content_type), self._max_packet
+
+        def size(part: pb.ObservationBatch) -> int:
+            return publish_size(topic, codec.encode(part, fmt), properties)
+
+        batch.seq = WIDEST_SEQ  # sized with the widest seq, so each part still fits once numbered
+        parts = split(batch, lambda part: size(part) <= limit)
+        if parts is None or len(parts) > 1:
+            outcome = (f"sending it as {len(parts)} smaller batches" if parts else
+                       "dropping it, as one of its observations or summaries alone is larger (counted in "
+                       "spool_dropped)")
+            self._warn_size(f"{what} of {len(batch.observations)} observations and {len(batch.summaries)} camera "
+                            f"summaries is {size(batch)} bytes as an MQTT packet, more than the broker takes "
+                            f"(maximum packet size {limit} bytes, {self._max_packet_source}): {outcome}",
+                            "split" if parts else "dropped")
+        if parts is None:
+            return None
+        payloads = []
+        for part in parts:
+            part.seq = self.spool.next_seq()
+            payloads.append(codec.encode(part, fmt))
+        return payloads
+
+    def _refit(self, row: Row) -> None:
+        """Replace a spooled batch too large for this broker by smaller ones at the end of the queue, or
+        drop and count it if none fits: built before the agent knew this broker's limit (offline since
+        its start, or spooled for another broker)."""
+        try:
+            batch = codec.decode(row.payload, pb.ObservationBatch, row.content_type)
+        except codec.WireError as exc:  # cannot happen to a batch this code encoded; the queue must move on
+            log.warning("spooled batch %d is too large for the broker and does not decode (%s): dropping it "
+                        "(counted in spool_dropped)", row.id, first_line(exc, 200))
+            payloads = None
+        else:
+            payloads = self._fit(batch, row.topic, row.content_type, f"spooled batch seq {batch.seq}")
+        try:
+            if payloads is None:
+                self.spool.reject(row.id)
+            else:
+                self.spool.replace(row, payloads)
+        except DiskFull as exc:  # the row stays, sent again after a restart
+            self._warn_disk_full(exc)
+        self._wake.set()
+
+    def _warn_size(self, message: str, outcome: str) -> None:
+        # every batch of a large classroom may be too large: say it once per connection and outcome
+        if outcome not in self._warned_size:
+            log.warning("%s (said once per connection)", message)
+            self._warned_size.add(outcome)
 
     def _send_loop(self) -> None:
         while not self._stopping.is_set():
@@ -218,15 +293,18 @@ class Publisher:
                 self.spool.resend_from(self._resend_from)
                 self._resend_from = None
             for row in self.spool.take(MAX_INFLIGHT - in_flight):
-                info = self._client.publish(row.topic, row.payload, QOS,
-                                            properties=self._properties(row.content_type))
+                properties = self._properties(row.content_type)
+                if publish_size(row.topic, row.payload, properties) > self._max_packet:
+                    self._refit(row)
+                    continue
+                info = self._client.publish(row.topic, row.payload, QOS, properties=properties)
                 self._inflight[info.mid] = row
 
     def _settle(self, mid: int, reason_code: ReasonCode) -> None:
         """Act on an answered PUBLISH: delete a delivered batch, drop one the broker can never accept, and keep
         one it refused for now (ACL, quota) to go again after a back-off: an admin's fix must not cost the backlog.
         The refused go again from the oldest, in order; later batches already in flight may arrive before
-        them, which the coordinator takes in any order (it keys batches by agent and seq)."""
+        them, which the coordinator takes in any order (it keys batches by agent, seq and sent_at)."""
         row = self._inflight.pop(mid, None)
         if row is None:
             if reason_code.is_failure:
@@ -275,9 +353,15 @@ class Publisher:
         if not self.connected.is_set():
             return None
         content_type, payload = self._encode(status)
+        properties = self._properties(content_type)
+        size = publish_size(self.status_topic, payload, properties)
+        if size > self._max_packet:
+            self._warn_size(f"the status is {size} bytes as an MQTT packet, more than the broker takes (maximum "
+                            f"packet size {self._max_packet} bytes, {self._max_packet_source}): not sending it",
+                            "status")
+            return None
         with self._lock:
-            info = self._client.publish(self.status_topic, payload, QOS, retain=True,
-                                        properties=self._properties(content_type))
+            info = self._client.publish(self.status_topic, payload, QOS, retain=True, properties=properties)
             self._inflight[info.mid] = None
         return info
 
@@ -286,11 +370,16 @@ class Publisher:
             log.warning("broker %s:%d refused the connection: %s; retrying",
                         self.config.host, self.config.port, reason_code)
             return
-        log.info("connected to broker %s:%d (MQTT %s)", self.config.host, self.config.port,
-                 self.config.protocol)
+        advertised = getattr(properties, "MaximumPacketSize", None)
+        self._max_packet = advertised or FALLBACK_MAX_PACKET
+        self._max_packet_source = "from the broker's CONNACK" if advertised else "assumed: the broker advertises none"
+        log.info("connected to broker %s:%d (MQTT %s, maximum packet size %d bytes, %s)", self.config.host,
+                 self.config.port, self.config.protocol, self._max_packet, self._max_packet_source)
+        self._connected_at = time.monotonic()
         self.connected.set()
         self._warned_full = self._warned_unreachable = False
         self._warned_refused.clear()
+        self._warned_size.clear()
         self.publish_status(self._status())
         self._wake.set()
 
@@ -303,8 +392,18 @@ class Publisher:
         self._warned_unreachable = True
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        """Warn, and back off from a broker that keeps closing connections at once (see :data:`STABLE_S`)."""
         if self.connected.is_set() and not self._stopping.is_set():
-            log.warning("lost the broker (%s); spooling batches and reconnecting", reason_code)
+            lasted = time.monotonic() - self._connected_at
+            if lasted < STABLE_S:
+                self._redial_s = min(2 * self._redial_s, self.config.max_backoff_s)
+                log.warning("lost the broker (%s) %.1f s after connecting; spooling batches and reconnecting in "
+                            "%d s (backing off up to mqtt.max_backoff_s while connections drop at once)",
+                            reason_code, lasted, self._redial_s)
+            else:
+                self._redial_s = 1
+                log.warning("lost the broker (%s); spooling batches and reconnecting", reason_code)
+            client.reconnect_delay_set(self._redial_s, self.config.max_backoff_s)
         self.connected.clear()
 
     # -- lifecycle -----------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Every observation batch goes through here, connected or not, so one path handles
 a batch survives a crash or a power cut between being produced and being acknowledged (QoS 1
 PUBACK). The publisher :meth:`take`\\ s the oldest rows, hands them to the MQTT client and
 :meth:`ack`\\ s each on PUBACK; rows taken but not acknowledged when the process dies are sent
-again after a restart (consumers drop the duplicate by its ``seq``).
+again after a restart (consumers drop the duplicate by its ``seq`` and ``sent_at``).
 
 The bound is a row count. When it is reached the oldest rows not yet handed to the MQTT client
 are deleted and counted (:attr:`dropped`, persisted, reported in ``AgentStatus.spool_dropped``);
@@ -163,6 +163,23 @@ class Spool:
         with self._lock, self._write() as db:
             gone = db.execute("DELETE FROM batches WHERE id = ?", (row_id,)).rowcount
             db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped'", (gone,))
+
+    def replace(self, row: Row, payloads: list[bytes]) -> None:
+        """Put the parts of a batch too large for the broker in its place, at the end of the queue.
+
+        The batches behind it go first (consumers take batches in any order: they key them by ``seq``); one
+        transaction, so a crash leaves the batch or all of its parts. The bound is not checked here: the
+        next :meth:`put` trims any excess.
+        """
+        with self._lock, self._write() as db:
+            db.execute("DELETE FROM batches WHERE id = ?", (row.id,))
+            db.executemany("INSERT INTO batches (topic, content_type, payload) VALUES (?, ?, ?)",
+                           [(row.topic, row.content_type, payload) for payload in payloads])
+
+    def count_dropped(self) -> None:
+        """Count a batch dropped before it reached the spool (too large for the broker); saved by the next write."""
+        with self._lock:
+            self._unsaved_dropped += 1
 
     @property
     def depth(self) -> int:

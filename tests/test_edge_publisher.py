@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sqlite3
 import time
@@ -273,3 +274,102 @@ def test_an_unreachable_broker_is_named_with_the_reason_once_per_outage(tmp_path
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith(f"cannot reach 127.0.0.1:{port} (Connection refused): check mqtt.host/port/tls")
     assert "edge-agent check" in warnings[0]
+
+
+def crowded_summary() -> pb.CameraSummary:
+    """One camera summary of about 3 kB: over a 2000-byte packet limit however its batch is split."""
+    return pb.CameraSummary(camera_id="cam0", rejected={f"reason-{i}": i for i in range(200)})
+
+
+def observations_received(subscriber: Subscriber) -> int:
+    return sum(len(codec.decode(m.payload, pb.ObservationBatch).observations) for m in subscriber.received())
+
+
+def connects(caplog) -> int:
+    return sum(m.startswith("connected to broker") for m in caplog.messages)
+
+
+def test_a_batch_over_the_brokers_packet_limit_is_split_and_the_batches_behind_it_arrive(tmp_path, caplog):
+    """Mosquitto closes the connection on a packet over its max_packet_size. Before, the spool sent that
+    batch again after every reconnect, once a second for ever, and no batch behind it ever arrived."""
+    broker = start_mosquitto(tmp_path / "mosquitto", "max_packet_size 2000")  # advertised in CONNACK
+    spool = Spool(tmp_path / "spool.sqlite3", max_batches=100)
+    publisher = Publisher(MqttSection(port=broker.port, max_backoff_s=1), AGENT, spool, "m1")
+    subscriber = Subscriber(broker.port, topics.observations("lab-a", "pc-1"))
+    with caplog.at_level("INFO", logger="edge_agent.publisher"):
+        publisher.start(status)
+        try:
+            assert publisher.connected.wait(10)
+            publisher.publish_batch([observation()], [])
+            publisher.publish_batch([observation()] * 100, [])  # about 5 kB
+            publisher.publish_batch([observation()], [crowded_summary()])  # cannot be split to fit
+            publisher.publish_batch([observation()], [])
+            wait(lambda: observations_received(subscriber) == 102, timeout=10)
+            wait(lambda: spool.depth == 0)
+        finally:
+            publisher.stop(status())
+            subscriber.close()
+            broker.stop()
+    assert seqs(subscriber) == list(range(1, 7))  # 1, the 4 parts of the large batch, then the last
+    assert spool.dropped == 1
+    assert connects(caplog) == 1 and not any("lost the broker" in m for m in caplog.messages)
+    size = [re.sub(r"is \d+ bytes", "is N bytes", m) for m in caplog.messages if "more than the broker takes" in m]
+    assert size == [
+        "a new batch of 100 observations and 0 camera summaries is N bytes as an MQTT packet, more than the "
+        "broker takes (maximum packet size 2000 bytes, from the broker's CONNACK): sending it as 4 smaller "
+        "batches (said once per connection)",
+        "a new batch of 1 observations and 1 camera summaries is N bytes as an MQTT packet, more than the "
+        "broker takes (maximum packet size 2000 bytes, from the broker's CONNACK): dropping it, as one of its "
+        "observations or summaries alone is larger (counted in spool_dropped) (said once per connection)"]
+
+
+def test_a_spooled_batch_too_large_for_the_broker_is_split_or_dropped_when_sent_and_the_queue_moves_on(
+        tmp_path, caplog):
+    """Batches spooled before the agent learnt the broker's limit (offline since its start) are checked
+    again when sent: one that fits no more goes as smaller batches behind the queue, or is dropped."""
+    broker = start_mosquitto(tmp_path / "mosquitto", "max_packet_size 2000")
+    spool = Spool(tmp_path / "spool.sqlite3", max_batches=100)
+    publisher = Publisher(MqttSection(port=broker.port, max_backoff_s=1), AGENT, spool, "m1")
+    subscriber = Subscriber(broker.port, topics.observations("lab-a", "pc-1"))
+    with caplog.at_level("INFO", logger="edge_agent.publisher"):
+        publisher.publish_batch([observation()] * 100, [])  # under the 1 MiB assumed until connected
+        publisher.publish_batch([observation()], [crowded_summary()])
+        publisher.publish_batch([observation()], [])
+        assert (spool.depth, caplog.messages) == (3, [])
+        publisher.start(status)
+        try:
+            wait(lambda: observations_received(subscriber) == 101, timeout=10)
+            wait(lambda: spool.depth == 0)
+        finally:
+            publisher.stop(status())
+            subscriber.close()
+            broker.stop()
+    assert seqs(subscriber) == [3, 4, 5, 6, 7]  # the batch behind first, then the parts with new seqs
+    assert spool.dropped == 1
+    assert connects(caplog) == 1 and not any("lost the broker" in m for m in caplog.messages)
+    size = [m for m in caplog.messages if "more than the broker takes" in m]
+    assert [m.split(" is ")[0] for m in size] == [
+        "spooled batch seq 1 of 100 observations and 0 camera summaries",
+        "spooled batch seq 2 of 1 observations and 1 camera summaries"]
+    assert "sending it as 4 smaller batches" in size[0] and "dropping it, as one of its" in size[1]
+
+
+def test_a_broker_closing_each_connection_at_once_is_redialled_with_a_growing_back_off(tmp_path, caplog):
+    """paho starts its reconnect delay again at 1 s after every CONNACK, so a broker that drops the agent
+    right after it connects was redialled every second for ever. Here: MQTT 3.1.1, whose CONNACK advertises
+    no packet limit, and a batch over the broker's (a cause the agent cannot see)."""
+    broker = start_mosquitto(tmp_path / "mosquitto", "max_packet_size 2000")
+    spool = Spool(tmp_path / "spool.sqlite3", max_batches=100)
+    publisher = Publisher(MqttSection(port=broker.port, protocol="3.1.1", max_backoff_s=4), AGENT, spool, "m1")
+    with caplog.at_level("INFO", logger="edge_agent.publisher"):
+        publisher.publish_batch([observation()] * 100, [])
+        publisher.start(status)
+        try:
+            time.sleep(7.5)  # connects at 0, 2 and 6 s; before, every second
+        finally:
+            publisher.stop(status(), flush_timeout=0)
+            broker.stop()
+    assert 2 <= connects(caplog) <= 3, caplog.messages
+    lost = [m for m in caplog.messages if m.startswith("lost the broker")]
+    assert "s after connecting; spooling batches and reconnecting in 2 s" in lost[0]
+    assert "reconnecting in 4 s (backing off up to mqtt.max_backoff_s" in lost[1]

@@ -109,3 +109,20 @@ def test_a_full_disk_at_start_is_one_line_and_an_exit_status_systemd_restarts(tm
     assert result.stderr.strip().splitlines() == [
         f"edge-agent: cannot create the spool {spool}: its disk is full; free space there "
         "(systemd restarts the agent until it starts)"]
+
+
+def test_replace_puts_the_parts_behind_the_queue_and_counts_survive_a_restart(tmp_path):
+    spool = Spool(tmp_path / "s.sqlite3", max_batches=100)
+    put(spool, 3)
+    [first] = spool.take(1)
+    parts = [spool.next_seq(), spool.next_seq()]
+    spool.replace(first, [seq.to_bytes(4, "big") for seq in parts])
+    spool.count_dropped()  # a batch no split could fit, never spooled
+    assert payloads(spool.take(10)) == [2, 3, 4, 5]
+    assert (spool.depth, spool.dropped) == (4, 1)
+    spool.close()
+
+    again = Spool(tmp_path / "s.sqlite3", max_batches=100)
+    assert payloads(again.take(10)) == [2, 3, 4, 5]
+    assert again.next_seq() == 6
+    assert again.dropped == 0  # a count not written yet is lost with the process, as on a full disk
