@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 MAX_WINDOW_S = 86400
-MAX_STREAMS = 64  # each open StreamAdaptations holds one worker thread
+#: open StreamAdaptations calls at most; each holds a worker thread for as long as it is open, so the
+#: pool has this many plus 8 threads, and the 8 stay free for unary calls and health checks
+MAX_STREAMS = 64
 
 
 class BearerAuth(grpc.ServerInterceptor):
@@ -77,9 +79,18 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, coordinator: Coordinator, stopping: threading.Event):
         self.coordinator = coordinator
         self.stopping = stopping
+        self._streams = threading.BoundedSemaphore(MAX_STREAMS)
 
     def StreamAdaptations(self, request: pb.StreamAdaptationsRequest, context):
-        """Every new signal matching the request's classrooms and courses, until the client leaves."""
+        """Every new signal matching the request's classrooms and courses, until the client leaves.
+
+        Refused with RESOURCE_EXHAUSTED while MAX_STREAMS are open: waiting for a slot would hold a
+        worker thread, and enough waiting streams would starve health checks and unary calls.
+        """
+        if not self._streams.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{MAX_STREAMS} StreamAdaptations are open, the most this coordinator serves: "
+                          "retry later, or share one stream among clients")
         classrooms, courses = set(request.classroom_ids), set(request.course_ids)
         hub = self.coordinator.hub
         subscription = hub.subscribe()
@@ -96,7 +107,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 if courses and item.course_id not in courses:
                     continue
                 yield item
-        finally:
+        finally:  # the client cancelled, its deadline passed, or the server stops
+            self._streams.release()
             hub.unsubscribe(subscription)
 
     def GetClassroomState(self, request: pb.GetClassroomStateRequest, context) -> pb.ClassroomState:

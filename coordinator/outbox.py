@@ -18,6 +18,15 @@ factor in [1, 1.5) so that many deliveries failing together do not retry in lock
 one hour. An HTTP 4xx answer other than 408/425/429 means the receiver rejects this payload for
 good; retrying cannot help, so the delivery goes ``dead`` at once.
 
+Redirects are never followed, and no 3xx counts as delivered: ``requests`` would turn a 301/302/303
+into a GET without the body (and report the page it lands on as a success), and re-send a 307/308,
+signature and all, to whatever host the ``Location`` names. A 301 or 308 says the configured URL
+moved for good, so the delivery goes ``dead`` at once and the admin must fix the URL; other 3xx are
+temporary by definition (a maintenance or login page while the LMS is down) and are retried.
+
+The error text stored in ``last_error`` and logged never shows a target's path, query or
+credentials (see :func:`redact`): a webhook URL's ``?token=`` or ``/hooks/<key>`` often is its secret.
+
 HTTP goes through ``requests``: a ``Session`` per target keeps the TLS connection alive between
 deliveries and gives connect and read timeouts and clear exceptions, which ``urllib`` does not.
 """
@@ -32,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, ClassVar
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import requests
 from sqlalchemy import func, or_, select
@@ -51,6 +60,8 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 3600.0
 #: 4xx answers that mean "not now" rather than "never"
 RETRYABLE_CLIENT_ERRORS = frozenset({408, 425, 429})
+#: redirects that say the configured URL is outdated for good, so every retry would get the same answer
+PERMANENT_REDIRECTS = frozenset({301, 308})
 #: how many due deliveries a sender reads per query
 BATCH = 50
 DB_RETRY_S = 2.0  # after a database error, before the sender looks at its rows again
@@ -75,31 +86,69 @@ class DeliveryError(Exception):
         self.permanent = permanent
 
 
-def safe_url(url: str) -> str:
-    """``url`` without credentials or query string, fit for logs."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
-
-
 def retry_delay(attempts: int, backoff_s: float) -> float:
     """Seconds to wait after ``attempts`` failed attempts (exponential, jittered, capped)."""
     delay = backoff_s * 2 ** (attempts - 1) * random.uniform(1.0, 1.5)
     return min(delay, MAX_BACKOFF_S)
 
 
-def post(http: requests.Session, url: str, body: bytes, headers: dict, timeout_s: float) -> None:
-    """POST ``body``; raise :class:`DeliveryError` unless the answer is 2xx."""
+def safe_url(url: str) -> str:
+    """``url`` fit for logs and ``last_error``: ``scheme://host[:port]`` and the first path segment,
+    with "/…" where more was cut, and never credentials or a query.
+
+    A webhook's secret is often its ``?token=`` or the end of its path (``/hooks/<key>``); the first
+    segment still tells an admin which of a host's endpoints it is. The host part is copied, not
+    parsed, so that an odd port in a receiver's ``Location`` cannot raise.
+    """
+    parts = urlsplit(url)
+    segments = parts.path.lstrip("/").split("/", 1)
+    shown = f"/{segments[0]}" if segments[0] else ""
+    cut = "/…" if (len(segments) > 1 and segments[1]) or parts.query else ""
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{shown}{cut}"
+
+
+def redact(text: str, *urls: str | None) -> str:
+    """``text`` with each of ``urls`` cut by :func:`safe_url`, and with their path-and-query (as
+    urllib3's "Max retries exceeded with url: /hook?token=..." shows it) and query replaced by "…"."""
+    replacements: dict[str, str] = {}
+    for url in filter(None, urls):
+        parts = urlsplit(url)
+        replacements[url] = safe_url(url)
+        replacements[parts.path + (f"?{parts.query}" if parts.query else "")] = "/…"
+        replacements[parts.query] = "…"
+    for secret in sorted(replacements, key=len, reverse=True):  # a whole URL before its parts
+        if secret not in ("", "/"):
+            text = text.replace(secret, replacements[secret])
+    return text
+
+
+def redirect_target(url: str, response: requests.Response) -> str:
+    """Where a 3xx answer to ``url`` points, redacted: the ``Location`` may echo the token."""
+    location = response.headers.get("Location")
+    if not location:
+        return "nowhere (no Location header)"
     try:
-        response = http.post(url, data=body, headers=headers, timeout=timeout_s)
+        return safe_url(urljoin(url, location))
+    except ValueError:  # e.g. "http://[bad": a broken header must fail the attempt, not the sender
+        return "an unparsable Location"
+
+
+def post(http: requests.Session, url: str, body: bytes, headers: dict, timeout_s: float) -> None:
+    """POST ``body``; raise :class:`DeliveryError` unless the answer is 2xx (redirects are not followed)."""
+    try:
+        response = http.post(url, data=body, headers=headers, timeout=timeout_s, allow_redirects=False)
     except requests.RequestException as exc:
-        raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
-    if response.ok:
+        prepared = exc.request.url if exc.request is not None else None  # as the exception text spells it
+        raise DeliveryError(redact(f"{type(exc).__name__}: {exc}", url, prepared)) from exc
+    status = response.status_code
+    if 200 <= status < 300:  # not response.ok, which is true for a 3xx as well
         return
-    text = response.text[:300].strip()
-    permanent = 400 <= response.status_code < 500 and response.status_code not in RETRYABLE_CLIENT_ERRORS
-    raise DeliveryError(f"HTTP {response.status_code}: {text}", permanent=permanent)
+    if 300 <= status < 400:
+        raise DeliveryError(f"HTTP {status} redirect to {redirect_target(url, response)}, not followed: "
+                            "configure the URL that answers itself", permanent=status in PERMANENT_REDIRECTS)
+    text = redact(response.text[:300].strip(), url)  # an error page may quote the request URL
+    permanent = 400 <= status < 500 and status not in RETRYABLE_CLIENT_ERRORS
+    raise DeliveryError(f"HTTP {status}: {text}", permanent=permanent)
 
 
 def record_signal(store: Store, signal: pb.AdaptationSignal, outlets: Sequence[Outbox]) -> None:

@@ -26,7 +26,8 @@ Verifying in an LMS (Python; the same four steps port to any language)::
 i.e. recompute the HMAC over the *raw* body bytes (not re-serialised JSON), compare in constant
 time, and refuse timestamps more than five minutes from your clock. Answer 2xx quickly (queue the
 work); anything else is retried with exponential back-off (see :mod:`coordinator.outbox`) and a
-4xx other than 408/425/429 is taken as a final "no" for that delivery.
+4xx other than 408/425/429 is taken as a final "no" for that delivery. Redirects are not followed:
+a 301 or 308 is final too (configure the new URL), other 3xx are retried at the same URL.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ One statement per signal, with the same retry and dead-letter behaviour as webho
             reason (plain words), evidence (the Evidence message as protobuf JSON)
     context platform "AffectEdge"; extensions signal-id, session-id; contextActivities.grouping
             the course activity <installation>/courses/<course id> when the signal has a course
+            (ids percent-encoded in activity IRIs: a course id is an admin's free text, and a
+            validating LRS answers an invalid IRI such as ".../courses/MATH 101 #2" with a final 400)
     id      UUIDv5 of the signal id, so a retry after a lost response is a duplicate the LRS
             drops instead of a second statement
 
@@ -30,6 +32,7 @@ import json
 import socket
 import uuid
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 import requests
 from google.protobuf import json_format
@@ -57,6 +60,15 @@ def ext(name: str) -> str:
     return f"{VOCAB}/extensions/{name}"
 
 
+def activity_id(home: str, collection: str, ident: str) -> str:
+    """The activity IRI of classroom or course ``ident``, a valid IRI whatever characters it holds.
+
+    Classroom ids are ``[A-Za-z0-9_-]`` (checked where they enter), so quoting leaves them as they
+    are; course ids are free text and need it.
+    """
+    return f"{home}/{collection}/{quote(ident, safe='')}"
+
+
 def homepage(config: CoordinatorConfig) -> str:
     """This installation's web address, the ``homePage`` of classroom accounts."""
     host = config.web.host
@@ -76,7 +88,7 @@ def statement(signal: pb.AdaptationSignal, home: str) -> dict:
     }
     if signal.course_id:
         context["contextActivities"] = {"grouping": [{
-            "objectType": "Activity", "id": f"{home}/courses/{signal.course_id}",
+            "objectType": "Activity", "id": activity_id(home, "courses", signal.course_id),
             "definition": {"type": COURSE},
         }]}
     return {
@@ -84,7 +96,7 @@ def statement(signal: pb.AdaptationSignal, home: str) -> dict:
         "actor": {"objectType": "Group", "name": f"Classroom {room}",
                   "account": {"homePage": home, "name": room}},
         "verb": VERB_EXPERIENCED,
-        "object": {"objectType": "Activity", "id": f"{home}/classrooms/{room}",
+        "object": {"objectType": "Activity", "id": activity_id(home, "classrooms", room),
                    "definition": {"type": MEETING, "name": {"en-US": f"Classroom {room}"}}},
         "result": {"extensions": {
             ext("signal-kind"): pb.SignalKind.Name(signal.kind),

@@ -37,14 +37,20 @@ SECRET = "s3cret-for-room-1"
 class Received:
     headers: dict
     body: bytes
+    method: str = "POST"
 
 
 @dataclass
 class Receiver:
-    """An LMS endpoint: answers ``statuses`` in turn (then 200) and records every request."""
+    """An LMS endpoint: answers ``statuses`` in turn (then 200) and records every request.
+
+    ``location`` goes out as a ``Location`` header with every answer to a POST; a GET (what a
+    client following a 301/302/303 sends) is answered 200, as a login page would be.
+    """
 
     statuses: list[int] = field(default_factory=list)
     always: int | None = None
+    location: str | None = None
     requests: list[Received] = field(default_factory=list)
     server: ThreadingHTTPServer | None = None
 
@@ -61,8 +67,16 @@ class Receiver:
                 receiver.requests.append(Received(dict(self.headers), body))
                 status = receiver.always or (receiver.statuses.pop(0) if receiver.statuses else 200)
                 self.send_response(status)
+                if receiver.location:
+                    self.send_header("Location", receiver.location)
                 self.end_headers()
                 self.wfile.write(b"receiver says %d" % status)
+
+            def do_GET(self):
+                receiver.requests.append(Received(dict(self.headers), b"", "GET"))
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"<html>login page</html>")
 
             def log_message(self, *args):
                 pass
@@ -183,6 +197,52 @@ def test_a_rejected_payload_is_not_retried(tmp_path, receiver):
     _, row = publish_until(p, "dead")
     assert (row.attempts, len(receiver.requests)) == (1, 1)
     assert row.last_error.startswith("HTTP 400")
+
+
+def settled(p: Parts) -> db.Delivery:
+    """Publish one signal with a running dispatcher and return its delivery once no longer pending."""
+    dispatcher = dispatcher_for(p)
+    try:
+        publish_signal(p)
+        return wait_until(lambda: (r := deliveries(p, "webhook")[0]).status != "pending" and r, what="settled")
+    finally:
+        dispatcher.stop()
+
+
+def test_a_moved_webhook_is_dead_at_once_and_its_redirect_not_followed(tmp_path, receiver):
+    """Following a 301 turned the POST into a body-less GET whose 200 counted as delivered."""
+    receiver.always, receiver.location = 301, "/login?next=/hooks/affectedge?token=not-logged"
+    p = parts(tmp_path, webhooks=[hook(receiver.url, max_attempts=5)])
+    row = settled(p)
+    assert [r.method for r in receiver.requests] == ["POST"]
+    assert (row.status, row.attempts) == ("dead", 1)
+    port = receiver.server.server_address[1]
+    assert row.last_error == (f"HTTP 301 redirect to http://127.0.0.1:{port}/login/…, not followed: "
+                              "configure the URL that answers itself")
+
+
+def test_a_temporary_redirect_is_retried_and_never_sends_the_signed_body_elsewhere(tmp_path, receiver):
+    """Following a 307 re-sent the signed body to whatever host the Location named."""
+    elsewhere = Receiver().serve()
+    try:
+        receiver.always, receiver.location = 307, elsewhere.url
+        p = parts(tmp_path, webhooks=[hook(receiver.url, max_attempts=2)])
+        row = settled(p)
+    finally:
+        elsewhere.close()
+    assert elsewhere.requests == []
+    assert (row.status, row.attempts, len(receiver.requests)) == ("dead", 2, 2)
+    assert row.last_error.startswith(f"HTTP 307 redirect to http://127.0.0.1:{elsewhere.server.server_address[1]}/hooks/…,")
+
+
+def test_an_unreachable_webhook_error_shows_neither_its_path_nor_its_query(tmp_path, caplog):
+    url = f"http://127.0.0.1:{free_port()}/hooks/key-in-path?token=token-in-query"  # nothing listens
+    p = parts(tmp_path, webhooks=[hook(url, max_attempts=1)])
+    row = settled(p)
+    assert row.status == "dead"
+    assert row.last_error.startswith("ConnectionError: ") and "url: /… (Caused by" in row.last_error
+    assert "key-in-path" not in row.last_error and "token-in-query" not in row.last_error
+    assert "is dead after 1 attempt(s): ConnectionError" in caplog.text and "token-in-query" not in caplog.text
 
 
 def test_pending_deliveries_survive_a_restart(tmp_path):

@@ -26,6 +26,7 @@ from coordinator.xapi import STATEMENT_NAMESPACE, VERB_EXPERIENCED, XapiForwarde
 
 bcrypt = pytest.importorskip("bcrypt", reason="the dev extra (ralph-malph[lrs]) is not installed")
 pytest.importorskip("ralph", reason="the dev extra (ralph-malph[lrs]) is not installed")
+rfc3987 = pytest.importorskip("rfc3987", reason="the dev extra (ralph-malph[lrs]) is not installed")
 
 USER, PASSWORD = "coordinator", "lrs-password-for-tests"
 
@@ -154,3 +155,20 @@ def test_wrong_lrs_credentials_go_to_the_dead_letter_table_at_once(tmp_path, lrs
     assert (row.status, row.attempts) == ("dead", 1)
     assert row.last_error.startswith("HTTP 401")
 
+
+
+def test_a_course_id_with_spaces_and_a_hash_still_makes_a_valid_statement(tmp_path, lrs):
+    """The course IRI carried the admin's free text as is: no IRI, which a validating LRS refuses for good
+    (400; Ralph does not check grouping ids, so the IRI is checked here)."""
+    p = parts(tmp_path, xapi=xapi(lrs), web={"host": "127.0.0.1", "port": 8080})
+    forwarder = forwarder_for(p)
+    try:
+        publish_signal(p, classroom="room-1", course="MATH 101 #2")
+        rows = delivered(p)
+    finally:
+        forwarder.stop()
+    assert [(r.status, r.last_error) for r in rows] == [("delivered", "")]
+    st = lrs.about("http://127.0.0.1:8080/classrooms/room-1")[0]
+    course = st["context"]["contextActivities"]["grouping"][0]["id"]
+    assert rfc3987.match(course, rule="absolute_IRI"), course
+    assert course == "http://127.0.0.1:8080/courses/MATH%20101%20%232"
