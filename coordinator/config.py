@@ -176,6 +176,9 @@ class WebConfig(Section):
     admin_password: str = ""  # empty: generated on first start, printed once to the log
     cookie_secure: bool = False
     login_rate: str = "5 per minute"
+    # reverse proxies in front of the web app, whose X-Forwarded-For/-Proto/-Host are believed;
+    # 0 = clients connect directly and those headers are ignored (any client could forge them)
+    trusted_proxies: Annotated[int, Field(ge=0, le=5, strict=True)] = 0  # strict: `true` is not 1
 
     _tokens = field_validator("api_tokens")(_tokens)
 

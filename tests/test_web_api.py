@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from openapi_spec_validator import validate
 from outlets import publish_signal
 from webapp import add_classroom, add_user, batch, csrf_token, ingest, login, web
 
-from coordinator.store import utcnow
+from affectedge.v1 import affectedge_pb2 as pb
+from coordinator.outbox import record_signal
+from coordinator.store import Store, utcnow
 
 TOKEN = "lms-token-0123456789"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -148,3 +150,66 @@ def test_openapi_document_is_valid_and_matches_the_routes(tmp_path):
         assert set(value) == set(schemas[name]["properties"]), name
         assert set(schemas[name]["required"]) <= set(value), name
 
+
+
+def test_ack_with_a_body_that_is_not_a_json_object_changes_nothing(tmp_path):
+    """Acknowledging cannot be undone: `curl -d '{"status": "dismissed"}'` (a form content type),
+    truncated JSON or a JSON array must not be read as "no body" and acknowledge the signal."""
+    p, app = _api(tmp_path)
+    signal = publish_signal(p, "room-a")
+    client = app.test_client()
+    for data, content_type in [
+        ('{"status": "dismissed"}', "application/x-www-form-urlencoded"),
+        ('{"status": "dismissed"}', "text/plain"),
+        ('{"status": "dismissed"', "application/json"),
+        ("[]", "application/json"),
+        ("false", "application/json"),
+    ]:
+        answer = client.post(f"/api/v1/signals/{signal.id}/ack", data=data, content_type=content_type, headers=BEARER)
+        assert answer.status_code == 400, (data, content_type)
+        assert answer.json["error"] == ('send no body to acknowledge, or a JSON object such as '
+                                        '{"status": "dismissed"} with Content-Type: application/json')
+    assert client.get("/api/v1/signals?status=open", headers=BEARER).json["signals"][0]["id"] == signal.id
+    dismissed = client.post(f"/api/v1/signals/{signal.id}/ack", json={"status": "dismissed"}, headers=BEARER)
+    assert dismissed.status_code == 200 and dismissed.json["status"] == "dismissed"
+    defaulted = publish_signal(p, "room-a")
+    answer = client.post(f"/api/v1/signals/{defaulted.id}/ack", json={}, headers=BEARER)
+    assert answer.status_code == 200 and answer.json["status"] == "acknowledged"
+
+
+def test_times_beyond_the_calendar_in_utc_are_a_400(tmp_path):
+    _, app = _api(tmp_path)
+    client = app.test_client()
+    for query in ("since=0001-01-01T00:00:00%2B01:00", "until=9999-12-31T23:59:59-14:00"):
+        answer = client.get(f"/api/v1/signals?{query}", headers=BEARER)
+        assert answer.status_code == 400 and "within years 1-9999 UTC" in answer.json["error"], query
+
+
+def test_paging_with_next_returns_every_signal_once(tmp_path):
+    """One policy tick can raise signals in many classrooms in one second (created_at is shown to the
+    second), even at the very same microsecond: paging by ``until`` skipped them, ``next`` does not."""
+    p, app = _api(tmp_path)
+    add_classroom(p, "room-c", None)
+    second = datetime(2026, 3, 2, 10, 0, 5)
+    times = [second.replace(microsecond=250_000), second.replace(microsecond=500_000),
+             second.replace(microsecond=500_000), second.replace(microsecond=750_000), second - timedelta(seconds=1)]
+    for i, at in enumerate(times):
+        signal = pb.AdaptationSignal(id=f"signal-{i}", classroom_id=("room-a", "room-b", "room-c")[i % 3],
+                                     kind=pb.SLOW_DOWN, strength=0.5, reason="r", evidence=pb.Evidence(rule="r"))
+        signal.created_at.FromDatetime(at)
+        record_signal(Store(p.sessions), signal, [])
+    client = app.test_client()
+    pages, query = [], "limit=2"
+    while True:
+        answer = client.get(f"/api/v1/signals?{query}", headers=BEARER)
+        assert answer.status_code == 200, answer.json
+        pages.append([s["id"] for s in answer.json["signals"]])
+        if answer.json["next"] is None:
+            break
+        query = f"limit=2&before={answer.json['next']}"
+    assert pages == [["signal-3", "signal-2"], ["signal-1", "signal-0"], ["signal-4"]]  # newest first, ties by id
+
+    until = client.get("/api/v1/signals?until=2026-03-02T10:00:05Z", headers=BEARER).json
+    assert [s["id"] for s in until["signals"]] == ["signal-4"] and until["next"] is None  # as before
+    bad = client.get("/api/v1/signals?before=not-a-cursor", headers=BEARER)
+    assert bad.status_code == 400 and "before must be the next value" in bad.json["error"]

@@ -11,7 +11,10 @@ import pytest
 from sqlalchemy import select
 from webapp import ADMIN_PASSWORD, PASSWORD, add_classroom, add_user, csrf_token, login, web
 
+from affectedge.settings import ConfigError
 from coordinator import cli, db, users
+from coordinator.config import load_config
+from coordinator.web.access import SESSION_COOKIE
 
 
 def test_pages_need_a_login_and_a_login_sets_a_safe_cookie(tmp_path):
@@ -177,3 +180,102 @@ def test_bad_user_names_are_refused(tmp_path, name):
     p, _ = web(tmp_path)
     with p.sessions() as session, pytest.raises(users.UserError, match="not valid"):
         users.create_user(session, name, PASSWORD, "instructor")
+
+
+def test_a_new_password_ends_every_other_session(tmp_path):
+    """A session cookie copied elsewhere (or left logged in on a lab PC) stops working once its user
+    changes the password, or an admin resets it; the browser that changed it stays logged in."""
+    p, app = web(tmp_path)
+    add_user(p, "alice")
+    add_classroom(p, "room-a", "alice")
+    alice, copy = app.test_client(), app.test_client()
+    login(alice, "alice")
+    copy.set_cookie(SESSION_COOKIE, alice.get_cookie(SESSION_COOKIE).value)
+    assert copy.get("/classrooms/room-a").status_code == 200
+
+    changed = alice.post("/account", data={"current": PASSWORD, "new": "new-password-22", "repeat": "new-password-22",
+                                           "csrf_token": csrf_token(alice, "/account")}, follow_redirects=True)
+    assert "Password changed." in changed.get_data(as_text=True)
+    assert alice.get("/classrooms/room-a").status_code == 200
+    assert copy.get("/classrooms/room-a").status_code == 302
+    assert copy.get("/api/v1/classrooms").status_code == 401
+
+    admin = app.test_client()
+    login(admin, "admin", ADMIN_PASSWORD)
+    token = csrf_token(admin, "/admin/users")
+    admin.post("/admin/users/alice", data={"role": "instructor", "active": "on", "password": "reset-password-33",
+                                           "csrf_token": token})
+    assert alice.get("/classrooms/room-a").status_code == 302  # the reset ends alice's session too
+    assert admin.get("/admin/users").status_code == 200  # resetting someone else's leaves the admin's alone
+    saved = admin.post("/admin/users/admin", data={"role": "admin", "active": "on", "password": "admin-password-44",
+                                                   "csrf_token": token}, follow_redirects=True)
+    assert "User &#39;admin&#39; saved." in saved.get_data(as_text=True)  # resetting one's own: still in
+
+
+def test_behind_a_trusted_proxy_the_login_limit_keys_on_the_client(tmp_path):
+    """Behind the HTTPS proxy every request comes from the proxy's address: keyed on that, five
+    wrong passwords from anyone would lock out everyone."""
+    proxy = {"REMOTE_ADDR": "127.0.0.1"}
+    _, app = web(tmp_path, web={"trusted_proxies": 1, "login_rate": "3 per minute"})
+    attacker = app.test_client()
+    for _ in range(3):
+        token = csrf_token(attacker)
+        attacker.post("/login", data={"username": "nobody", "password": "guess-guess-1", "csrf_token": token},
+                      headers={"X-Forwarded-For": "203.0.113.66"}, environ_base=proxy)
+    token = csrf_token(attacker)
+    blocked = attacker.post("/login", data={"username": "admin", "password": ADMIN_PASSWORD, "csrf_token": token},
+                            headers={"X-Forwarded-For": "203.0.113.66"}, environ_base=proxy)
+    assert blocked.status_code == 429 and "Too many login attempts from here" in blocked.get_data(as_text=True)
+    admin = app.test_client()
+    token = csrf_token(admin)
+    ok = admin.post("/login", data={"username": "admin", "password": ADMIN_PASSWORD, "csrf_token": token},
+                    headers={"X-Forwarded-For": "198.51.100.7"}, environ_base=proxy)
+    assert ok.status_code == 302
+
+    # without trusted proxies, a client cannot dodge the limit with a forged X-Forwarded-For
+    (tmp_path / "direct").mkdir()
+    _, direct = web(tmp_path / "direct", web={"login_rate": "3 per minute"})
+    client = direct.test_client()
+    answers = []
+    for i in range(4):
+        token = csrf_token(client)
+        answers.append(client.post("/login", data={"username": "nobody", "password": "guess-guess-1",
+                                                   "csrf_token": token},
+                                   headers={"X-Forwarded-For": f"192.0.2.{i}"}).status_code)
+    assert answers == [401, 401, 401, 429]
+
+
+def test_trusted_proxies_is_checked_at_load(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[web]\ntrusted_proxies = 2\n")
+    assert load_config(path).web.trusted_proxies == 2
+    for value in ("-1", "6", "true", '"1"'):
+        path.write_text(f"[web]\ntrusted_proxies = {value}\n")
+        with pytest.raises(ConfigError, match=r"key `web\.trusted_proxies`: Input should be"):
+            load_config(path)
+
+
+def test_failed_logins_per_user_name_are_limited(tmp_path):
+    """Guessing one user's password from many addresses is capped at twice the per-address rate;
+    one address alone never reaches that, so it can lock nobody out (it hits its own limit first)."""
+    p, app = web(tmp_path, web={"login_rate": "3 per minute"})
+    add_user(p, "alice")
+    add_user(p, "bob")
+
+    def attempt(address: str, name: str, password: str) -> int:
+        client = app.test_client()
+        token = csrf_token(client)
+        return client.post("/login", data={"username": name, "password": password, "csrf_token": token},
+                           environ_base={"REMOTE_ADDR": address}).status_code
+
+    assert [attempt("192.0.2.1", "alice", "guess-guess-1") for _ in range(4)] == [401, 401, 401, 429]
+    assert attempt("192.0.2.2", "alice", PASSWORD) == 302  # one address: alice is not locked out
+    assert attempt("192.0.2.2", "alice", PASSWORD) == 302  # and successes do not count
+    assert [attempt("192.0.2.3", "alice", "guess-guess-2") for _ in range(3)] == [401, 401, 401]
+    refused = app.test_client()
+    token = csrf_token(refused)
+    answer = refused.post("/login", data={"username": "alice", "password": PASSWORD, "csrf_token": token},
+                          environ_base={"REMOTE_ADDR": "192.0.2.4"})
+    assert answer.status_code == 429  # 6 failures from two addresses: alice waits out the minute
+    assert "Too many failed logins for this user name" in answer.get_data(as_text=True)
+    assert attempt("192.0.2.4", "bob", PASSWORD) == 302  # other names are not affected

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from webapp import HAPPY, add_classroom, add_user, batch, csrf_token, ingest, login, web
 
 from affectedge.labels import EMOTIONS
-from coordinator import aggregate, db, policy, retention
+from coordinator import aggregate, db, policy, retention, users
 from coordinator.store import Store, utcnow
 from coordinator.web import history, live
 
@@ -101,11 +101,13 @@ def _next_within(chunks, seconds: float):
     return got[0]
 
 
+@pytest.mark.parametrize("loss", ["unassigned", "new password"])
 @pytest.mark.parametrize("next_item", ["state", "signal"])
-def test_event_stream_ends_when_the_user_loses_access(tmp_path, monkeypatch, next_item):
-    """An open page must not keep streaming a classroom its user was unassigned from: no state,
-    and no signal either. The stream ends *at* that item: no keep-alive is due for an hour, so
-    a stream that dropped the item without ending would fail here instead of ending later."""
+def test_event_stream_ends_when_the_user_loses_access(tmp_path, monkeypatch, next_item, loss):
+    """An open page must not keep streaming a classroom its user was unassigned from, or whose
+    session a new password ended: no state, and no signal either. The stream ends *at* that item:
+    no keep-alive is due for an hour, so a stream that dropped the item without ending would fail
+    here instead of ending later."""
     monkeypatch.setattr(live, "KEEPALIVE_S", 3600.0)
     p, client = _teacher(tmp_path)
     now = utcnow()
@@ -118,7 +120,10 @@ def test_event_stream_ends_when_the_user_loses_access(tmp_path, monkeypatch, nex
     p.hub.publish(state)
     assert next(chunks).startswith(b"event: state\n")  # still assigned: streamed
     with p.sessions.begin() as session:
-        session.get(db.Classroom, "room-1").instructor = None
+        if loss == "unassigned":
+            session.get(db.Classroom, "room-1").instructor = None
+        else:
+            users.set_password(session.scalar(select(db.User).where(db.User.username == "alice")), "new-password-22")
     if next_item == "state":
         p.hub.publish(state)
     else:
@@ -340,6 +345,40 @@ def test_admin_manages_classrooms_users_and_settings(tmp_path):
     agents = client.get("/admin/agents").get_data(as_text=True)
     assert "agent-9" in agents and "○ offline" in agents  # silent for 5 min > agent_offline_after_s
     assert 'data-status="degraded"' in agents and "the MQTT broker is unreachable" in agents  # no ingest here
+
+
+def test_saving_a_classroom_keeps_its_deactivated_instructor(tmp_path):
+    """The instructor list offers active users only, so the row of a room whose instructor is on
+    leave selected nothing, and saving it (say, to fix the course id) silently unassigned them."""
+    p, app = web(tmp_path)
+    add_user(p, "alice")
+    add_user(p, "bob")
+    add_classroom(p, "room-a", "alice", course="c-1")
+    client = app.test_client()
+    login(client, "admin", "admin-password-1")
+    token = csrf_token(client, "/admin/classrooms")
+    for name in ("alice", "bob"):  # on leave: "active" unticked
+        client.post(f"/admin/users/{name}", data={"role": "instructor", "csrf_token": token})
+
+    page = client.get("/admin/classrooms").get_data(as_text=True)
+    row = re.search(r'action="/admin/classrooms/room-a".*?</form>', page, re.S).group(0)
+    assert re.findall(r"<option [^>]*selected[^>]*>([^<]*)<", row) == ["alice (inactive)"]
+    assert "bob" not in row  # other inactive users are not offered
+    saved = client.post("/admin/classrooms/room-a", data={"name": "Room A", "course_id": "c-2", "instructor": "alice",
+                                                          "csrf_token": token}, follow_redirects=True)
+    assert "Classroom &#39;room-a&#39; saved." in saved.get_data(as_text=True)
+
+    for name in ("bob", "ghost"):  # another inactive user, or none at all: a message, not a 404 page
+        refused = client.post("/admin/classrooms/room-a", data={"name": "Room A", "course_id": "c-3",
+                                                                "instructor": name, "csrf_token": token})
+        assert refused.status_code == 302
+        assert f"there is no active user &#39;{name}&#39;" in client.get("/admin/classrooms").get_data(as_text=True)
+    created = client.post("/admin/classrooms", data={"id": "room-n", "instructor": "ghost", "csrf_token": token})
+    assert created.status_code == 200 and "Classroom &#39;room-n&#39; not created" in created.get_data(as_text=True)
+    with p.sessions() as session:
+        room = session.get(db.Classroom, "room-a")
+        assert (room.name, room.course_id, room.instructor) == ("Room A", "c-2", "alice")
+        assert session.get(db.Classroom, "room-n") is None
 
 
 def test_admin_provisions_an_agent(tmp_path):

@@ -13,11 +13,13 @@ import secrets
 from datetime import timedelta
 from pathlib import Path
 
+import limits
 from flask import Flask, g, jsonify, render_template, request
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from coordinator import health, users
 from coordinator.web import access
@@ -67,6 +69,11 @@ def create_app(coordinator) -> Flask:
         WTF_CSRF_SSL_STRICT=config.web.cookie_secure,
         MAX_CONTENT_LENGTH=1 << 20,
     )
+    if config.web.trusted_proxies:
+        # the login limit keys on the client's address: behind a proxy without this, every login
+        # would come from the proxy, and a few wrong passwords from anyone would lock out everyone
+        hops = config.web.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
     app.extensions["affectedge.coordinator"] = coordinator
     csrf = CSRFProtect(app)
     for blueprint in (auth.bp, live.bp, history.bp, admin.bp):
@@ -75,9 +82,19 @@ def create_app(coordinator) -> Flask:
     csrf.exempt(api.bp)  # api.bp enforces CSRF itself for cookie logins; bearer tokens need none
 
     limiter = Limiter(get_remote_address, app=app, storage_uri="memory://", headers_enabled=True)
-    app.view_functions["auth.login"] = limiter.limit(config.web.login_rate, methods=["POST"])(
-        app.view_functions["auth.login"]
+    per_address = limiter.limit(
+        config.web.login_rate,
+        methods=["POST"],
+        error_message=f"Too many login attempts from here (limit {config.web.login_rate}): wait, then try again.",
     )
+    per_user = limiter.limit(
+        _doubled(config.web.login_rate),
+        key_func=_login_name,
+        methods=["POST"],
+        deduct_when=lambda response: response.status_code == 401,
+        error_message="Too many failed logins for this user name from several places: wait, then try again.",
+    )
+    app.view_functions["auth.login"] = per_address(per_user(app.view_functions["auth.login"]))
 
     @app.get("/healthz")
     def _healthz():
@@ -106,8 +123,6 @@ def create_app(coordinator) -> Flask:
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
-        if exc.code == 429:
-            return _error(429, f"Too many login attempts from here (limit {exc.description}): wait, then try again.")
         return _error(exc.code or 500, exc.description or exc.name)
 
     @app.context_processor
@@ -116,6 +131,22 @@ def create_app(coordinator) -> Flask:
 
     users.ensure_admin(coordinator.sessions, config.web.admin_user, config.web.admin_password)
     return app
+
+
+def _doubled(rate: str) -> str:
+    """The failed-login limit per user name: twice ``web.login_rate`` (per address).
+
+    One address alone can never reach it, so one attacker can neither lock a user out nor, by
+    spraying names, anyone else; guessing one user's password from many addresses is still capped.
+    """
+    return "; ".join(
+        f"{2 * item.amount} per {item.multiples} {item.GRANULARITY.name}" for item in limits.parse_many(rate)
+    )
+
+
+def _login_name() -> str:
+    """The per-user-name limit's key: the name as ``auth.login`` looks it up (names are at most 64)."""
+    return "user:" + request.form.get("username", "").strip()[:64]
 
 
 def _error(code: int, message: str):

@@ -2,6 +2,8 @@
 
 Every view that touches a classroom goes through :func:`classroom_or_403`, so the rule
 "an instructor sees only the classrooms assigned to them" lives in exactly one place.
+A login session is bound to the password it was made under (:func:`password_stamp`), so a
+password change or reset ends a copied or forgotten session elsewhere.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from werkzeug.exceptions import Forbidden
 from coordinator import db
 
 SESSION_COOKIE = "affectedge_session"
+#: session key of :func:`password_stamp`
+STAMP = "stamp"
 
 
 @dataclass(frozen=True)
@@ -43,20 +47,49 @@ def dbs() -> Session:
     return g.db
 
 
+def password_stamp(password_hash: str) -> str:
+    """What a login session is bound to: 16 hex digits of an HMAC of the user's password hash.
+
+    The session cookie is signed but readable by its holder, hence a keyed digest and not the hash.
+    Changing or resetting the password changes the stamp, which ends every session issued before.
+    """
+    key = current_app.secret_key
+    key = key.encode() if isinstance(key, str) else key
+    return hmac.new(key, password_hash.encode(), "sha256").hexdigest()[:16]
+
+
+def bind_session(user: db.User) -> None:
+    """Make this browser's session ``user``'s, under their current password (at login, and after
+    this browser changed the password, so that it alone stays logged in)."""
+    session["user_id"] = user.id
+    session[STAMP] = password_stamp(user.password_hash)
+
+
 def _session_viewer() -> Viewer | None:
     user_id = session.get("user_id")
     if user_id is None:
         return None
     user = dbs().get(db.User, user_id)
-    if user is None or not user.active:
+    if user is None or not user.active or not hmac.compare_digest(
+        session.get(STAMP, ""), password_stamp(user.password_hash)
+    ):
         session.clear()
         return None
     return Viewer(user.username, user.role)
 
 
-def user_id() -> int:
-    """The logged-in user's id, for work that outlives the request (``login_required`` views)."""
-    return session["user_id"]
+@dataclass(frozen=True)
+class Login:
+    """A dashboard login, for work that outlives the request (the live event stream re-checks it)."""
+
+    user_id: int
+    password_hash: str  # the one the session was checked against: another password ends the login
+
+
+def login() -> Login:
+    """The logged-in user's login (``login_required`` views only)."""
+    user = dbs().get(db.User, session["user_id"])
+    return Login(user.id, user.password_hash)
 
 
 def token_viewer() -> Viewer | None:
@@ -113,11 +146,15 @@ def may_see(who: Viewer, room: db.Classroom) -> bool:
     return who.is_admin or room.instructor == who.name
 
 
-def still_may_see(session_: Session, user_id: int, classroom_id: str) -> bool:
-    """For a long-lived stream: is the user who opened it still active and still allowed in?"""
-    user = session_.get(db.User, user_id)
+def still_may_see(session_: Session, login_: Login, classroom_id: str) -> bool:
+    """For a long-lived stream: is the user who opened it still active, under the same password,
+    and still allowed in?"""
+    user = session_.get(db.User, login_.user_id)
     room = session_.get(db.Classroom, classroom_id)
-    return bool(user and user.active and room and may_see(Viewer(user.username, user.role), room))
+    return bool(
+        user and user.active and user.password_hash == login_.password_hash
+        and room and may_see(Viewer(user.username, user.role), room)
+    )
 
 
 def classroom_or_403(classroom_id: str) -> db.Classroom:

@@ -82,10 +82,15 @@ def classrooms():
         elif session.get(db.Classroom, room_id) is not None:
             flash(f"Classroom {room_id!r} already exists; edit it below.", "error")
         else:
-            session.add(db.Classroom(id=room_id, **_classroom_fields()))
-            session.commit()
-            flash(f"Classroom {room_id!r} created.", "ok")
-            return redirect(url_for("admin.classrooms"))
+            try:
+                fields = _classroom_fields()
+            except ValueError as exc:
+                flash(f"Classroom {room_id!r} not created: {exc}.", "error")
+            else:
+                session.add(db.Classroom(id=room_id, **fields))
+                session.commit()
+                flash(f"Classroom {room_id!r} created.", "ok")
+                return redirect(url_for("admin.classrooms"))
     rooms = session.scalars(select(db.Classroom).order_by(db.Classroom.id)).all()
     agents = dict(
         session.execute(select(db.Agent.classroom_id, func.count()).group_by(db.Agent.classroom_id)).all()
@@ -93,10 +98,13 @@ def classrooms():
     return render_template("admin/classrooms.html", rooms=rooms, agents=agents, people=_instructor_names())
 
 
-def _classroom_fields() -> dict:
+def _classroom_fields(current_instructor: str | None = None) -> dict:
+    """The classroom form's fields; ValueError (the message says why) for an instructor who is not
+    an active user, except the room's current one: its row offers them even while deactivated
+    (marked inactive), so saving a room of someone on leave keeps them assigned."""
     instructor = request.form.get("instructor", "").strip() or None
-    if instructor is not None and instructor not in _instructor_names():
-        raise NotFound(f"there is no active user {instructor!r}; create the account first")
+    if instructor not in (None, current_instructor) and instructor not in _instructor_names():
+        raise ValueError(f"there is no active user {instructor!r}; create or reactivate the account first")
     return {
         "name": request.form.get("name", "").strip()[:200],
         "course_id": request.form.get("course_id", "").strip()[:64],
@@ -111,7 +119,12 @@ def update_classroom(classroom_id: str):
     room = session.get(db.Classroom, classroom_id)
     if room is None:
         raise NotFound(f"there is no classroom {classroom_id!r}")
-    for key, value in _classroom_fields().items():
+    try:
+        fields = _classroom_fields(room.instructor)
+    except ValueError as exc:
+        flash(f"Classroom {room.id!r} not saved: {exc}.", "error")
+        return redirect(url_for("admin.classrooms"))
+    for key, value in fields.items():
         setattr(room, key, value)
     session.commit()
     log.info("classroom %s updated by %s (instructor %s)", room.id, access.viewer().name, room.instructor)
@@ -206,6 +219,8 @@ def update_user(username: str):
         return redirect(url_for("admin.users_page"))
     user.role, user.active = role, active
     session.commit()
+    if password and username == access.viewer().name:
+        access.bind_session(user)  # a new password ends the user's sessions; keep the admin's own
     log.info("user %s updated by %s: role %s, active %s", username, access.viewer().name, role, active)
     flash(f"User {username!r} saved.", "ok")
     return redirect(url_for("admin.users_page"))

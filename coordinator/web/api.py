@@ -8,6 +8,7 @@ would attach the cookie to a forged cross-site request too; a bearer token canno
 
 from __future__ import annotations
 
+import base64
 from datetime import datetime
 
 from flask import Blueprint, g, request
@@ -93,14 +94,16 @@ def _int_arg(name: str, default: int) -> int:
 
 
 def _time_arg(name: str) -> datetime | None:
+    """An ISO 8601 time as naive UTC; unreadable, or outside years 1-9999 once in UTC, is a 400."""
     value = request.args.get(name)
     if not value:
         return None
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise BadRequest(f"{name} must be an ISO 8601 time, e.g. 2025-01-31T09:00:00Z") from None
-    return naive_utc(parsed)
+        return naive_utc(datetime.fromisoformat(value.replace("Z", "+00:00")))
+    except (ValueError, OverflowError):  # OverflowError: e.g. 0001-01-01T00:00:00+01:00 is in year 0 UTC
+        raise BadRequest(
+            f"{name} must be an ISO 8601 time within years 1-9999 UTC, e.g. 2025-01-31T09:00:00Z"
+        ) from None
 
 
 @bp.get("/signals")
@@ -127,9 +130,37 @@ def list_signals():
         session_id=request.args.get("session") or None,
         since=_time_arg("since"),
         until=_time_arg("until"),
+        before=_before_arg(),
         limit=limit,
     )
-    return {"signals": [present.row_json(row) for row in rows]}
+    return {
+        "signals": [present.row_json(row) for row in rows],
+        "next": _cursor(rows[-1]) if len(rows) == limit else None,
+    }
+
+
+def _cursor(row: db.Signal) -> str:
+    """The ``before`` of the page after ``row``: its created_at to the microsecond and its id.
+
+    ``until`` cannot page: created_at is shown to the second, and signals of one tick share it.
+    Opaque (base64url) to callers, so its form may change.
+    """
+    raw = f"{row.created_at.isoformat(timespec='microseconds')} {row.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _before_arg() -> tuple[datetime, str] | None:
+    value = request.args.get("before")
+    if not value:
+        return None
+    try:
+        at, signal_id = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode().split(" ", 1)
+        parsed = datetime.fromisoformat(at)
+        if parsed.tzinfo is not None:  # _cursor writes the schema's naive UTC
+            raise ValueError(at)
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors too
+        raise BadRequest("before must be the next value of an earlier /signals answer") from None
+    return parsed, signal_id
 
 
 @bp.post("/signals/<signal_id>/ack")
@@ -140,15 +171,26 @@ def ack_signal(signal_id: str):
     if row is None:
         raise NotFound(f"there is no signal {signal_id!r}")
     access.classroom_or_403(row.classroom_id)
-    body = request.get_json(silent=True) or {}
-    if not isinstance(body, dict):
-        raise BadRequest('send a JSON object such as {"status": "dismissed"}, or no body to acknowledge')
-    status = body.get("status", "acknowledged")
     try:
-        signals.handle(row, status, access.viewer().name, utcnow())
+        signals.handle(row, _ack_status(), access.viewer().name, utcnow())
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
     except signals.AlreadyHandled as exc:
         raise Conflict(str(exc)) from None
     session.commit()
     return present.row_json(row)
+
+
+def _ack_status() -> str:
+    """The status an ack asks for. Acknowledging cannot be undone, so only an empty body means the
+    default; a body in another content type, malformed JSON or JSON other than an object is a 400
+    rather than being taken for "no body"."""
+    if not request.get_data(cache=True):
+        return "acknowledged"
+    body = request.get_json(silent=True) if request.is_json else None
+    if not isinstance(body, dict):
+        raise BadRequest(
+            'send no body to acknowledge, or a JSON object such as {"status": "dismissed"} '
+            "with Content-Type: application/json"
+        )
+    return body.get("status", "acknowledged")

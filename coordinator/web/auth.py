@@ -1,7 +1,8 @@
 """Logging in and out, and changing one's own password.
 
-The login POST is rate limited per client address in ``create_app`` (``web.login_rate``), so
-guessing passwords is slow; the session is cleared on login so a planted session id is useless.
+The login POST is rate limited per client address in ``create_app`` (``web.login_rate``, with
+``web.trusted_proxies`` naming the real client behind a proxy), and failures per user name at twice
+that, so guessing passwords is slow; the session is cleared on login so a planted session id is useless.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def login():
             "login.html", next=request.form.get("next", ""), error="Wrong user name or password."
         ), 401
     session.clear()
-    session["user_id"] = user.id
+    access.bind_session(user)
     session.permanent = True
     log.info("dashboard login: %s (%s)", user.username, user.role)
     return redirect(_safe_next(request.form.get("next")))
@@ -48,6 +49,8 @@ def login():
 
 @bp.post("/logout")
 def logout():
+    # Ends this browser's session only: ending every session at logout would need a per-user
+    # counter stored with the user. A password change ends all the others (access.password_stamp).
     session.clear()
     return redirect(url_for("auth.login"))
 
@@ -68,6 +71,7 @@ def account():
                 flash(f"Not changed: {exc}.", "error")
             else:
                 access.dbs().commit()
+                access.bind_session(user)  # the new password ends every session but this one
                 flash("Password changed.", "ok")
                 return redirect(url_for("auth.account"))
     return render_template("account.html")

@@ -94,7 +94,7 @@ def events(classroom_id: str):
     room = access.classroom_or_403(classroom_id)
     coordinator = access.coordinator()
     return Response(
-        _stream(coordinator, room.id, access.user_id()),
+        _stream(coordinator, room.id, access.login()),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
@@ -104,14 +104,14 @@ def _sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def _stream(coordinator, classroom_id: str, user_id: int) -> Iterator[str]:
+def _stream(coordinator, classroom_id: str, login: access.Login) -> Iterator[str]:
     """Runs after the request context is gone, so it opens its own database sessions.
 
-    Access is checked again before everything it sends: once a user is deactivated or unassigned
-    from the classroom, nothing more is sent and the stream ends at the next state, signal or
-    keep-alive. The keep-alive is due :data:`KEEPALIVE_S` after the last thing sent, however busy
-    the hub is with other classrooms, so a quiet classroom's page is checked (and a closed one
-    noticed) on time.
+    Access is checked again before everything it sends: once a user is deactivated, unassigned
+    from the classroom or given a new password (which ends their sessions), nothing more is sent
+    and the stream ends at the next state, signal or keep-alive. The keep-alive is due
+    :data:`KEEPALIVE_S` after the last thing sent, however busy the hub is with other classrooms,
+    so a quiet classroom's page is checked (and a closed one noticed) on time.
     """
     config = coordinator.config
     subscription = coordinator.hub.subscribe()
@@ -128,7 +128,7 @@ def _stream(coordinator, classroom_id: str, user_id: int) -> Iterator[str]:
                     continue
                 item = None
             with coordinator.sessions() as db_session:
-                if not access.still_may_see(db_session, user_id, classroom_id):
+                if not access.still_may_see(db_session, login, classroom_id):
                     return
                 if isinstance(item, pb.ClassroomState):
                     payload = present.state_json(item, config.aggregate.k_anonymity)

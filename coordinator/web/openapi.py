@@ -145,7 +145,11 @@ _PATHS = {
                 _query("kind", "only this kind", {"type": "string", "enum": list(KINDS)}),
                 _query("session", "only this session id", {"type": "string"}),
                 _query("since", "created at or after (ISO 8601)", {"type": "string", "format": "date-time"}),
-                _query("until", "created before (ISO 8601)", {"type": "string", "format": "date-time"}),
+                _query("until", "created before (ISO 8601). To page, use before instead: created_at is "
+                       "shown to the second, so paging by it skips signals of the same second",
+                       {"type": "string", "format": "date-time"}),
+                _query("before", "the next value of the previous page: returns the page after it",
+                       {"type": "string"}),
                 _query("limit", "at most this many", {"type": "integer", "minimum": 1, "maximum": 1000}),
             ],
             "responses": {
@@ -155,8 +159,15 @@ _PATHS = {
                         "application/json": {
                             "schema": {
                                 "type": "object",
+                                "required": ["signals", "next"],
                                 "properties": {
-                                    "signals": {"type": "array", "items": {"$ref": "#/components/schemas/Signal"}}
+                                    "signals": {"type": "array", "items": {"$ref": "#/components/schemas/Signal"}},
+                                    "next": {
+                                        "type": "string",
+                                        "nullable": True,
+                                        "description": "an opaque cursor: send it as before, with the same "
+                                        "filters, for the next page; null when this page was not full",
+                                    },
                                 },
                             }
                         }
@@ -175,6 +186,8 @@ _PATHS = {
             "parameters": [_path("signal_id", "signal id")],
             "requestBody": {
                 "required": False,
+                "description": "No body acknowledges. Any body must be a JSON object sent as "
+                "application/json: anything else is a 400 and leaves the signal open.",
                 "content": {
                     "application/json": {
                         "schema": {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from affectedge.v1 import affectedge_pb2 as pb
@@ -31,10 +31,15 @@ def find(
     session_id: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    before: tuple[datetime, str] | None = None,
     limit: int = 100,
 ) -> list[db.Signal]:
-    """Newest first; ``classroom_ids`` None means every classroom."""
-    query = select(db.Signal).order_by(db.Signal.created_at.desc()).limit(limit)
+    """Newest first; ``classroom_ids`` None means every classroom.
+
+    Ties on ``created_at`` (one tick can raise signals in many classrooms) are ordered by id, so
+    ``before`` = (created_at, id) of the last row of a page starts the next page exactly after it.
+    """
+    query = select(db.Signal).order_by(db.Signal.created_at.desc(), db.Signal.id.desc()).limit(limit)
     if classroom_ids is not None:
         query = query.where(db.Signal.classroom_id.in_(list(classroom_ids)))
     if status:
@@ -47,6 +52,11 @@ def find(
         query = query.where(db.Signal.created_at >= since)
     if until:
         query = query.where(db.Signal.created_at < until)
+    if before:
+        at, signal_id = before
+        query = query.where(
+            or_(db.Signal.created_at < at, and_(db.Signal.created_at == at, db.Signal.id < signal_id))
+        )
     return list(session.scalars(query))
 
 
