@@ -6,6 +6,7 @@ import io
 import logging
 import re
 import stat
+import time
 
 import pytest
 from sqlalchemy import select
@@ -14,6 +15,7 @@ from webapp import ADMIN_PASSWORD, PASSWORD, add_classroom, add_user, csrf_token
 from affectedge.settings import ConfigError
 from coordinator import cli, db, users
 from coordinator.config import load_config
+from coordinator.web import access
 from coordinator.web.access import SESSION_COOKIE
 
 
@@ -210,6 +212,21 @@ def test_a_new_password_ends_every_other_session(tmp_path):
     saved = admin.post("/admin/users/admin", data={"role": "admin", "active": "on", "password": "admin-password-44",
                                                    "csrf_token": token}, follow_redirects=True)
     assert "User &#39;admin&#39; saved." in saved.get_data(as_text=True)  # resetting one's own: still in
+
+
+def test_a_login_ends_after_its_maximum_age_however_busy(tmp_path, monkeypatch):
+    """Flask renews the cookie on every request, so a copied cookie kept in use never expired."""
+    p, app = web(tmp_path)
+    add_user(p, "alice")
+    add_classroom(p, "room-a", "alice")
+    alice = app.test_client()
+    login(alice, "alice")
+    start = time.time()
+    monkeypatch.setattr(access.time, "time", lambda: start + access.SESSION_MAX_AGE.total_seconds() - 60)
+    assert alice.get("/classrooms/room-a").status_code == 200
+    monkeypatch.setattr(access.time, "time", lambda: start + access.SESSION_MAX_AGE.total_seconds() + 60)
+    assert alice.get("/classrooms/room-a").status_code == 302
+    assert alice.get("/api/v1/classrooms").status_code == 401
 
 
 def test_behind_a_trusted_proxy_the_login_limit_keys_on_the_client(tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from datetime import timedelta
 from pathlib import Path
 
 import limits
@@ -64,7 +63,7 @@ def create_app(coordinator) -> Flask:
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=config.web.cookie_secure,
         SESSION_COOKIE_NAME=access.SESSION_COOKIE,
-        PERMANENT_SESSION_LIFETIME=timedelta(hours=12),
+        PERMANENT_SESSION_LIFETIME=access.SESSION_MAX_AGE,
         WTF_CSRF_TIME_LIMIT=None,  # the token lives as long as the login session
         WTF_CSRF_SSL_STRICT=config.web.cookie_secure,
         MAX_CONTENT_LENGTH=1 << 20,

@@ -9,7 +9,9 @@ password change or reset ends a copied or forgotten session elsewhere.
 from __future__ import annotations
 
 import hmac
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import wraps
 
 from flask import abort, current_app, g, redirect, request, session, url_for
@@ -22,6 +24,11 @@ from coordinator import db
 SESSION_COOKIE = "affectedge_session"
 #: session key of :func:`password_stamp`
 STAMP = "stamp"
+#: session key of the login time (seconds since the epoch)
+LOGGED_IN_AT = "logged_in_at"
+#: a login lasts this long however busy it is: Flask renews the cookie on every request, so without
+#: it a copied cookie kept in use would never expire (logout only clears the browser that logs out)
+SESSION_MAX_AGE = timedelta(hours=12)
 
 
 @dataclass(frozen=True)
@@ -60,9 +67,11 @@ def password_stamp(password_hash: str) -> str:
 
 def bind_session(user: db.User) -> None:
     """Make this browser's session ``user``'s, under their current password (at login, and after
-    this browser changed the password, so that it alone stays logged in)."""
+    this browser changed the password, so that it alone stays logged in). The login time is kept
+    from the first: a password change does not extend the session's life (:data:`SESSION_MAX_AGE`)."""
     session["user_id"] = user.id
     session[STAMP] = password_stamp(user.password_hash)
+    session.setdefault(LOGGED_IN_AT, time.time())
 
 
 def _session_viewer() -> Viewer | None:
@@ -70,7 +79,8 @@ def _session_viewer() -> Viewer | None:
     if user_id is None:
         return None
     user = dbs().get(db.User, user_id)
-    if user is None or not user.active or not hmac.compare_digest(
+    expired = time.time() - session.get(LOGGED_IN_AT, 0) > SESSION_MAX_AGE.total_seconds()
+    if user is None or not user.active or expired or not hmac.compare_digest(
         session.get(STAMP, ""), password_stamp(user.password_hash)
     ):
         session.clear()
