@@ -37,10 +37,14 @@ def embedding_bank(embed: Callable[..., np.ndarray], images: np.ndarray,
     ``embed`` maps uint8 faces to embeddings (Keras during training, ONNX Runtime in evaluation
     and for an ensemble's fused encoder). With a view ``cycle`` there is one entry per view of the
     cycle instead, entry v seen through ``cycle[v]`` (``embed(faces, view)``), for clips whose
-    frames cycle through the views as the edge's do. Tens of thousands of faces times ``views`` take minutes
+    frames cycle through the views as the edge's do; each entry is then the face as is for a random
+    ``1 / views`` of the faces (the share of clean frames without a cycle) and jittered for the rest,
+    so that no view is always the clean one: a head would learn to trust the frames at its position
+    in the window, which at the edge are as noisy as the others. Tens of thousands of faces times ``views`` take minutes
     on a CPU (half an hour for a rotated-view encoder), hence the progress bar on a terminal and,
     where there is none (``nohup``, a CI log), a log line at each tenth with the time left.
     """
+    clean_share = 1 / views
     views = len(cycle) or views
     parts: list[list[np.ndarray]] = [[] for _ in range(views)]
     total, done, started = views * len(images), 0, time.monotonic()
@@ -49,7 +53,7 @@ def embedding_bank(embed: Callable[..., np.ndarray], images: np.ndarray,
         for start in range(0, len(images), chunk):
             batch = images[start:start + chunk]
             for view in range(views):
-                shown = batch if view == 0 else (perturb(batch, rng, JITTER) * 255).round().astype(np.uint8)
+                shown = batch if view == 0 and not cycle else _jittered(batch, rng, clean_share if cycle else 0.0)
                 parts[view].append(embed(shown, cycle[view]) if cycle else embed(shown))
                 bar.update(len(batch))
                 done += len(batch)
@@ -59,6 +63,14 @@ def embedding_bank(embed: Callable[..., np.ndarray], images: np.ndarray,
                              100 * done // total, left / 60)
                     next_report = (done // step + 1) * step
     return np.stack([np.concatenate(p) for p in parts], axis=1)
+
+
+def _jittered(faces: np.ndarray, rng: np.random.Generator, clean_share: float) -> np.ndarray:
+    """``faces`` under webcam jitter, each but a random ``clean_share`` of them kept as they are."""
+    shown = (perturb(faces, rng, JITTER) * 255).round().astype(np.uint8)
+    clean = rng.random(len(faces)) < clean_share
+    shown[clean] = faces[clean]
+    return shown
 
 
 def _other_class_face(n: int, labels: np.ndarray, index: int, rng: np.random.Generator) -> int | None:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from affectedge.labels import EMOTIONS
+from edge_agent.faces import views
 from model_export import clips
 from model_export.augment import JITTER, LIGHT, TRAIN, perturb
 from model_export.datasets import (
@@ -193,6 +194,23 @@ def test_embedding_bank_reports_progress_in_a_log_without_a_terminal(caplog, mon
     lines = [r.getMessage() for r in caplog.records if r.name == "model_export.clips"]
     assert len(lines) == 9 and lines[0].startswith("embedding views: 40 of 400 faces (10%), about ")
     assert lines[-1].startswith("embedding views: 360 of 400 faces (90%)")
+
+
+def test_with_a_view_cycle_no_view_is_always_the_clean_face() -> None:
+    """Each cycle entry is the face as is for about a quarter of the faces and jittered for the rest:
+    with view 0 always clean, a head learnt to trust the frames at view 0's place in its window."""
+    faces = np.random.default_rng(0).integers(0, 256, (400, 48, 48), dtype=np.uint8)
+    cycle = views.view_set(True, (8.0,))
+    seen: list[int] = []
+
+    def embed(batch: np.ndarray, view) -> np.ndarray:
+        seen.append(cycle.index(view))
+        return batch.reshape(len(batch), -1).astype(np.float32)
+
+    bank = clips.embedding_bank(embed, faces, np.random.default_rng(1), cycle=cycle)
+    assert bank.shape == (400, len(cycle), 48 * 48) and seen == list(range(len(cycle)))
+    clean = (bank == faces.reshape(400, 1, -1)).all(axis=2)  # (faces, views): shown as is
+    assert ((clean.mean(axis=0) > 0.15) & (clean.mean(axis=0) < 0.35)).all(), clean.mean(axis=0)
 
 
 def test_class_weights_soften_imbalance() -> None:
