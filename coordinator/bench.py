@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import glob
 import json
+import math
 import os
 import secrets
 import shutil
@@ -44,6 +45,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import func, select
 
 from affectedge import codec, topics
+from affectedge.cli_args import positive_int
 from affectedge.labels import EMOTIONS
 from affectedge.loopback import free_port, wait_for_port
 from affectedge.v1 import affectedge_pb2 as pb
@@ -384,6 +386,19 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_float(text: str) -> float:
+    """A rate, count per second or length in seconds: above 0 and finite, refused by argparse (one line, exit 2)
+    because 0 divides by zero and a negative or infinite one crashes or measures nothing, all only after
+    the broker and the coordinators have started."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0")
+    return value
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench",
@@ -394,12 +409,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "observations/s.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--agents", type=int, default=40, help="simulated edge agents (4 per classroom)")
-    parser.add_argument("--seconds", type=float, default=10, help="length of the backlog and of the live phase")
-    parser.add_argument("--tracks", type=int, default=50, help="observations per batch (faces per agent)")
-    parser.add_argument("--rate", type=float, default=10, help="batches per second per agent")
-    parser.add_argument("--probes", type=float, default=2, help="latency probes per second in the live phase")
-    parser.add_argument("--tick", type=float, default=0.25, help="the coordinator's tick_seconds")
+    parser.add_argument("--agents", type=positive_int, default=40, help="simulated edge agents (4 per classroom)")
+    parser.add_argument("--seconds", type=positive_float, default=10,
+                        help="length of the backlog and of the live phase")
+    parser.add_argument("--tracks", type=positive_int, default=50, help="observations per batch (faces per agent)")
+    parser.add_argument("--rate", type=positive_float, default=10, help="batches per second per agent")
+    parser.add_argument("--probes", type=positive_float, default=2, help="latency probes per second in the live phase")
+    parser.add_argument("--tick", type=positive_float, default=0.25, help="the coordinator's tick_seconds")
     parser.add_argument("--broker", default="spawn", help="mqtt://host:port, or 'spawn' for a private Mosquitto")
     parser.add_argument("--database", default="sqlite",
                         help="'sqlite' (a private file), 'postgres' (a private PostgreSQL cluster), or the URL "

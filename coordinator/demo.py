@@ -87,17 +87,24 @@ def _print_signal(item: pb.AdaptationSignal) -> None:
 
 
 def _reset(state_dir: Path) -> bool:
-    """Empty ``state_dir`` for a fresh demo, but only if a demo made it: never an admin's folder."""
+    """Empty ``state_dir`` for a fresh demo, but only if a demo made it: never an admin's folder. A path
+    that cannot be a folder (a file, or under one) or that this user may not write is one line, not a
+    NotADirectoryError traceback, and is found here, before the broker or the coordinator starts."""
     marker = state_dir / DEMO_MARKER
-    ours = marker.is_file() or state_dir.resolve() == DEFAULT_STATE_DIR  # .demo: the checkout's own
-    if state_dir.exists() and any(state_dir.iterdir()) and not ours:
-        print(f"error: --state-dir {state_dir} holds files the demo did not create, and the demo empties its "
-              "folder on every start: pass a new or empty folder", file=sys.stderr)
+    try:
+        ours = marker.is_file() or state_dir.resolve() == DEFAULT_STATE_DIR  # .demo: the checkout's own
+        if state_dir.exists() and any(state_dir.iterdir()) and not ours:
+            print(f"error: --state-dir {state_dir} holds files the demo did not create, and the demo empties its "
+                  "folder on every start: pass a new or empty folder", file=sys.stderr)
+            return False
+        if state_dir.exists():
+            shutil.rmtree(state_dir)  # each demo starts from an empty database
+        state_dir.mkdir(parents=True)
+        marker.write_text("made by `coordinator demo`, which empties this folder on every start\n")
+    except OSError as exc:
+        print(f"error: --state-dir {state_dir}: cannot make it the demo's folder ({exc.strerror or exc}): pass a "
+              "new or empty folder in a writable place", file=sys.stderr)
         return False
-    if state_dir.exists():
-        shutil.rmtree(state_dir)  # each demo starts from an empty database
-    state_dir.mkdir(parents=True)
-    marker.write_text("made by `coordinator demo`, which empties this folder on every start\n")
     return True
 
 

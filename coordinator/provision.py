@@ -126,7 +126,10 @@ def agent_snippet(config: CoordinatorConfig, name: str, classroom: str, password
     broker = config.broker
     lines = [
         f"# AffectEdge edge agent {name!r}, provisioned {utcnow():%Y-%m-%d %H:%M} UTC by the coordinator.",
-        "# Paste into the agent's config (/etc/affectedge/agent.toml); it holds a password: mode 0600.",
+        # as deploy/systemd/install.sh installs that file: 0600 root-only would lock out `User=affectedge`
+        "# Paste into the agent's config, /etc/affectedge/agent.toml. It holds a password: keep that file mode",
+        "# 0640, owner root, group affectedge, as install.sh does (the service's user reads it, no one else may):",
+        "#   chown root:affectedge /etc/affectedge/agent.toml && chmod 0640 /etc/affectedge/agent.toml",
         "[agent]",
         f"id = {_toml(name)}",
         f"classroom = {_toml(classroom)}",

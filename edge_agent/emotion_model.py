@@ -68,6 +68,22 @@ def file_entry(manifest: dict, key: str, path: Path) -> dict:
     return entry
 
 
+def _dim(shape: tuple[int | None, ...], index: int) -> int | None:
+    return shape[index] if -len(shape) <= index < len(shape) else None
+
+
+def check_dims(sessions: dict[str, Session], paths: dict[str, Path], window: int, embed_dim: int) -> None:
+    """The manifest's ``window`` and ``embed_dim`` against the shapes the ONNX files declare: a hand-edited
+    manifest or a mis-exported model otherwise loads and fails on the first face, as an ONNX Runtime traceback."""
+    found = [(paths["encoder"], "embed_dim", embed_dim, _dim(sessions["encoder"].output_shape, -1)),
+             (paths["head"], "window", window, _dim(sessions["head"].input_shape, 1)),
+             (paths["head"], "embed_dim", embed_dim, _dim(sessions["head"].input_shape, -1))]
+    for path, key, declared, actual in found:
+        if actual is not None and actual != declared:
+            raise ModelError(f'{path} has {key} {actual} but manifest.json declares "{key}": {declared}; '
+                             "re-export the model (model_export export) or reinstall the model files")
+
+
 def view_cycle(manifest: dict, models_dir: Path) -> tuple[View, ...]:
     """The manifest's ``view_cycle`` (``model_export ensemble --cycle``), empty when it has none."""
     entries = manifest.get("view_cycle") or []
@@ -106,13 +122,14 @@ class EmotionModel:
              verify: bool = True, int8: bool = False) -> EmotionModel:
         """``int8`` picks the statically quantized encoder (``model_export quantize``) for CPUs."""
         manifest = read_manifest(models_dir)
-        sessions = {}
+        sessions: dict[str, Session] = {}
+        paths: dict[str, Path] = {}
         for name in ("encoder", "head"):
             key = "encoder_int8" if name == "encoder" and int8 else name
             if key not in manifest["files"]:
                 raise ModelError(f"manifest.json lists no {key} model: run `model_export quantize` first")
             entry = file_entry(manifest, key, models_dir / "manifest.json")
-            path = models_dir / entry["file"]
+            path = paths[name] = models_dir / entry["file"]
             try:
                 checked = verify and path.exists()
                 if checked and sha256(path) != entry["sha256"]:
@@ -120,6 +137,7 @@ class EmotionModel:
                 sessions[name] = open_session(path, backend, threads, entry["sha256"] if checked else None)
             except PermissionError as exc:  # the file, or its engine (exc.filename)
                 raise unreadable(exc.filename or path, models_dir) from None
+        check_dims(sessions, paths, manifest["window"], manifest["embed_dim"])
         model = cls(sessions["encoder"], sessions["head"], manifest["window"],
                     manifest["embed_dim"], manifest["version"], int8, view_cycle(manifest, models_dir))
         log.info("model %s on %s (window %d%s)", model.version, model.backend, model.window,

@@ -34,9 +34,15 @@ class ModelError(RuntimeError):
     asked for cannot run here): restarting cannot fix it, so the CLI reports it as a config error."""
 
 
+#: a tensor's shape as a model file declares it: None for a dynamic dimension (the batch, usually)
+Shape = tuple[int | None, ...]
+
+
 class Session(Protocol):
     backend: str
     input_names: list[str]
+    input_shape: Shape  # of the first input, which the manifest's window and embed_dim are checked against
+    output_shape: Shape  # of the first output
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 
@@ -63,9 +69,16 @@ class OrtSession:
                              "truncated; reinstall the model files (deploy/systemd/install.sh)") from None
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
+        self.input_shape = _static(self._session.get_inputs()[0].shape)
+        self.output_shape = _static(self._session.get_outputs()[0].shape)
 
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self._session.run(self.output_names, inputs)
+
+
+def _static(shape) -> Shape:
+    """ONNX Runtime's shape (ints, and names or None for dynamic dimensions) as a :data:`Shape`."""
+    return tuple(d if isinstance(d, int) and d > 0 else None for d in shape)
 
 
 def run_in_batches(run: Callable[[dict[str, np.ndarray]], list[np.ndarray]], inputs: dict[str, np.ndarray],

@@ -74,6 +74,9 @@ class TrtSession:
         self.input_names = [n for n in names if is_input[n]]
         self.output_names = [n for n in names if not is_input[n]]
         self.max_batch = min(self._max_batch(n) for n in self.input_names)
+        self.input_shape, self.output_shape = (
+            tuple(d if d > 0 else None for d in self._engine.get_tensor_shape(names[0]))
+            for names in (self.input_names, self.output_names))
 
     def _max_batch(self, name: str) -> int:
         """The largest batch (dimension 0) optimisation profile 0 accepts for input ``name``."""

@@ -405,6 +405,27 @@ def test_cli_config_errors_are_one_line_and_exit_2(tmp_path):
         busy.close()
 
 
+@pytest.mark.parametrize(("option", "value", "expected"), [
+    ("--rate", "0", "'0' is not a number above 0"),
+    ("--probes", "0", "'0' is not a number above 0"),
+    ("--seconds", "-1", "'-1' is not a number above 0"),
+    ("--tick", "inf", "'inf' is not a number above 0"),
+    ("--agents", "0", "'0' is not a whole number of at least 1"),
+    ("--tracks", "-5", "'-5' is not a whole number of at least 1"),
+])
+def test_cli_bench_refuses_a_count_or_rate_that_is_not_positive(monkeypatch, capsys, option, value, expected):
+    """`--rate 0`/`--probes 0` divided by zero after the broker and coordinators had started, and 0 or negative
+    counts ran: argparse refuses them first, one error line and exit 2, so nothing is spawned."""
+    from coordinator import bench, cli
+
+    monkeypatch.setattr(bench, "run_bench", lambda args: pytest.fail("the bench started"))
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["bench", option, value])
+    assert exited.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert errors == [f"coordinator bench: error: argument {option}: {expected}"]
+
+
 def test_cli_serve_speaks_sd_notify_and_stops_cleanly_on_sigterm(tmp_path, mosquitto):
     """Under systemd (Type=notify): READY=1 once serving, a STATUS= health line, STOPPING=1 on SIGTERM."""
     config = tmp_path / "c.toml"

@@ -51,3 +51,17 @@ def test_a_broker_without_a_scheme_is_one_line_naming_the_option(tmp_path: Path)
     assert result.returncode == 2 and not (tmp_path / "d").exists()  # refused before anything started
     assert result.stderr.startswith("error: --broker ") and "mqtt://localhost:1883" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("where", ["file", "file/demo"], ids=["a-file", "under-a-file"])
+def test_a_state_dir_that_cannot_be_a_folder_is_one_line(tmp_path: Path, where: str) -> None:
+    """`--state-dir` naming a file, or a path under one, was a NotADirectoryError traceback."""
+    (tmp_path / "file").write_text("")
+    state_dir = tmp_path / where
+    result = subprocess.run(
+        [sys.executable, "-m", "coordinator", "demo", "--duration", "1", "--state-dir", str(state_dir)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert result.returncode == 2 and result.stdout == "", result.stderr[-2000:]
+    assert result.stderr == (f"error: --state-dir {state_dir}: cannot make it the demo's folder (Not a directory): "
+                             "pass a new or empty folder in a writable place\n")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import MODELS, ROOT, free_port
-from edge_support import AGENT_CMD, needs_models, write_config
+from edge_support import AGENT_CMD, SAMPLE, needs_models, write_config
 
 
 def run_agent(config: Path, command: str = "run", logged: bool = False) -> str:
@@ -151,6 +151,27 @@ def test_incomplete_manifest(tmp_path: Path, change, expected: str):
     config = use_models(write_config(tmp_path / "agent.toml", free_port()), models)
     message = f"{models / 'manifest.json'}{expected}; reinstall the model files"
     assert run_agent(config) == f"edge-agent: {message}"
+    checked = subprocess.run([*AGENT_CMD, "check", "--config", str(config)], capture_output=True, text=True,
+                             timeout=60, cwd=ROOT)
+    assert checked.returncode == 1 and "Traceback" not in checked.stderr, checked.stderr[-2000:]
+    assert checked.stdout.splitlines()[1] == f"FAIL  model: {message}"
+
+
+@needs_models
+@pytest.mark.parametrize(("key", "file"), [("window", "head.onnx"), ("embed_dim", "encoder.onnx")])
+def test_manifest_shapes_the_model_files_do_not_have(tmp_path: Path, key: str, file: str):
+    """A manifest whose window or embed_dim disagrees with the ONNX files (hand-edited, or a mis-exported
+    model; its sha256 covers the files, not itself) is one line naming the file and both values at load, in
+    `run` and `bench` (exit 2) and in `check`'s model line, not an ONNX Runtime traceback on the first face."""
+    manifest = json.loads((MODELS / "manifest.json").read_text())
+    models = models_with_manifest(tmp_path / "models", {**manifest, key: manifest[key] * 2})
+    config = use_models(write_config(tmp_path / "agent.toml", free_port()), models)
+    message = (f'{models / file} has {key} {manifest[key]} but manifest.json declares "{key}": {manifest[key] * 2}; '
+               "re-export the model (model_export export) or reinstall the model files")
+    assert run_agent(config) == f"edge-agent: {message}"
+    bench = subprocess.run([*AGENT_CMD, "bench", "--video", str(SAMPLE), "--frames", "2", "--config", str(config)],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bench.returncode == 2 and bench.stderr.strip() == f"edge-agent: {message}", bench.stderr[-2000:]
     checked = subprocess.run([*AGENT_CMD, "check", "--config", str(config)], capture_output=True, text=True,
                              timeout=60, cwd=ROOT)
     assert checked.returncode == 1 and "Traceback" not in checked.stderr, checked.stderr[-2000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -146,6 +147,18 @@ def test_the_snippet_is_a_valid_agent_config(tmp_path):
     assert agent.mqtt.password.get_secret_value() == result.password
     assert agent.mqtt.tls.ca == ca
     assert len(result.password) >= 32
+
+
+def test_the_snippet_asks_for_the_mode_and_owner_install_sh_gives_the_agent_config(tmp_path):
+    """It said "mode 0600", which root-owned locks out the unit's `User=affectedge`: the snippet must ask for what
+    deploy/systemd/install.sh installs agent.toml with."""
+    install = (DEPLOY_CONF.parents[1] / "systemd" / "install.sh").read_text()
+    (mode, owner, group), = re.findall(r'install -m (\d+) -o (\S+) -g (\S+) \S+ "\$CONF/agent\.toml"', install)
+    snippet = provision_agent(config_for(tmp_path), "lab-pc-07", "room-12").config_snippet
+    comment = " ".join(line.lstrip("# ") for line in snippet.splitlines() if line.startswith("#"))
+    assert f"mode {mode}, owner {owner}, group {group}" in comment
+    assert f"chown {owner}:{group} /etc/affectedge/agent.toml && chmod {mode} /etc/affectedge/agent.toml" in comment
+    assert "0600" not in snippet
 
 
 def test_python_written_hashes_are_accepted_by_mosquitto(tmp_path, monkeypatch):
