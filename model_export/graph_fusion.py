@@ -35,6 +35,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from model_export import PARITY_TOLERANCE
+
 log = logging.getLogger(__name__)
 
 SQRT_HALF = 1 / np.sqrt(2)
@@ -322,7 +324,7 @@ def expand_attention(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def fuse_folder(models_dir: Path, faces: np.ndarray, tolerance: float = 1e-4) -> dict:
+def fuse_folder(models_dir: Path, faces: np.ndarray, tolerance: float = PARITY_TOLERANCE) -> dict:
     """Rewrite the ONNX files of an exported folder (``encoder``, ``head``, ``clip``, whichever it
     has) in place, self-attention included, and record their new sha256 in its manifest.
 
@@ -335,6 +337,7 @@ def fuse_folder(models_dir: Path, faces: np.ndarray, tolerance: float = 1e-4) ->
 
     from edge_agent.emotion_model import ModelError, face_tensor
     from model_export import manifest
+    from model_export.loading import load_onnx
 
     def run(model: onnx.ModelProto | Path, feed: dict[str, np.ndarray]) -> np.ndarray:
         source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
@@ -350,15 +353,16 @@ def fuse_folder(models_dir: Path, faces: np.ndarray, tolerance: float = 1e-4) ->
         path = models_dir / f"{name}.onnx"
         if not path.exists():
             continue
-        before = run(path, feeds[name])
-        if name == "encoder":
-            feeds["head"] = {"embeddings": before[: n_clips * window].reshape(n_clips, window, -1)}
-        model, counts = fuse(onnx.load(str(path)), attention=True)
+        original = load_onnx(path, "pass --models a folder written by `model_export export` or `ensemble`")
+        before = run(original, feeds[name])
+        if name == "encoder":  # the width spelled out: with fewer faces than a window (a member) -1 is ambiguous
+            feeds["head"] = {"embeddings": before[: n_clips * window].reshape(n_clips, window, before.shape[1])}
+        model, counts = fuse(original, attention=True)
         if not any(counts.values()):
             report[name] = {**counts, "note": "nothing left to fuse"}
             continue
         diff = float(np.abs(run(model, feeds[name]) - before).max())
-        if diff > tolerance:
+        if not diff <= tolerance:  # NaN included
             raise ModelError(f"fused {path.name} differs from the original by {diff:.2g} (> {tolerance}) on real "
                              "faces; the originals are untouched")
         rewritten[name] = model

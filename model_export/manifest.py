@@ -2,8 +2,8 @@
 
 Written by ``export`` (files, shapes, opset, source), extended by ``evaluate`` (val metrics) and
 ``build``/``quantize``; read by :mod:`edge_agent.emotion_model`. Keys are merged, never dropped,
-so each command can update its own part; a command that writes a new encoder therefore starts
-from :func:`clear_model`.
+so each command can update its own part (a section holding one measurement is replaced whole:
+:func:`replace_sections`); a command that writes a new encoder therefore starts from :func:`clear_model`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 
 from affectedge.labels import EMOTIONS
-from edge_agent.emotion_model import sha256
+from edge_agent.emotion_model import ModelError, sha256
 from edge_agent.faces.align import SIZE
 
 
@@ -53,17 +53,36 @@ def replace_model(staging: Path, models_dir: Path) -> None:
 
 def update(models_dir: Path, **sections) -> dict:
     """Merge ``sections`` into the manifest (dict values merged one level deep) and write it."""
+    return _write(models_dir, sections, merge=True)
+
+
+def replace_sections(models_dir: Path, **sections) -> dict:
+    """Set ``sections`` in the manifest whole, dropping what they held before, and write it.
+
+    For a section that describes one measurement (``val_metrics``): merged, a key of an earlier
+    one (``clip_mode`` of a run with ``--clips``) would stand next to figures it was not measured with.
+    """
+    return _write(models_dir, sections, merge=False)
+
+
+def _write(models_dir: Path, sections: dict, merge: bool) -> dict:
     manifest = read(models_dir)
     manifest.setdefault("classes", list(EMOTIONS))
     manifest.setdefault("input", {"size": SIZE, "channels": 1, "layout": "NHWC", "dtype": "float32",
                                   "normalisation": "pixel / 255 (the encoder rescales to [-1, 1] itself)",
                                   "alignment": "5-point similarity transform (edge_agent/faces/align.py)"})
     for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(manifest.get(key), dict):
+        if merge and isinstance(value, dict) and isinstance(manifest.get(key), dict):
             manifest[key].update(value)
         else:
             manifest[key] = value
-    path_of(models_dir).write_text(json.dumps(manifest, indent=2) + "\n")
+    path = path_of(models_dir)
+    try:  # Python would write a bare NaN, which is not JSON: strict readers refuse the whole file
+        text = json.dumps(manifest, indent=2, allow_nan=False)
+    except ValueError:
+        raise ModelError(f"not writing {path}: a figure in it is NaN or infinite, so the model or its "
+                         "measurement is broken; check the command's output above") from None
+    path.write_text(text + "\n")
     return manifest
 
 

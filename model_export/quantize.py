@@ -13,7 +13,9 @@ where 8-bit rounding costs most for the least compute.
 
 from __future__ import annotations
 
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +23,13 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from edge_agent.emotion_model import EmotionModel, face_tensor, view_cycle
+from edge_agent.emotion_model import EmotionModel, face_tensor
 from edge_agent.faces.views import View, through
+from edge_agent.inference import open_session
 from model_export import manifest
 from model_export.datasets import load_class_folders
 from model_export.evaluate import Predictor, metrics
+from model_export.loading import load_onnx
 
 
 class FaceReader(CalibrationDataReader):
@@ -53,36 +57,39 @@ def _encoder_faces_per_s(model: EmotionModel, faces: np.ndarray, seconds: float 
 
 
 def run(models_dir: Path, calib_dir: Path, data_dir: Path, calib_size: int) -> dict:
-    rng = np.random.default_rng(0)
-    calib = load_class_folders(calib_dir)
-    pick = rng.choice(len(calib), size=min(calib_size, len(calib)), replace=False)
-    source = models_dir / "encoder.onnx"
-    prepared = models_dir / "encoder.prep.onnx"
+    """Write ``encoder.int8.onnx`` next to ``encoder.onnx`` and record it with its accuracy and speed.
+
+    The file and its manifest entries change together, once the INT8 encoder has been measured:
+    it is quantized into a temporary folder first, so bad faces or a crash leave the previous
+    INT8 encoder with its own figures, not a new file with the old claim.
+    """
+    load_onnx(models_dir / "encoder.onnx", "pass --models a folder written by `model_export export` or `ensemble`")
+    fp32 = EmotionModel.load(models_dir, backend="onnxruntime")
+    calib, data = load_class_folders(calib_dir), load_class_folders(data_dir)
+    pick = np.random.default_rng(0).choice(len(calib), size=min(calib_size, len(calib)), replace=False)
     target = models_dir / "encoder.int8.onnx"
-    # symbolic shape inference knows ONNX Runtime's fused Attention (graph_fusion), which ONNX's own does not:
-    # without the shapes after it, the quantizer would leave each attention output projection in float
-    quant_pre_process(str(source), str(prepared))
-    try:
+    # a sibling folder (the same file system): the finished file moves into place by rename
+    with tempfile.TemporaryDirectory(prefix=f".{models_dir.resolve().name}.quantize-", dir=models_dir.parent) as work:
+        prepared, quantized = Path(work) / "encoder.prep.onnx", Path(work) / target.name
+        # symbolic shape inference knows ONNX Runtime's fused Attention (graph_fusion), which ONNX's own does not:
+        # without the shapes after it, the quantizer would leave each attention output projection in float
+        quant_pre_process(str(models_dir / "encoder.onnx"), str(prepared))
         layer_norms = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type == "LayerNormalization"]
-        views = view_cycle(manifest.read(models_dir), models_dir)
-        quantize_static(str(prepared), str(target), FaceReader(calib.images[pick], views),
+        quantize_static(str(prepared), str(quantized), FaceReader(calib.images[pick], fp32.views),
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         reduce_range=True, nodes_to_exclude=layer_norms)
-    finally:
-        prepared.unlink(missing_ok=True)
-    manifest.update(models_dir, files={"encoder_int8": manifest.file_entry(target, models_dir,
-                                                                            calibration_faces=len(pick))})
-    data = load_class_folders(data_dir)
-    fp32 = EmotionModel.load(models_dir, backend="onnxruntime")
-    int8 = EmotionModel.load(models_dir, backend="onnxruntime", int8=True)
-    acc32 = metrics(data.labels, Predictor(fp32).still(data.images))["accuracy"]
-    acc8 = metrics(data.labels, Predictor(int8).still(data.images))["accuracy"]
-    speed32, speed8 = _encoder_faces_per_s(fp32, data.images), _encoder_faces_per_s(int8, data.images)
+        int8 = replace(fp32, encoder=open_session(quantized, "onnxruntime"), int8=True)
+        acc32 = metrics(data.labels, Predictor(fp32).still(data.images))["accuracy"]
+        acc8 = metrics(data.labels, Predictor(int8).still(data.images))["accuracy"]
+        speed32, speed8 = _encoder_faces_per_s(fp32, data.images), _encoder_faces_per_s(int8, data.images)
+        quantized.replace(target)
     result = {"accuracy_fp32": acc32, "accuracy_int8": acc8, "accuracy_delta_points": 100 * (acc8 - acc32),
               "encoder_faces_per_s_fp32": speed32, "encoder_faces_per_s_int8": speed8,
               "speedup": speed8 / speed32, "data": manifest.shown(data_dir), "faces": len(data)}
-    manifest.update(models_dir, quantization=result)
+    manifest.update(models_dir, files={"encoder_int8": manifest.file_entry(target, models_dir,
+                                                                            calibration_faces=len(pick))},
+                    quantization=result)
     print(f"INT8 encoder written to {target}")
     print(f"accuracy on {len(data)} faces: fp32 {acc32:.4f}  int8 {acc8:.4f}  "
           f"(delta {result['accuracy_delta_points']:+.2f} points)")

@@ -25,9 +25,10 @@ import numpy as np
 from affectedge.labels import EMOTIONS
 from edge_agent.emotion_model import face_tensor
 from edge_agent.faces.views import View
-from model_export import clips
+from model_export import STAGE_FILES, clips
 from model_export.augment import PRESETS, AugmentConfig, perturb
 from model_export.datasets import Faces, load_cached, load_clip_folders
+from model_export.loading import load_keras
 from model_export.model import INPUT_SIZE, ModelConfig, build_encoder, build_frame_classifier, build_head
 
 log = logging.getLogger(__name__)
@@ -198,10 +199,11 @@ def train_encoder(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, verbos
     """Stage 1. Returns the path of the best frame classifier."""
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(json.dumps({"model": model_cfg.to_dict(), "train": asdict(cfg)}, indent=2))
     keras.utils.set_random_seed(cfg.seed)
     train = load_cached(Path(cfg.data), "train", run / "cache")
     val = load_cached(Path(cfg.data), "val", run / "cache")
+    # recorded once the data loaded: a call stopped by bad data leaves the run's architecture as it was
+    (run / "config.json").write_text(json.dumps({"model": model_cfg.to_dict(), "train": asdict(cfg)}, indent=2))
     log.info("train %d faces %s, val %d faces", len(train), train.class_counts().tolist(), len(val))
     weights = class_weights(train.class_counts(), cfg.class_weight_power)
     log.info("class weights %s", dict(zip(EMOTIONS, np.round(weights, 2).tolist(), strict=True)))
@@ -211,12 +213,13 @@ def train_encoder(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, verbos
     steps = int(np.ceil(len(train) / cfg.batch_size))
     if initial_epoch:
         log.info("resuming from %s after epoch %d", last, initial_epoch)
-        model = keras.models.load_model(last)
+        model = load_keras(last, "start the run afresh with --overwrite instead of --resume")
         # the schedule follows --epochs, so a run can be shortened or extended when resumed
         model.optimizer.learning_rate = _schedule(cfg, steps)
         model.jit_compile = _jit(cfg)
-    else:
-        history.unlink(missing_ok=True)
+    else:  # a new encoder: the old one's checkpoints and curves, and the head trained on it, would mislead
+        for name in (*STAGE_FILES["encoder"], *STAGE_FILES["head"]):
+            (run / name).unlink(missing_ok=True)
         encoder = build_encoder(model_cfg)
         model = build_frame_classifier(encoder)
         if cfg.init_from:
@@ -299,7 +302,8 @@ def embed_faces(encoder: keras.Model, faces: np.ndarray) -> np.ndarray:
 
 def keras_embedder(run: Path) -> Embedder:
     """The run's best stage-1 encoder as ``(N, 48, 48) uint8 -> (N, D)``."""
-    encoder = encoder_of(keras.models.load_model(run / "encoder_best.keras"))
+    encoder = encoder_of(load_keras(run / "encoder_best.keras", "train stage 1 of the run again: "
+                                    "model_export train --stage encoder --overwrite"))
     return lambda faces: embed_faces(encoder, faces)
 
 

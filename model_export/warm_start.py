@@ -27,6 +27,8 @@ from keras import layers
 from onnx import numpy_helper
 
 from edge_agent.emotion_model import ModelError, face_tensor
+from model_export import PARITY_TOLERANCE
+from model_export.loading import load_onnx
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,6 @@ SCOPES = {
 }
 _SCOPE = re.compile(r"^(?P<kind>conv2d|batch_normalization|layer_normalization|multi_head_attention|dense"
                     r"|position_embedding|embedding)(?:_(?P<index>\d+))?_\d+$")
-PARITY_TOLERANCE = 1e-4
 
 
 def _scoped_weights(model: onnx.ModelProto) -> dict[str, list[dict[str, np.ndarray]]]:
@@ -148,7 +149,7 @@ def load_encoder(encoder: keras.Model, onnx_path: Path, faces: np.ndarray) -> fl
     """
     import onnxruntime as ort
 
-    model = onnx.load(str(onnx_path))
+    model = load_onnx(onnx_path, "pass --init-from a folder written by `model_export export` (e.g. models/members/v2)")
     _assign(encoder, _scoped_weights(model))
     _recalibrate(encoder, faces)
     x = face_tensor(faces[:256])

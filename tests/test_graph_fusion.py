@@ -176,3 +176,56 @@ def test_a_gelu_is_rewritten_only_when_nothing_else_reads_its_inner_values(extra
     assert counts["gelu"] == (0 if extra_reader else 1)
     for a, b in zip(before, after, strict=True):
         np.testing.assert_allclose(b, a, atol=1e-6)
+
+
+def _optimize(folder: Path, data: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "model_export", "optimize", "--models", str(folder), "--data",
+                           str(data)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_optimize_names_a_file_that_is_not_onnx(tmp_path: Path, fer_val: Path) -> None:
+    folder = tmp_path / "g6t"
+    shutil.copytree(UNFUSED, folder)
+    (folder / "encoder.onnx").write_bytes(b"not a model")
+    done = _optimize(folder, fer_val)
+    assert (done.returncode, done.stderr) == (
+        2, f"model_export optimize: {folder / 'encoder.onnx'} is not a readable ONNX model: pass --models a folder "
+           "written by `model_export export` or `ensemble`\n")
+
+
+def test_optimize_refuses_fewer_faces_than_the_heads_window(tmp_path: Path, fer_val: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("manifest.json", "encoder.onnx", "head.onnx", "clip.onnx"):
+        shutil.copy(MODELS / name, folder / name)
+    data = tmp_path / "faces" / "happy"
+    data.mkdir(parents=True)
+    for path in sorted((fer_val / "happy").iterdir())[:3]:
+        shutil.copy(path, data / path.name)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    done = _optimize(folder, data.parent)
+    assert (done.returncode, done.stderr) == (
+        2, f"model_export optimize: {data.parent} holds 3 faces, and the parity check needs at least 8 (one window "
+           "of the model): use a folder with more faces\n")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    # a member (no head) has no windows to check: a few faces do for its encoder
+    member = tmp_path / "g6t"
+    shutil.copytree(UNFUSED, member)
+    assert _optimize(member, data.parent).returncode == 0
+
+
+def test_a_model_that_outputs_nan_is_not_rewritten(tmp_path: Path, faces: np.ndarray) -> None:
+    """NaN > tolerance is False: a parity gate written that way would pass a broken model."""
+    folder = tmp_path / "g6t"
+    shutil.copytree(UNFUSED, folder)
+    model = onnx.load(str(folder / "encoder.onnx"))
+    weights = max(model.graph.initializer, key=lambda t: np.prod(t.dims))  # a kernel, not a constant of a pattern
+    broken = onnx.numpy_helper.to_array(weights).copy()
+    broken.flat[0] = np.nan
+    weights.CopyFrom(onnx.numpy_helper.from_array(broken, weights.name))
+    onnx.save(model, str(folder / "encoder.onnx"))
+    assert np.isnan(_embed(folder / "encoder.onnx", faces)).all()
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(ModelError, match="differs from the original by nan"):
+        fuse_folder(folder, faces)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

@@ -141,19 +141,20 @@ def test_cli_export_replaces_the_whole_model_and_only_after_parity(tiny_data: Pa
                                        "export without checking the ONNX files\n")
     with monkeypatch.context() as patched:  # an export that does not match Keras
         patched.setattr(onnx_export, "parity", lambda *args: {"faces": 42, "encoder_max_abs_diff": 0.5})
-        assert cli.main(["export", "--run", str(run), "--out", str(out), "--data", faces, "--encoder-only"]) == 2
+        assert cli.main(["export", "--run", str(run), "--out", str(out), "--data", faces]) == 2
     assert capsys.readouterr().err.endswith(f"ONNX differs from Keras by 0.5 (more than 1e-4), so nothing was "
                                             f"written to {out}: do not ship this export; check the model's layers "
                                             "convert (tf2onnx log)\n")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
-    assert cli.main(["export", "--run", str(run), "--out", str(out), "--encoder-only", "--no-parity",
-                     "--opset", "18"]) == 0
-    assert {p.name for p in out.iterdir()} == {"manifest.json", "encoder.onnx"}  # the int8 encoder was the old one
+    assert cli.main(["export", "--run", str(run), "--out", str(out), "--no-parity", "--opset", "18"]) == 0
+    # the int8 encoder was the old one's
+    assert {p.name for p in out.iterdir()} == {"manifest.json", "encoder.onnx", "head.onnx", "clip.onnx"}
     written = json.loads((out / "manifest.json").read_text())
     assert not {"quantization", "val_metrics"} & set(written)
     assert written["parity"] == "not checked (exported with --no-parity)"
-    assert list(written["files"]) == ["encoder"] and written["files"]["encoder"]["opset"] == 18
+    assert list(written["files"]) == ["encoder", "head", "clip"]
+    assert {entry["opset"] for entry in written["files"].values()} == {18}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]  # no staging folder left behind
 
 
@@ -344,3 +345,186 @@ def test_cli_resume_refuses_to_reshape_the_run(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         "model_export train: --resume continues the run's own encoder: leave out --stem-filters, --stem-depths, "
         "--embed-dim, --heads, --depth and --mlp-dim (its architecture is in run/config.json)"]
+
+
+@pytest.mark.parametrize("lr", ["nan", "inf", "0", "-0.001"])
+def test_cli_refuses_a_learning_rate_that_trains_nothing(tmp_path: Path, lr: str) -> None:
+    result = _train_cli("--data", str(tmp_path), "--lr", lr, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(f"argument --lr: '{lr}' is not a number above 0")
+
+
+def _earlier_run(run: Path, *names: str) -> dict[str, bytes]:
+    """A run folder holding ``names``, as bytes: a TINY config.json, and checkpoints no library can read."""
+    run.mkdir()
+    for name in names:
+        (run / name).write_text(json.dumps({"model": TINY.to_dict()}) if name == "config.json" else f"not {name}\n")
+    return {p.name: p.read_bytes() for p in run.iterdir()}
+
+
+@pytest.mark.parametrize(("stage", "names", "found"), [
+    ("all", ("history.csv",), "history.csv"),
+    ("encoder", ("encoder_best.keras", "head.keras"), "encoder_best.keras, head.keras"),
+    ("head", ("encoder_best.keras", "head.keras"), "head.keras"),
+])
+def test_cli_train_refuses_a_run_it_would_replace(tmp_path: Path, stage: str, names: tuple[str, ...],
+                                                  found: str) -> None:
+    for split in ("train", "val"):
+        (tmp_path / "data" / split).mkdir(parents=True)
+    before = _earlier_run(tmp_path / "run", "config.json", *names)
+    result = _train_cli("--data", "data", "--run", "run", "--stage", stage, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"model_export train: run already holds a trained run ({found}): pass --resume to continue it, --overwrite "
+        "to train it afresh, or another --run"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    both = _train_cli("--data", "data", "--run", "run", "--stage", stage, "--resume", "--overwrite", cwd=tmp_path)
+    assert both.stderr.strip().splitlines() == [
+        "model_export train: --resume continues the run in --run and --overwrite starts it afresh: pass one of them"]
+
+
+def test_cli_train_records_the_config_only_once_the_data_loaded(tmp_path: Path) -> None:
+    """A call stopped by bad data leaves the run's recorded architecture (what --resume and export read)."""
+    for split in ("train", "val"):
+        (tmp_path / "data" / split).mkdir(parents=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": TINY.to_dict(), "train": {"data": "elsewhere"}}))
+    before = (run / "config.json").read_bytes()
+    result = _train_cli("--data", "data", "--run", "run", "--resume", "--epochs", "3", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("model_export train: no labelled images under data")
+    assert (run / "config.json").read_bytes() == before
+
+
+def test_cli_stage_head_needs_the_runs_encoder(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "run").mkdir()
+    result = _train_cli("--data", "data", "--run", "run", "--stage", "head", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "model_export train: stage-1 checkpoint run/encoder_best.keras does not exist: --stage head trains a head on "
+        "the encoder of --run: train it first with --stage encoder"]
+
+
+def test_cli_names_a_checkpoint_keras_cannot_read(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from model_export import cli
+
+    run = tmp_path / "run"
+    _earlier_run(run, "encoder_best.keras", "head.keras", "config.json")
+    (tmp_path / "data").mkdir()
+    reason = f"{run / 'encoder_best.keras'} is not a Keras model this version can read"
+    for argv, message in [
+        (["export", "--run", str(run), "--out", str(tmp_path / "out"), "--no-parity"],
+         f"export: {reason}: train the run again (model_export train --overwrite) or pass another --run"),
+        (["bench", "--backend", "keras", "--run", str(run), "--seconds", "0.01"],
+         f"bench: {reason}: pass --run a training run directory with both stages"),
+        (["train", "--data", str(tmp_path / "data"), "--run", str(run), "--stage", "head", "--overwrite"],
+         f"train: {reason}: train stage 1 of the run again: model_export train --stage encoder --overwrite"),
+    ]:
+        capsys.readouterr()
+        assert cli.main(argv) == 2
+        assert capsys.readouterr().err == f"model_export {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_export_encoder_only_keeps_a_model_with_a_head(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--out defaults to models/: an ensemble member exported without --out must not replace the shipped model."""
+    from model_export import cli
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    _earlier_run(run, "encoder_best.keras", "config.json")
+    out.mkdir()
+    shutil.copy(MODELS / "manifest.json", out / "manifest.json")
+    (out / "head.onnx").write_bytes(b"the shipped head")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert cli.main(["export", "--run", str(run), "--out", str(out), "--encoder-only", "--no-parity"]) == 2
+    assert capsys.readouterr().err == (
+        f"model_export export: --out {out} holds a model with a head, which --encoder-only would replace by an "
+        "encoder alone: pass --out a folder of its own for the member, e.g. models/members/NAME\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data: Path, tmp_path_factory) -> Path:
+    """Stage 1 of a TINY run (window 4), trained once; tests work on copies of it."""
+    run = tmp_path_factory.mktemp("tiny_run") / "run"
+    train_encoder(TrainConfig(data=str(tiny_data), run_dir=str(run), epochs=1, batch_size=16, xla="off"), TINY,
+                  resume=False, verbose=0)
+    return run
+
+
+@pytest.mark.slow
+def test_stage_head_keeps_the_runs_window_and_export_ships_the_heads(tiny_run: Path, tiny_data: Path,
+                                                                     tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    from edge_agent.emotion_model import EmotionModel
+    from model_export import cli
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    shutil.copytree(tiny_run, run)
+    head_stage = ["train", "--data", str(tiny_data), "--run", str(run), "--stage", "head", "--head-epochs", "1",
+                  "--batch-size", "16"]
+    assert cli.main(head_stage) == 0
+    assert keras.models.load_model(run / "head.keras").input_shape[1] == TINY.window  # config.json's, not 8
+    assert cli.main([*head_stage, "--window", "6", "--overwrite"]) == 0  # another window, on purpose
+    assert json.loads((run / "config.json").read_text())["model"]["window"] == TINY.window
+
+    few = tmp_path / "few" / "happy"
+    few.mkdir(parents=True)
+    for path in sorted((tiny_data / "val" / "happy").iterdir())[:5]:
+        shutil.copy(path, few / path.name)
+    capsys.readouterr()
+    assert cli.main(["export", "--run", str(run), "--out", str(out), "--data", str(few.parent)]) == 2
+    assert capsys.readouterr().err == (f"model_export export: {few.parent} holds 5 faces, and the parity check needs "
+                                       "at least 6 (one window of the model): use a folder with more faces\n")
+    assert not out.exists()
+
+    assert cli.main(["export", "--run", str(run), "--out", str(out), "--data", str(tiny_data / "val")]) == 0
+    written = json.loads((out / "manifest.json").read_text())
+    assert written["window"] == written["architecture"]["window"] == 6  # what head.onnx takes
+    assert written["files"]["head"]["inputs"] == {"embeddings": ["N", 6, TINY.embed_dim]}
+    model = EmotionModel.load(out, backend="onnxruntime")
+    faces = load_class_folders(tiny_data / "val", limit_per_class=1).images
+    windows = np.repeat(model.embed(faces)[:, None], model.window, axis=1)
+    assert model.classify(windows).shape == (len(faces), 7)
+
+
+@pytest.mark.slow
+def test_export_refuses_a_model_that_outputs_nan(tiny_run: Path, tiny_data: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """NaN > 1e-4 is False: a gate written that way shipped a broken model, with a bare NaN in its manifest."""
+    from model_export import cli
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    shutil.copytree(tiny_run, run)
+    classifier = keras.models.load_model(run / "encoder_best.keras")
+    conv = next(layer for layer in encoder_of(classifier).layers if isinstance(layer, keras.layers.Conv2D))
+    kernel, *rest = conv.get_weights()
+    kernel.flat[0] = np.nan
+    conv.set_weights([kernel, *rest])
+    classifier.save(run / "encoder_best.keras")
+    capsys.readouterr()
+    assert cli.main(["export", "--run", str(run), "--out", str(out), "--data", str(tiny_data / "val"),
+                     "--encoder-only"]) == 2
+    assert capsys.readouterr().err == (f"model_export export: the model outputs NaN on real faces, so nothing was "
+                                       f"written to {out}: its weights are broken (a diverged run?); train it again, "
+                                       "e.g. with a lower --lr\n")
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_train_overwrite_starts_the_run_afresh(tiny_run: Path, tiny_data: Path, tmp_path: Path) -> None:
+    from model_export import cli
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    for name in ("head.keras", "head_history.csv"):  # a head of the old encoder, stale once it is replaced
+        (run / name).write_text("the earlier head\n")
+    (run / "history.csv").write_text((run / "history.csv").read_text() * 3)
+    assert cli.main(["train", "--data", str(tiny_data), "--run", str(run), "--stage", "encoder", "--overwrite",
+                     "--epochs", "1", "--batch-size", "16", "--xla", "off", "--window", "5"]) == 0
+    assert not (run / "head.keras").exists() and not (run / "head_history.csv").exists()
+    with (run / "history.csv").open() as handle:
+        assert [row["epoch"] for row in csv.DictReader(handle)] == ["0"]
+    assert json.loads((run / "config.json").read_text())["model"]["window"] == 5

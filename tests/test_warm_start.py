@@ -189,3 +189,12 @@ def test_cli_refuses_to_shrink_a_member(member: Path, tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         f"model_export train: --depth 1 is smaller than the --init-from encoder's {SMALL.depth}: "
         "an encoder can only be grown; leave it out to keep the member's"]
+
+
+def test_an_init_from_encoder_that_is_not_onnx_is_named(tmp_path: Path, faces: np.ndarray) -> None:
+    junk = tmp_path / "encoder.onnx"
+    junk.write_bytes(b"")  # an empty file parses as an empty ONNX model
+    with pytest.raises(ModelError) as raised:
+        load_encoder(build_encoder(SMALL), junk, faces)
+    assert str(raised.value) == (f"{junk} is not a readable ONNX model: pass --init-from a folder written by "
+                                 "`model_export export` (e.g. models/members/v2)")
