@@ -202,3 +202,17 @@ def test_edge_never_imports_tensorflow():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_net_whose_keras_side_gives_nan_fails_parity() -> None:
+    """Python's max() drops a NaN that is not first, and NaN > tolerance is False: a broken net passed."""
+    onnx = pytest.importorskip("onnx")
+    from model_export.mtcnn_export import parity
+
+    proto = onnx.load(str(Path(__file__).resolve().parents[1] / "models" / "mtcnn" / "rnet.onnx"))
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 24, 24, 3)).astype(np.float32)
+    session = open_session(Path(__file__).resolve().parents[1] / "models" / "mtcnn" / "rnet.onnx", "onnxruntime")
+    outputs = session.run({session.input_names[0]: x})
+    broken = [outputs[0], np.full_like(outputs[1], np.nan)]  # the second output NaN
+    assert parity(lambda _: outputs, proto, x) == 0.0
+    assert np.isnan(parity(lambda _: broken, proto, x))
