@@ -24,8 +24,9 @@ signature and all, to whatever host the ``Location`` names. A 301 or 308 says th
 moved for good, so the delivery goes ``dead`` at once and the admin must fix the URL; other 3xx are
 temporary by definition (a maintenance or login page while the LMS is down) and are retried.
 
-The error text stored in ``last_error`` and logged never shows a target's path, query or
-credentials (see :func:`redact`): a webhook URL's ``?token=`` or ``/hooks/<key>`` often is its secret.
+The error text stored in ``last_error`` and logged never shows a target's query, credentials or
+the last segment of its path (see :func:`safe_url` and :func:`redact`): a webhook URL's ``?token=``
+or ``/hooks/<key>`` often is its secret.
 
 HTTP goes through ``requests``: a ``Session`` per target keeps the TLS connection alive between
 deliveries and gives connect and read timeouts and clear exceptions, which ``urllib`` does not.
@@ -93,31 +94,38 @@ def retry_delay(attempts: int, backoff_s: float) -> float:
 
 
 def safe_url(url: str) -> str:
-    """``url`` fit for logs and ``last_error``: ``scheme://host[:port]`` and the first path segment,
-    with "/…" where more was cut, and never credentials or a query.
+    """``url`` fit for logs and ``last_error``: ``scheme://host[:port]`` and, where more follows, the
+    first path segment, with "/…" for what was cut; never credentials, a query or the last segment.
 
-    A webhook's secret is often its ``?token=`` or the end of its path (``/hooks/<key>``); the first
-    segment still tells an admin which of a host's endpoints it is. The host part is copied, not
-    parsed, so that an odd port in a receiver's ``Location`` cannot raise.
+    A webhook's secret is often its ``?token=`` or the end of its path (``/hooks/<key>``,
+    ``https://webhook.site/<uuid>``); a first segment followed by others still tells an admin which
+    of a host's endpoints it is. The host part is copied, not parsed, so that an odd port in a
+    receiver's ``Location`` cannot raise.
     """
     parts = urlsplit(url)
-    segments = parts.path.lstrip("/").split("/", 1)
-    shown = f"/{segments[0]}" if segments[0] else ""
-    cut = "/…" if (len(segments) > 1 and segments[1]) or parts.query else ""
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{shown}{cut}"
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{_safe_path(parts.path, parts.query)}"
+
+
+def _safe_path(path: str, query: str) -> str:
+    segments = path.strip("/").split("/")
+    shown = f"/{segments[0]}" if len(segments) > 1 else ""
+    cut = "/…" if segments != [""] or query else ""
+    return shown + cut
 
 
 def redact(text: str, *urls: str | None) -> str:
     """``text`` with each of ``urls`` cut by :func:`safe_url`, and with their path-and-query (as
-    urllib3's "Max retries exceeded with url: /hook?token=..." shows it) and query replaced by "…"."""
+    urllib3's "Max retries exceeded with url: /hook?token=..." shows it), path and query cut alike."""
     replacements: dict[str, str] = {}
     for url in filter(None, urls):
         parts = urlsplit(url)
         replacements[url] = safe_url(url)
-        replacements[parts.path + (f"?{parts.query}" if parts.query else "")] = "/…"
+        safe = _safe_path(parts.path, parts.query)
+        replacements[parts.path + (f"?{parts.query}" if parts.query else "")] = safe
+        replacements[parts.path] = _safe_path(parts.path, "")
         replacements[parts.query] = "…"
     for secret in sorted(replacements, key=len, reverse=True):  # a whole URL before its parts
-        if secret not in ("", "/"):
+        if secret not in ("", "/") and replacements[secret] != secret:
             text = text.replace(secret, replacements[secret])
     return text
 

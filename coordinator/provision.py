@@ -173,9 +173,10 @@ def _check(config: CoordinatorConfig, name: str, classroom: str) -> tuple[Path, 
         # under the shipped unit only the ReadWritePaths directory is (a read-only file system fails here too)
         if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.R_OK)):
             raise ProvisionError(
-                f"user {_user()} cannot write {path}: provision as the coordinator's service user "
+                f"user {_user()} cannot read and replace {path}: provision as the coordinator's service user "
                 f"(sudo -u affectedge), with {path.parent} owned by it (install -d -o affectedge -g mosquitto "
-                "-m 2750 DIR) and listed in the unit's ReadWritePaths (deploy/mosquitto/mosquitto.conf)")
+                "-m 2750 DIR) and listed in its unit's ReadWritePaths "
+                "(deploy/systemd/affectedge-coordinator.service; deploy/mosquitto/mosquitto.conf has the layout)")
     return passwd_file, acl_file, coordinator_user
 
 

@@ -151,11 +151,20 @@ def _refuse_to_replace_run(args: argparse.Namespace) -> None:
     starts over the files of an earlier one only when told to (--resume, --overwrite)."""
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --run and --overwrite starts it afresh: pass one of them")
-    if args.resume or args.overwrite:
+    if args.overwrite:
         return
     # a new encoder makes the head trained on the old one stale too, so stage 1 counts the head's files
     stages = ("head",) if args.stage == "head" else ("encoder", "head")
     found = [name for stage in stages for name in STAGE_FILES[stage] if (args.run / name).exists()]
+    if args.resume:
+        # stage 1 resumes from its last checkpoint and the epochs history.csv counts; without them it
+        # would start afresh over the files found, which is --overwrite's work, not --resume's
+        history = args.run / "history.csv"
+        epochs = history.exists() and len(history.read_text().strip().splitlines()) > 1
+        if args.stage != "head" and found and not ((args.run / "encoder_last.keras").exists() and epochs):
+            raise UsageError(f"{args.run} holds {', '.join(found)} but no encoder_last.keras with epochs in "
+                             "history.csv to resume from: pass --overwrite to train it afresh, or another --run")
+        return
     if found:
         raise UsageError(f"{args.run} already holds a trained run ({', '.join(found)}): pass --resume to continue "
                          "it, --overwrite to train it afresh, or another --run")

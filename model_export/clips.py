@@ -68,8 +68,9 @@ def embedding_bank(embed: Callable[..., np.ndarray], images: np.ndarray,
 def _jittered(faces: np.ndarray, rng: np.random.Generator, clean_share: float) -> np.ndarray:
     """``faces`` under webcam jitter, each but a random ``clean_share`` of them kept as they are."""
     shown = (perturb(faces, rng, JITTER) * 255).round().astype(np.uint8)
-    clean = rng.random(len(faces)) < clean_share
-    shown[clean] = faces[clean]
+    if clean_share:  # no draw otherwise: banks without a cycle keep the random stream they always had
+        clean = rng.random(len(faces)) < clean_share
+        shown[clean] = faces[clean]
     return shown
 
 

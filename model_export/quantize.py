@@ -25,7 +25,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from edge_agent.emotion_model import EmotionModel, face_tensor
 from edge_agent.faces.views import View, through
-from edge_agent.inference import open_session
+from edge_agent.inference import ModelError, open_session
 from model_export import manifest
 from model_export.datasets import load_class_folders
 from model_export.evaluate import Predictor, metrics
@@ -68,8 +68,9 @@ def run(models_dir: Path, calib_dir: Path, data_dir: Path, calib_size: int) -> d
     calib, data = load_class_folders(calib_dir), load_class_folders(data_dir)
     pick = np.random.default_rng(0).choice(len(calib), size=min(calib_size, len(calib)), replace=False)
     target = models_dir / "encoder.int8.onnx"
-    # a sibling folder (the same file system): the finished file moves into place by rename
-    with tempfile.TemporaryDirectory(prefix=f".{models_dir.resolve().name}.quantize-", dir=models_dir.parent) as work:
+    # inside the folder itself (the same file system, even where models/ is a link to another): the
+    # finished file moves into place by rename
+    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=models_dir) as work:
         prepared, quantized = Path(work) / "encoder.prep.onnx", Path(work) / target.name
         # symbolic shape inference knows ONNX Runtime's fused Attention (graph_fusion), which ONNX's own does not:
         # without the shapes after it, the quantizer would leave each attention output projection in float
@@ -83,13 +84,15 @@ def run(models_dir: Path, calib_dir: Path, data_dir: Path, calib_size: int) -> d
         acc32 = metrics(data.labels, Predictor(fp32).still(data.images))["accuracy"]
         acc8 = metrics(data.labels, Predictor(int8).still(data.images))["accuracy"]
         speed32, speed8 = _encoder_faces_per_s(fp32, data.images), _encoder_faces_per_s(int8, data.images)
-        quantized.replace(target)
-    result = {"accuracy_fp32": acc32, "accuracy_int8": acc8, "accuracy_delta_points": 100 * (acc8 - acc32),
-              "encoder_faces_per_s_fp32": speed32, "encoder_faces_per_s_int8": speed8,
-              "speedup": speed8 / speed32, "data": manifest.shown(data_dir), "faces": len(data)}
-    manifest.update(models_dir, files={"encoder_int8": manifest.file_entry(target, models_dir,
-                                                                            calibration_faces=len(pick))},
-                    quantization=result)
+        result = {"accuracy_fp32": acc32, "accuracy_int8": acc8, "accuracy_delta_points": 100 * (acc8 - acc32),
+                  "encoder_faces_per_s_fp32": speed32, "encoder_faces_per_s_int8": speed8,
+                  "speedup": speed8 / speed32, "data": manifest.shown(data_dir), "faces": len(data)}
+        if not all(np.isfinite(v) for v in result.values() if isinstance(v, float)):
+            raise ModelError(f"the INT8 encoder measured {result}: a figure is not finite, so it is not installed")
+        quantized.replace(target)  # the manifest follows at once: the two never disagree for longer
+        manifest.update(models_dir, files={"encoder_int8": manifest.file_entry(target, models_dir,
+                                                                                calibration_faces=len(pick))},
+                        quantization=result)
     print(f"INT8 encoder written to {target}")
     print(f"accuracy on {len(data)} faces: fp32 {acc32:.4f}  int8 {acc8:.4f}  "
           f"(delta {result['accuracy_delta_points']:+.2f} points)")

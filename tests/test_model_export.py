@@ -383,6 +383,19 @@ def test_cli_train_refuses_a_run_it_would_replace(tmp_path: Path, stage: str, na
         "model_export train: --resume continues the run in --run and --overwrite starts it afresh: pass one of them"]
 
 
+def test_cli_train_resume_without_a_checkpoint_to_resume_from_replaces_nothing(tmp_path: Path) -> None:
+    """With no encoder_last.keras (or no epoch in history.csv) --resume started afresh over the run's files."""
+    for split in ("train", "val"):
+        (tmp_path / "data" / split).mkdir(parents=True)
+    before = _earlier_run(tmp_path / "run", "config.json", "encoder_best.keras", "head.keras")
+    result = _train_cli("--data", "data", "--run", "run", "--resume", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "model_export train: run holds encoder_best.keras, head.keras but no encoder_last.keras with epochs in "
+        "history.csv to resume from: pass --overwrite to train it afresh, or another --run"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+
+
 def test_cli_train_records_the_config_only_once_the_data_loaded(tmp_path: Path) -> None:
     """A call stopped by bad data leaves the run's recorded architecture (what --resume and export read)."""
     for split in ("train", "val"):

@@ -319,7 +319,7 @@ def test_a_broker_directory_the_service_user_cannot_write_is_one_line_and_change
         (base / "broker").chmod(0o755)
         Path(config.broker.passwd_file).write_text("someone:$7$hash\n")
         message = _as_nobody(lambda: provision_agent(config, "agent-1", "room-1"))
-        assert message.startswith(f"ProvisionError: user nobody cannot write {config.broker.passwd_file}: "
+        assert message.startswith(f"ProvisionError: user nobody cannot read and replace {config.broker.passwd_file}: "
                                   "provision as the coordinator's service user"), message
         assert "ReadWritePaths" in message and "\n" not in message
         assert Path(config.broker.passwd_file).read_text() == "someone:$7$hash\n"

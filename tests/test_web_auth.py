@@ -222,9 +222,9 @@ def test_a_login_ends_after_its_maximum_age_however_busy(tmp_path, monkeypatch):
     alice = app.test_client()
     login(alice, "alice")
     start = time.time()
-    monkeypatch.setattr(access.time, "time", lambda: start + access.SESSION_MAX_AGE.total_seconds() - 60)
+    monkeypatch.setattr(access, "clock", lambda: start + access.SESSION_MAX_AGE.total_seconds() - 60)
     assert alice.get("/classrooms/room-a").status_code == 200
-    monkeypatch.setattr(access.time, "time", lambda: start + access.SESSION_MAX_AGE.total_seconds() + 60)
+    monkeypatch.setattr(access, "clock", lambda: start + access.SESSION_MAX_AGE.total_seconds() + 60)
     assert alice.get("/classrooms/room-a").status_code == 302
     assert alice.get("/api/v1/classrooms").status_code == 401
 

@@ -18,7 +18,7 @@ from webapp import HAPPY, add_classroom, add_user, batch, csrf_token, ingest, lo
 from affectedge.labels import EMOTIONS
 from coordinator import aggregate, db, policy, retention, users
 from coordinator.store import Store, utcnow
-from coordinator.web import history, live
+from coordinator.web import access, history, live
 
 
 def _page_data(html: str, element_id: str) -> dict:
@@ -101,11 +101,11 @@ def _next_within(chunks, seconds: float):
     return got[0]
 
 
-@pytest.mark.parametrize("loss", ["unassigned", "new password"])
+@pytest.mark.parametrize("loss", ["unassigned", "new password", "login too old"])
 @pytest.mark.parametrize("next_item", ["state", "signal"])
 def test_event_stream_ends_when_the_user_loses_access(tmp_path, monkeypatch, next_item, loss):
     """An open page must not keep streaming a classroom its user was unassigned from, or whose
-    session a new password ended: no state, and no signal either. The stream ends *at* that item:
+    session a new password or its age ended: no state, and no signal either. The stream ends *at* that item:
     no keep-alive is due for an hour, so a stream that dropped the item without ending would fail
     here instead of ending later."""
     monkeypatch.setattr(live, "KEEPALIVE_S", 3600.0)
@@ -122,8 +122,11 @@ def test_event_stream_ends_when_the_user_loses_access(tmp_path, monkeypatch, nex
     with p.sessions.begin() as session:
         if loss == "unassigned":
             session.get(db.Classroom, "room-1").instructor = None
-        else:
+        elif loss == "new password":
             users.set_password(session.scalar(select(db.User).where(db.User.username == "alice")), "new-password-22")
+        else:
+            aged = time.time() + access.SESSION_MAX_AGE.total_seconds() + 60
+            monkeypatch.setattr(access, "clock", lambda: aged)
     if next_item == "state":
         p.hub.publish(state)
     else:

@@ -20,7 +20,7 @@ from affectedge.codec import decode
 from affectedge.settings import ConfigError
 from affectedge.v1 import affectedge_pb2 as pb
 from coordinator import db
-from coordinator.outbox import MAX_BACKOFF_S, retry_delay
+from coordinator.outbox import MAX_BACKOFF_S, redact, retry_delay, safe_url
 from coordinator.webhooks import (
     DELIVERY_HEADER,
     SIGNATURE_HEADER,
@@ -217,7 +217,7 @@ def test_a_moved_webhook_is_dead_at_once_and_its_redirect_not_followed(tmp_path,
     assert [r.method for r in receiver.requests] == ["POST"]
     assert (row.status, row.attempts) == ("dead", 1)
     port = receiver.server.server_address[1]
-    assert row.last_error == (f"HTTP 301 redirect to http://127.0.0.1:{port}/login/…, not followed: "
+    assert row.last_error == (f"HTTP 301 redirect to http://127.0.0.1:{port}/…, not followed: "
                               "configure the URL that answers itself")
 
 
@@ -235,12 +235,12 @@ def test_a_temporary_redirect_is_retried_and_never_sends_the_signed_body_elsewhe
     assert row.last_error.startswith(f"HTTP 307 redirect to http://127.0.0.1:{elsewhere.server.server_address[1]}/hooks/…,")
 
 
-def test_an_unreachable_webhook_error_shows_neither_its_path_nor_its_query(tmp_path, caplog):
+def test_an_unreachable_webhook_error_shows_neither_its_key_nor_its_query(tmp_path, caplog):
     url = f"http://127.0.0.1:{free_port()}/hooks/key-in-path?token=token-in-query"  # nothing listens
     p = parts(tmp_path, webhooks=[hook(url, max_attempts=1)])
     row = settled(p)
     assert row.status == "dead"
-    assert row.last_error.startswith("ConnectionError: ") and "url: /… (Caused by" in row.last_error
+    assert row.last_error.startswith("ConnectionError: ") and "url: /hooks/… (Caused by" in row.last_error
     assert "key-in-path" not in row.last_error and "token-in-query" not in row.last_error
     assert "is dead after 1 attempt(s): ConnectionError" in caplog.text and "token-in-query" not in caplog.text
 
@@ -313,3 +313,15 @@ def test_retry_delay_grows_exponentially_with_bounded_jitter():
         assert all(nominal <= d < 1.5 * nominal for d in delays)
         assert len(set(delays)) > 1  # jittered, not lock-step
     assert retry_delay(30, 2.0) == MAX_BACKOFF_S
+
+
+@pytest.mark.parametrize(("url", "text", "shown"), [
+    ("https://lms.example/hooks/SECRETKEY?v=2", "Cannot POST /hooks/SECRETKEY (404)", "Cannot POST /hooks/… (404)"),
+    ("https://webhook.site/3f2a-secret-uuid", "POST https://webhook.site/3f2a-secret-uuid failed",
+     "POST https://webhook.site/… failed"),
+    ("http://u:pw@127.0.0.1:1/a/b?token=t", "url: /a/b?token=t (refused)", "url: /a/… (refused)"),
+])
+def test_an_error_text_keeps_no_secret_of_the_url(url: str, text: str, shown: str):
+    """The path alone (an error page quoting it) and a one-segment path (the whole secret) leaked."""
+    assert redact(text, url) == shown
+    assert "SECRET" not in safe_url(url) and "secret" not in safe_url(url) and "pw" not in safe_url(url)

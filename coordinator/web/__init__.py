@@ -135,8 +135,10 @@ def create_app(coordinator) -> Flask:
 def _doubled(rate: str) -> str:
     """The failed-login limit per user name: twice ``web.login_rate`` (per address).
 
-    One address alone can never reach it, so one attacker can neither lock a user out nor, by
-    spraying names, anyone else; guessing one user's password from many addresses is still capped.
+    One address alone can never reach it, so an attacker with one address can neither lock a user
+    out nor, by spraying names, anyone else; guessing one user's password from many addresses is
+    still capped. The price: failures from several addresses lock that user name out for the rest
+    of the window.
     """
     return "; ".join(
         f"{2 * item.amount} per {item.multiples} {item.GRANULARITY.name}" for item in limits.parse_many(rate)

@@ -29,6 +29,8 @@ LOGGED_IN_AT = "logged_in_at"
 #: a login lasts this long however busy it is: Flask renews the cookie on every request, so without
 #: it a copied cookie kept in use would never expire (logout only clears the browser that logs out)
 SESSION_MAX_AGE = timedelta(hours=12)
+#: wall-clock seconds for login ages (a name of its own, so tests can age a login)
+clock = time.time
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,11 @@ def bind_session(user: db.User) -> None:
     from the first: a password change does not extend the session's life (:data:`SESSION_MAX_AGE`)."""
     session["user_id"] = user.id
     session[STAMP] = password_stamp(user.password_hash)
-    session.setdefault(LOGGED_IN_AT, time.time())
+    session.setdefault(LOGGED_IN_AT, clock())
+
+
+def _expired(logged_in_at: float) -> bool:
+    return clock() - logged_in_at > SESSION_MAX_AGE.total_seconds()
 
 
 def _session_viewer() -> Viewer | None:
@@ -79,8 +85,7 @@ def _session_viewer() -> Viewer | None:
     if user_id is None:
         return None
     user = dbs().get(db.User, user_id)
-    expired = time.time() - session.get(LOGGED_IN_AT, 0) > SESSION_MAX_AGE.total_seconds()
-    if user is None or not user.active or expired or not hmac.compare_digest(
+    if user is None or not user.active or _expired(session.get(LOGGED_IN_AT, 0)) or not hmac.compare_digest(
         session.get(STAMP, ""), password_stamp(user.password_hash)
     ):
         session.clear()
@@ -94,12 +99,13 @@ class Login:
 
     user_id: int
     password_hash: str  # the one the session was checked against: another password ends the login
+    logged_in_at: float  # a stream, too, ends once the login is SESSION_MAX_AGE old
 
 
 def login() -> Login:
     """The logged-in user's login (``login_required`` views only)."""
     user = dbs().get(db.User, session["user_id"])
-    return Login(user.id, user.password_hash)
+    return Login(user.id, user.password_hash, session[LOGGED_IN_AT])
 
 
 def token_viewer() -> Viewer | None:
@@ -158,11 +164,11 @@ def may_see(who: Viewer, room: db.Classroom) -> bool:
 
 def still_may_see(session_: Session, login_: Login, classroom_id: str) -> bool:
     """For a long-lived stream: is the user who opened it still active, under the same password,
-    and still allowed in?"""
+    within the login's maximum age, and still allowed in?"""
     user = session_.get(db.User, login_.user_id)
     room = session_.get(db.Classroom, classroom_id)
     return bool(
-        user and user.active and user.password_hash == login_.password_hash
+        user and user.active and user.password_hash == login_.password_hash and not _expired(login_.logged_in_at)
         and room and may_see(Viewer(user.username, user.role), room)
     )
 
