@@ -289,13 +289,19 @@ def connects(caplog) -> int:
     return sum(m.startswith("connected to broker") for m in caplog.messages)
 
 
+def small_packet_broker(tmp_path):
+    """A real Mosquitto taking packets of at most 2000 bytes (advertised in CONNACK), an agent's spool
+    and publisher for it, and a subscriber to the agent's observations."""
+    broker = start_mosquitto(tmp_path / "mosquitto", "max_packet_size 2000")
+    spool = Spool(tmp_path / "spool.sqlite3", max_batches=100)
+    publisher = Publisher(MqttSection(port=broker.port, max_backoff_s=1), AGENT, spool, "m1")
+    return broker, spool, publisher, Subscriber(broker.port, topics.observations("lab-a", "pc-1"))
+
+
 def test_a_batch_over_the_brokers_packet_limit_is_split_and_the_batches_behind_it_arrive(tmp_path, caplog):
     """Mosquitto closes the connection on a packet over its max_packet_size. Before, the spool sent that
     batch again after every reconnect, once a second for ever, and no batch behind it ever arrived."""
-    broker = start_mosquitto(tmp_path / "mosquitto", "max_packet_size 2000")  # advertised in CONNACK
-    spool = Spool(tmp_path / "spool.sqlite3", max_batches=100)
-    publisher = Publisher(MqttSection(port=broker.port, max_backoff_s=1), AGENT, spool, "m1")
-    subscriber = Subscriber(broker.port, topics.observations("lab-a", "pc-1"))
+    broker, spool, publisher, subscriber = small_packet_broker(tmp_path)
     with caplog.at_level("INFO", logger="edge_agent.publisher"):
         publisher.start(status)
         try:
@@ -327,10 +333,7 @@ def test_a_spooled_batch_too_large_for_the_broker_is_split_or_dropped_when_sent_
         tmp_path, caplog):
     """Batches spooled before the agent learnt the broker's limit (offline since its start) are checked
     again when sent: one that fits no more goes as smaller batches behind the queue, or is dropped."""
-    broker = start_mosquitto(tmp_path / "mosquitto", "max_packet_size 2000")
-    spool = Spool(tmp_path / "spool.sqlite3", max_batches=100)
-    publisher = Publisher(MqttSection(port=broker.port, max_backoff_s=1), AGENT, spool, "m1")
-    subscriber = Subscriber(broker.port, topics.observations("lab-a", "pc-1"))
+    broker, spool, publisher, subscriber = small_packet_broker(tmp_path)
     with caplog.at_level("INFO", logger="edge_agent.publisher"):
         publisher.publish_batch([observation()] * 100, [])  # under the 1 MiB assumed until connected
         publisher.publish_batch([observation()], [crowded_summary()])
