@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import glob
 import json
-import math
 import os
 import secrets
 import shutil
@@ -45,7 +44,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import func, select
 
 from affectedge import codec, topics
-from affectedge.cli_args import positive_int
+from affectedge.cli_args import positive_float, positive_int
 from affectedge.labels import EMOTIONS
 from affectedge.loopback import free_port, wait_for_port
 from affectedge.v1 import affectedge_pb2 as pb
@@ -384,19 +383,6 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
-
-
-def positive_float(text: str) -> float:
-    """A rate, count per second or length in seconds: above 0 and finite, refused by argparse (one line, exit 2)
-    because 0 divides by zero and a negative or infinite one crashes or measures nothing, all only after
-    the broker and the coordinators have started."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0")
-    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from affectedge.cli_args import positive_int
+from affectedge.cli_args import positive_float, positive_int
 from model_export import MIN_OPSET, OPSET, PARITY_TOLERANCE, STAGE_FILES, worst_diff
 from model_export.augment import PRESETS
 
@@ -82,11 +82,6 @@ def _opset(text: str) -> int:
 
 def _angle(text: str) -> float:
     return _number(text, lambda v: 0.0 < v <= 30.0, "an angle above 0 and at most 30 degrees")
-
-
-def _positive(text: str) -> float:
-    """A learning rate or a duration: NaN, infinity, zero or less would train nothing or never end."""
-    return _number(text, lambda v: math.isfinite(v) and v > 0, "a number above 0")
 
 
 def _existing(path: Path, what: str, hint: str) -> Path:
@@ -444,7 +439,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--head-epochs", type=positive_int, default=12, help="BiLSTM head epochs (default 12)")
     t.add_argument("--batch-size", type=positive_int, default=128,
                    help="faces (stage 1) or clips (stage 2) per step (default 128)")
-    t.add_argument("--lr", type=_positive, default=1e-3,
+    t.add_argument("--lr", type=positive_float, default=1e-3,
                    help="peak learning rate, above 0 (cosine schedule, warm-up; default 1e-3)")
     t.add_argument("--augment", choices=list(PRESETS), default="webcam",
                    help="stage-1 augmentation: webcam (default: flips, warps, light, blur, noise, occlusion) or "
@@ -599,7 +594,7 @@ def parser() -> argparse.ArgumentParser:
                    default="onnxruntime", help="runtime to time (default: onnxruntime)")
     n.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="models folder (default: models/)")
     n.add_argument("--run", type=Path, default=ROOT / "runs" / "latest", help="Keras run (for --backend keras)")
-    n.add_argument("--seconds", type=_positive, default=3.0, help="time per measurement, above 0 (default 3)")
+    n.add_argument("--seconds", type=positive_float, default=3.0, help="time per measurement, above 0 (default 3)")
     n.add_argument("--json", type=Path, help="also write the results here")
     n.set_defaults(func=cmd_bench)
     return p

@@ -31,6 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from affectedge.cli_args import positive_float, positive_int
 from edge_agent.faces.mtcnn import FaceDetector
 from edge_agent.quality import eye_distance, yaw_degrees
 
@@ -181,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--faces", type=int, default=4, help="learners in the scene, 1-8 (default 4)")
-    parser.add_argument("--seconds", type=float, default=SECONDS)
-    parser.add_argument("--fps", type=int, default=FPS)
+    parser.add_argument("--seconds", type=positive_float, default=SECONDS)
+    parser.add_argument("--fps", type=positive_int, default=FPS)
     parser.add_argument("--media", type=Path, default=ROOT.parent / "shared" / "media")
     parser.add_argument("--val", type=Path, default=ROOT / "data" / "val", help="FER2013 class folders")
     parser.add_argument("--models", type=Path, default=ROOT / "models")

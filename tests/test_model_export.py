@@ -541,3 +541,18 @@ def test_train_overwrite_starts_the_run_afresh(tiny_run: Path, tiny_data: Path, 
     with (run / "history.csv").open() as handle:
         assert [row["epoch"] for row in csv.DictReader(handle)] == ["0"]
     assert json.loads((run / "config.json").read_text())["model"]["window"] == 5
+
+
+@pytest.mark.parametrize(("args", "why"), [
+    (["--fps", "0"], "argument --fps: '0' is not a whole number of at least 1"),
+    (["--seconds", "-1"], "argument --seconds: '-1' is not a number above 0"),
+    (["--seconds", "inf"], "argument --seconds: 'inf' is not a number above 0"),
+])
+def test_sample_video_refuses_a_rate_or_length_that_makes_no_video(args: list[str], why: str, capsys) -> None:
+    """--fps 0 got as far as the video writer, which answered with a misleading codec error."""
+    from model_export import sample_video
+
+    with pytest.raises(SystemExit) as stop:
+        sample_video.main([*args, "--out", "/nonexistent/never-written.mp4"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(why)
