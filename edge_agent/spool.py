@@ -167,9 +167,9 @@ class Spool:
     def replace(self, row: Row, payloads: list[bytes]) -> None:
         """Put the parts of a batch too large for the broker in its place, at the end of the queue.
 
-        The batches behind it go first (consumers take batches in any order: they key them by ``seq``); one
-        transaction, so a crash leaves the batch or all of its parts. The bound is not checked here: the
-        next :meth:`put` trims any excess.
+        The batches behind it go first (consumers take batches in any order: they key them by ``seq`` and
+        ``sent_at``); one transaction, so a crash leaves the batch or all of its parts. The bound is not
+        checked here: the next :meth:`put` trims any excess.
         """
         with self._lock, self._write() as db:
             db.execute("DELETE FROM batches WHERE id = ?", (row.id,))

@@ -1,6 +1,8 @@
 """Train, evaluate, export and build the emotion model (``python -m model_export --help``)."""
 
+import csv
 import math
+from pathlib import Path
 
 #: the ONNX opset ``model_export export`` writes unless told otherwise, and the MTCNN nets' (``mtcnn_export``)
 OPSET = 17
@@ -15,6 +17,17 @@ PARITY_TOLERANCE = 1e-4
 #: to start over them without --resume or --overwrite, and a fresh stage 1 deletes them all
 STAGE_FILES = {"encoder": ("encoder_best.keras", "encoder_last.keras", "history.csv"),
                "head": ("head.keras", "head_history.csv")}
+
+
+def completed_epochs(history: Path) -> int:
+    """Stage-1 epochs a run's ``history.csv`` records (0 without one): where ``--resume`` goes on from.
+
+    Here, not in :mod:`model_export.train`, so the CLI can check a run before TensorFlow loads.
+    """
+    if not history.exists():
+        return 0
+    with history.open() as handle:
+        return sum(1 for _ in csv.DictReader(handle))
 
 
 def worst_diff(checks: dict) -> float:

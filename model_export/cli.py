@@ -11,14 +11,12 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from affectedge.cli_args import positive_float, positive_int
-from model_export import MIN_OPSET, OPSET, PARITY_TOLERANCE, STAGE_FILES, worst_diff
+from model_export import MIN_OPSET, OPSET, PARITY_TOLERANCE, STAGE_FILES, completed_epochs, worst_diff
 from model_export.augment import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,8 +152,7 @@ def _refuse_to_replace_run(args: argparse.Namespace) -> None:
     if args.resume:
         # stage 1 resumes from its last checkpoint and the epochs history.csv counts; without them it
         # would start afresh over the files found, which is --overwrite's work, not --resume's
-        history = args.run / "history.csv"
-        epochs = history.exists() and len(history.read_text().strip().splitlines()) > 1
+        epochs = completed_epochs(args.run / "history.csv")
         if args.stage != "head" and found and not ((args.run / "encoder_last.keras").exists() and epochs):
             raise UsageError(f"{args.run} holds {', '.join(found)} but no encoder_last.keras with epochs in "
                              "history.csv to resume from: pass --overwrite to train it afresh, or another --run")
@@ -302,10 +299,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     # the head's own window: the manifest must tell the edge what head.onnx takes, whatever config.json says
     window = int(head.input_shape[1]) if head else int(config["model"]["window"])
     faces = None if args.no_parity else parity_faces(args.data, window if head else 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    # a sibling folder (same file system: the files move in by rename) keeps --out untouched until parity passes
-    staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.export-", dir=args.out.parent))
-    try:
+    with manifest.staged_model(args.out, "export") as staging:  # --out untouched until parity passes
         exported, checks = _export_checked(encoder, head, staging, args.opset, faces, args.out)
         manifest.update(
             staging,
@@ -320,9 +314,6 @@ def cmd_export(args: argparse.Namespace) -> int:
             parity=checks or "not checked (exported with --no-parity)",
             test_time_augmentation="none (`model_export ensemble` adds the mirror view)",
         )
-        manifest.replace_model(staging, args.out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     for e in exported:
         print(f"{args.out / e.path.name}  inputs {e.inputs}  outputs {e.outputs}")
     return 0

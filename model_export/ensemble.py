@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -293,11 +291,7 @@ def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirro
                                                         cache_dir=run_dir / "cache", cycle=view_cycle)))
     head = AveragedHeads(heads, [m.embed_dim for m in members])
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # a sibling folder (same file system: the files move in by rename) keeps out_dir untouched until parity
-    # passes, so a failed check or a crash never leaves ONNX files there without their manifest
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.ensemble-", dir=out_dir.parent))
-    try:
+    with manifest.staged_model(out_dir, "ensemble") as staging:  # out_dir untouched until parity passes
         onnx.save(fused, str(staging / "encoder.onnx"))
         head_export = convert(head, "embeddings", (window, dim), "probs", staging / "head.onnx")
         onnx.save(compose_clip(fused, onnx.load(str(head_export.path)), window, dim, view_cycle),
@@ -326,8 +320,5 @@ def run(member_dirs: list[Path], out_dir: Path, run_dir: Path, data: Path, mirro
             test_time_augmentation=described,
             **({"view_cycle": [view.to_manifest() for view in view_cycle]} if view_cycle else {}),
         )
-        manifest.replace_model(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     print(f"{out_dir}: encoder (N,48,48,1)->(N,{dim}) from {len(members)} members, head, clip")
     return checks

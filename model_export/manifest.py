@@ -8,7 +8,11 @@ so each command can update its own part (a section holding one measurement is re
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -49,6 +53,24 @@ def replace_model(staging: Path, models_dir: Path) -> None:
     clear_model(models_dir)
     for path in staging.iterdir():
         path.replace(models_dir / path.name)
+
+
+@contextlib.contextmanager
+def staged_model(models_dir: Path, purpose: str) -> Iterator[Path]:
+    """A sibling folder to write a whole model into, moved into ``models_dir`` (:func:`replace_model`)
+    only when the block ends without an error, and removed in any case.
+
+    Why: a sibling is on the same file system, so the files move in by rename, and ``models_dir``
+    stays untouched until the caller's checks pass: a failed check or a crash never leaves ONNX files
+    there without their manifest.
+    """
+    models_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{models_dir.name}.{purpose}-", dir=models_dir.parent))
+    try:
+        yield staging
+        replace_model(staging, models_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def update(models_dir: Path, **sections) -> dict:

@@ -25,7 +25,7 @@ import numpy as np
 from affectedge.labels import EMOTIONS
 from edge_agent.emotion_model import face_tensor
 from edge_agent.faces.views import View
-from model_export import STAGE_FILES, clips
+from model_export import STAGE_FILES, clips, completed_epochs
 from model_export.augment import PRESETS, AugmentConfig, perturb
 from model_export.datasets import Faces, load_cached, load_clip_folders
 from model_export.loading import load_keras
@@ -144,13 +144,6 @@ class FrameBatches(keras.utils.PyDataset):
             self.order = self.rng.permutation(len(self.faces))
 
 
-def _completed_epochs(history: Path) -> int:
-    if not history.exists():
-        return 0
-    with history.open() as handle:
-        return sum(1 for _ in csv.DictReader(handle))
-
-
 def _schedule(cfg: TrainConfig, steps: int) -> keras.optimizers.schedules.LearningRateSchedule:
     """Linear warm-up to the peak rate, then cosine decay to zero at the last epoch."""
     warmup = min(cfg.warmup_epochs, cfg.epochs - 1) * steps
@@ -209,7 +202,7 @@ def train_encoder(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, verbos
     log.info("class weights %s", dict(zip(EMOTIONS, np.round(weights, 2).tolist(), strict=True)))
 
     history, last = run / "history.csv", run / "encoder_last.keras"
-    initial_epoch = _completed_epochs(history) if resume and last.exists() else 0
+    initial_epoch = completed_epochs(history) if resume and last.exists() else 0
     steps = int(np.ceil(len(train) / cfg.batch_size))
     if initial_epoch:
         log.info("resuming from %s after epoch %d", last, initial_epoch)
