@@ -165,6 +165,7 @@ def classroom_states(
     now: datetime,
     k: int,
     offline_after_s: float = 30.0,
+    sessions: dict[str, ClassSession] | None = None,
 ) -> dict[str, pb.ClassroomState]:
     """Each classroom over ``(now - window_s, now]`` (by observation window end, naive UTC), or
     from the end of its last closed session if that is later: a lesson begun a minute ago is
@@ -173,10 +174,12 @@ def classroom_states(
     just after they were made.)
 
     One query per quantity for all the classrooms that share a window start, which is what keeps
-    a tick over many classrooms short.
+    a tick over many classrooms short. ``sessions`` is :func:`open_sessions` of ``ids`` when
+    the caller has just read it (the ticker does, to see which cached states are stale).
     """
     ids = list(ids)
-    sessions = open_sessions(db, ids)
+    if sessions is None:
+        sessions = open_sessions(db, ids)
     earliest = now - timedelta(seconds=window_s)
     ended = dict(db.execute(
         select(ClassSession.classroom_id, func.max(ClassSession.ended_at))

@@ -243,7 +243,8 @@ class Coordinator:
         """The classrooms' states over ``window``, recomputing (together) only those that have
         moved far enough since they were last computed or whose class session has changed."""
         refresh = max(self.config.aggregate.tick_seconds, window / REFRESH_DIVISOR)
-        open_now = {cid: s.id for cid, s in aggregate.open_sessions(session, classroom_ids).items()}
+        open_sessions = aggregate.open_sessions(session, classroom_ids)
+        open_now = {cid: s.id for cid, s in open_sessions.items()}
         stale = [
             classroom_id
             for classroom_id in classroom_ids
@@ -255,7 +256,7 @@ class Coordinator:
         if stale:
             agg = self.config.aggregate
             computed = aggregate.classroom_states(session, stale, window, now, agg.k_anonymity,
-                                                  agg.agent_offline_after_s)
+                                                  agg.agent_offline_after_s, open_sessions)
             self._cache.update(((classroom_id, window), state) for classroom_id, state in computed.items())
         return {classroom_id: self._cache[(classroom_id, window)] for classroom_id in classroom_ids}
 
