@@ -289,33 +289,36 @@ def connects(caplog) -> int:
     return sum(m.startswith("connected to broker") for m in caplog.messages)
 
 
+@pytest.fixture
 def small_packet_broker(tmp_path):
     """A real Mosquitto taking packets of at most 2000 bytes (advertised in CONNACK), an agent's spool
-    and publisher for it, and a subscriber to the agent's observations."""
+    and publisher for it (the test starts it), and a subscriber to the agent's observations."""
     broker = start_mosquitto(tmp_path / "mosquitto", "max_packet_size 2000")
     spool = Spool(tmp_path / "spool.sqlite3", max_batches=100)
     publisher = Publisher(MqttSection(port=broker.port, max_backoff_s=1), AGENT, spool, "m1")
-    return broker, spool, publisher, Subscriber(broker.port, topics.observations("lab-a", "pc-1"))
+    subscriber = Subscriber(broker.port, topics.observations("lab-a", "pc-1"))
+    try:
+        yield spool, publisher, subscriber
+    finally:
+        publisher.stop(status())
+        subscriber.close()
+        broker.stop()
 
 
-def test_a_batch_over_the_brokers_packet_limit_is_split_and_the_batches_behind_it_arrive(tmp_path, caplog):
+def test_a_batch_over_the_brokers_packet_limit_is_split_and_the_batches_behind_it_arrive(
+        small_packet_broker, caplog):
     """Mosquitto closes the connection on a packet over its max_packet_size. Before, the spool sent that
     batch again after every reconnect, once a second for ever, and no batch behind it ever arrived."""
-    broker, spool, publisher, subscriber = small_packet_broker(tmp_path)
+    spool, publisher, subscriber = small_packet_broker
     with caplog.at_level("INFO", logger="edge_agent.publisher"):
         publisher.start(status)
-        try:
-            assert publisher.connected.wait(10)
-            publisher.publish_batch([observation()], [])
-            publisher.publish_batch([observation()] * 100, [])  # about 5 kB
-            publisher.publish_batch([observation()], [crowded_summary()])  # cannot be split to fit
-            publisher.publish_batch([observation()], [])
-            wait(lambda: observations_received(subscriber) == 102, timeout=10)
-            wait(lambda: spool.depth == 0)
-        finally:
-            publisher.stop(status())
-            subscriber.close()
-            broker.stop()
+        assert publisher.connected.wait(10)
+        publisher.publish_batch([observation()], [])
+        publisher.publish_batch([observation()] * 100, [])  # about 5 kB
+        publisher.publish_batch([observation()], [crowded_summary()])  # cannot be split to fit
+        publisher.publish_batch([observation()], [])
+        wait(lambda: observations_received(subscriber) == 102, timeout=10)
+        wait(lambda: spool.depth == 0)
     assert seqs(subscriber) == list(range(1, 7))  # 1, the 4 parts of the large batch, then the last
     assert spool.dropped == 1
     assert connects(caplog) == 1 and not any("lost the broker" in m for m in caplog.messages)
@@ -330,23 +333,18 @@ def test_a_batch_over_the_brokers_packet_limit_is_split_and_the_batches_behind_i
 
 
 def test_a_spooled_batch_too_large_for_the_broker_is_split_or_dropped_when_sent_and_the_queue_moves_on(
-        tmp_path, caplog):
+        small_packet_broker, caplog):
     """Batches spooled before the agent learnt the broker's limit (offline since its start) are checked
     again when sent: one that fits no more goes as smaller batches behind the queue, or is dropped."""
-    broker, spool, publisher, subscriber = small_packet_broker(tmp_path)
+    spool, publisher, subscriber = small_packet_broker
     with caplog.at_level("INFO", logger="edge_agent.publisher"):
         publisher.publish_batch([observation()] * 100, [])  # under the 1 MiB assumed until connected
         publisher.publish_batch([observation()], [crowded_summary()])
         publisher.publish_batch([observation()], [])
         assert (spool.depth, caplog.messages) == (3, [])
         publisher.start(status)
-        try:
-            wait(lambda: observations_received(subscriber) == 101, timeout=10)
-            wait(lambda: spool.depth == 0)
-        finally:
-            publisher.stop(status())
-            subscriber.close()
-            broker.stop()
+        wait(lambda: observations_received(subscriber) == 101, timeout=10)
+        wait(lambda: spool.depth == 0)
     assert seqs(subscriber) == [3, 4, 5, 6, 7]  # the batch behind first, then the parts with new seqs
     assert spool.dropped == 1
     assert connects(caplog) == 1 and not any("lost the broker" in m for m in caplog.messages)
