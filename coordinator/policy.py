@@ -2,15 +2,17 @@
 
 Rules live in a TOML file (``coordinator/rules.toml`` is the shipped, commented default). Per
 classroom and rule the engine keeps two facts between ticks: since when the trigger condition has
-held, and whether the rule has fired and not yet cleared (hysteresis); a new class session starts
-both afresh. Cooldown is *not* kept in
-memory: it is read from the stored signals, so it survives a restart and a change of the instance
-that evaluates policy. Admin overrides of a rule's threshold come from the ``settings`` table
-(``policy.<rule>.threshold``, a number); the clear level moves with it, keeping the hysteresis gap.
+held, and whether the rule has fired and not yet cleared (hysteresis); a window with nothing to
+judge (below k, no data) restarts the first but not the second, and a new class session starts
+both afresh. Cooldown is *not* kept in memory: it is read from the stored signals, so it survives a
+restart and a change of the instance that evaluates policy. Admin overrides of a rule's threshold
+come from the ``settings`` table (``policy.<rule>.threshold``, a number); the clear level moves with
+it, keeping the hysteresis gap.
 """
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,8 +28,17 @@ from affectedge.v1 import affectedge_pb2 as pb
 from coordinator import states
 
 DEFAULT_RULES = Path(__file__).with_name("rules.toml")
-Share = Annotated[float, Field(ge=0, le=1)]
-Seconds = Annotated[float, Field(ge=0)]
+#: Numbers are strict (TOML's ``true`` is not 1) and finite. A rising trigger of 0, or a falling one
+#: of 1, holds whatever the class does and could never clear, so it is refused.
+Share = Annotated[float, Field(ge=0, le=1, strict=True)]
+RisingTrigger = Annotated[float, Field(gt=0, le=1, strict=True)]
+FallingTrigger = Annotated[float, Field(ge=0, lt=1, strict=True)]
+#: A week at most: a minimum duration longer than a lesson is never met (a new session starts every
+#: rule afresh), and a week's cooldown already means "once a week per classroom"; more is a slip of
+#: the keyboard, and infinity (or ~6e10 s) overflowed every tick's date arithmetic, stopping policy in
+#: all classrooms.
+MAX_SECONDS = 7 * 86400
+Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, strict=True, allow_inf_nan=False)]
 DEFAULT_HYSTERESIS = 0.1
 
 
@@ -35,10 +46,10 @@ class Rule(settings.Section):
     name: str
     signal: str
     states: tuple[str, ...]
-    above: Share | None = None
-    below: Share | None = None
+    above: RisingTrigger | None = None
+    below: FallingTrigger | None = None
     clear: Share | None = None
-    window_s: Annotated[int, Field(ge=1, le=86400)] = 60
+    window_s: Annotated[int, Field(ge=1, le=86400, strict=True)] = 60
     min_duration_s: Seconds = 0
     cooldown_s: Seconds = 600
 
@@ -62,6 +73,8 @@ class Rule(settings.Section):
     def _states(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if not value or any(s not in states.STATES for s in value):
             raise ValueError(f"list one or more of {', '.join(states.STATES)}")
+        if len(set(value)) != len(value):  # a state listed twice would count twice
+            raise ValueError("list each state once")
         return value
 
     @model_validator(mode="after")
@@ -69,8 +82,9 @@ class Rule(settings.Section):
         if (self.above is None) == (self.below is None):
             raise ValueError(f"rule {self.name!r}: set exactly one of `above` or `below`")
         if self.clear is not None and not self._clear_is_inside(self.trigger, self.clear):
-            side = "below `above`" if self.rising else "above `below`"
-            raise ValueError(f"rule {self.name!r}: `clear` must be {side} (hysteresis)")
+            side = "above 0 and below `above`" if self.rising else "above `below` and below 1"
+            raise ValueError(f"rule {self.name!r}: `clear` must be {side} (hysteresis: the value must be "
+                             "able to come back past it)")
         return self
 
     @property
@@ -82,7 +96,21 @@ class Rule(settings.Section):
         return self.above if self.above is not None else self.below  # type: ignore[return-value]
 
     def _clear_is_inside(self, trigger: float, clear: float) -> bool:
-        return clear < trigger if self.rising else clear > trigger
+        """Between the trigger and the end of the scale the value can reach past it (a share never
+        falls below 0 nor rises above 1)."""
+        return 0 < clear < trigger if self.rising else trigger < clear < 1
+
+    def override_problem(self, value: object) -> str | None:
+        """Why ``value`` cannot be this rule's trigger (an admin override), or None if it can. The
+        bounds are those of ``above``/``below`` in the file: a rising trigger of 0 or a falling one
+        of 1 holds whatever the class does and never clears."""
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            return "it must be a number"
+        if self.rising and not 0 < value <= 1:
+            return "it must be above 0 and at most 1 for this rule (it fires above its threshold)"
+        if not self.rising and not 0 <= value < 1:
+            return "it must be at least 0 and below 1 for this rule (it fires below its threshold)"
+        return None
 
     def levels(self, override: float | None) -> tuple[float, float]:
         """(trigger, clear) with an admin override of the trigger applied. The clear level keeps the
@@ -192,36 +220,51 @@ class PolicyEngine:
         windows: dict[int, pb.ClassroomState],
         overrides: dict[str, float],
     ) -> list[pb.AdaptationSignal]:
-        """New signals for one classroom given its states over each rule's window."""
-        fired = []
-        for rule in self.rules:
-            state = windows[rule.window_s]
-            track = self._tracks.setdefault((classroom_id, rule.name), _Track())
-            if track.session_id != state.session_id:  # a new lesson: nothing carries over
-                track.since, track.active, track.session_id = None, False, state.session_id
-            value = observed_value(rule, state)
-            threshold, clear = rule.levels(overrides.get(rule.name))
-            if value is None:
-                track.since, track.active = None, False
-                continue
-            if track.active:
-                if (value < clear) if rule.rising else (value > clear):
-                    track.since, track.active = None, False
-                continue
-            if not ((value >= threshold) if rule.rising else (value <= threshold)):
-                track.since = None
-                continue
-            track.since = track.since or now
-            sustained = (now - track.since).total_seconds()
-            if sustained < rule.min_duration_s:
-                continue
-            if rule.cooldown_s and self.last_fired(
-                classroom_id, rule.name, now - timedelta(seconds=rule.cooldown_s)
-            ):
-                continue
-            track.active = True
-            fired.append(self._signal(rule, state, now, value, threshold, sustained))
+        """New signals for one classroom given its states over each rule's window. Each one marks its
+        rule fired: the caller stores it or hands it to :meth:`unfire`. If judging a later rule raises
+        (the cooldown is a database read), the ones fired so far are taken back here, since the caller
+        never sees them."""
+        fired: list[pb.AdaptationSignal] = []
+        try:
+            for rule in self.rules:
+                signal = self._judge(rule, classroom_id, now, windows[rule.window_s], overrides.get(rule.name))
+                if signal is not None:
+                    fired.append(signal)
+        except BaseException:
+            for signal in fired:
+                self.unfire(signal)
+            raise
         return fired
+
+    def _judge(
+        self, rule: Rule, classroom_id: str, now: datetime, state: pb.ClassroomState, override: float | None
+    ) -> pb.AdaptationSignal | None:
+        """One rule's step: its tracking updated, and the signal if it fires now."""
+        track = self._tracks.setdefault((classroom_id, rule.name), _Track())
+        if track.session_id != state.session_id:  # a new lesson: nothing carries over
+            track.since, track.active, track.session_id = None, False, state.session_id
+        value = observed_value(rule, state)
+        threshold, clear = rule.levels(override)
+        if value is None:
+            # nothing to judge (below k, no data): the duration restarts, but a fired rule stays
+            # fired, since it re-arms only once the value is seen back past its clear level
+            track.since = None
+            return None
+        if track.active:
+            if (value < clear) if rule.rising else (value > clear):
+                track.since, track.active = None, False
+            return None
+        if not ((value >= threshold) if rule.rising else (value <= threshold)):
+            track.since = None
+            return None
+        track.since = track.since or now
+        sustained = (now - track.since).total_seconds()
+        if sustained < rule.min_duration_s:
+            return None
+        if rule.cooldown_s and self.last_fired(classroom_id, rule.name, now - timedelta(seconds=rule.cooldown_s)):
+            return None
+        track.active = True
+        return self._signal(rule, state, now, value, threshold, sustained)
 
     @staticmethod
     def _signal(

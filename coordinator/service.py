@@ -265,46 +265,66 @@ class Coordinator:
         for session_id in self.store.close_idle_sessions(now, idle_s):
             log.info("closed session %s after %.0f min without observations", session_id, idle_s / 60)
         overrides = self._threshold_overrides()
-        snapshots, fired = [], []
-        with self.sessions() as session:
-            for window in self.config.aggregate.windows:
-                if self._last_tick and int(_epoch(now) // window) != int(_epoch(self._last_tick) // window):
-                    snaps = self._states(session, active, window, now, fresh=True)
-                    snapshots.extend(aggregate.to_aggregate_row(snap) for snap in snaps.values())
-            by_window = {w: self._states(session, active, w, now) for w in self.policy.windows}
-            for classroom_id in active:
-                states = {w: by_window[w][classroom_id] for w in self.policy.windows}
-                fired.extend(self.policy.evaluate(classroom_id, now, states, overrides))
-        self.policy.forget_except(set(active))
-        if snapshots:
-            with self.sessions.begin() as session:
-                session.execute(insert(db.Aggregate), snapshots)
-        for signal in fired:
-            try:
-                record_signal(self.store, signal, self._outlets)
-            except SQLAlchemyError as exc:
+        pending: list[pb.AdaptationSignal] = []  # fired and not yet stored
+        try:
+            with self.sessions() as session:
+                snapshots = self._snapshots(session, active, now)
+                by_window = {w: self._states(session, active, w, now) for w in self.policy.windows}
+                for classroom_id in active:
+                    states = {w: by_window[w][classroom_id] for w in self.policy.windows}
+                    pending.extend(self.policy.evaluate(classroom_id, now, states, overrides))
+            self.policy.forget_except(set(active))
+            if snapshots:
+                with self.sessions.begin() as session:
+                    session.execute(insert(db.Aggregate), snapshots)
+            while pending:  # each leaves the list only once handled: a raise leaves it pending
+                self._store_signal(pending[0])
+                pending.pop(0)
+        except BaseException:
+            # a fired rule waits for its clear level before it fires again: one whose signal was
+            # never stored would stay silent, so each is taken back to fire again on the next tick
+            for signal in pending:
                 self.policy.unfire(signal)
-                log.warning("could not store signal %s %s in %s (%s); it fires again on the next tick",
-                            signal.id, pb.SignalKind.Name(signal.kind), signal.classroom_id, first_line(exc, 200))
-                continue
-            log.info("signal %s %s in %s: %s", signal.id, pb.SignalKind.Name(signal.kind),
-                     signal.classroom_id, signal.reason)
-            self._announce(signal)
+            raise
         if now - self._last_retention >= RETENTION_EVERY:
             self._last_retention = now
             raw = self.store.setting(retention.RAW_KEY) or self.config.database.retention_days
             kept = self.store.setting(retention.AGGREGATE_KEY) or self.config.database.aggregate_retention_days
             retention.purge(self.sessions, now, float(raw), float(kept), progress=self._ticker_progress)
 
+    def _snapshots(self, session, active: list[str], now: datetime) -> list[dict]:
+        """Aggregate rows of each window whose period ended since the last tick."""
+        snapshots = []
+        for window in self.config.aggregate.windows:
+            if self._last_tick and int(_epoch(now) // window) != int(_epoch(self._last_tick) // window):
+                snaps = self._states(session, active, window, now, fresh=True)
+                snapshots.extend(aggregate.to_aggregate_row(snap) for snap in snaps.values())
+        return snapshots
+
+    def _store_signal(self, signal: pb.AdaptationSignal) -> None:
+        """Store and announce one fired signal; one the database refuses is taken back to fire again."""
+        try:
+            record_signal(self.store, signal, self._outlets)
+        except SQLAlchemyError as exc:
+            self.policy.unfire(signal)
+            log.warning("could not store signal %s %s in %s (%s); it fires again on the next tick",
+                        signal.id, pb.SignalKind.Name(signal.kind), signal.classroom_id, first_line(exc, 200))
+            return
+        log.info("signal %s %s in %s: %s", signal.id, pb.SignalKind.Name(signal.kind),
+                 signal.classroom_id, signal.reason)
+        self._announce(signal)
+
     def _threshold_overrides(self) -> dict[str, float]:
         overrides = {}
         for rule in self.policy.rules:
             value = self.store.setting(threshold_key(rule.name))
-            if isinstance(value, int | float) and 0 <= value <= 1:
+            if value is None:
+                continue
+            if (problem := rule.override_problem(value)) is None:
                 overrides[rule.name] = float(value)
-            elif value is not None:
-                log.warning("ignoring setting %s = %r: it must be a number from 0 to 1",
-                            threshold_key(rule.name), value)
+            else:
+                self._slow.warning(f"override {rule.name}", "ignoring setting %s = %r: %s",
+                                   threshold_key(rule.name), value, problem)
         return overrides
 
     def _feed(self, now: datetime) -> None:

@@ -6,6 +6,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from affectedge.settings import ConfigError
 from affectedge.v1 import affectedge_pb2 as pb
@@ -112,23 +113,46 @@ def test_below_rules_and_summed_states():
     assert policy.reason(both, 0.5, 90) == "frustration + boredom above 50% for 90 s"
 
 
-def test_shipped_rules_load_and_bad_rules_are_one_line_config_errors(tmp_path: Path):
+def test_shipped_and_demo_rules_load():
     shipped = policy.load_rules()
     assert {r.signal for r in shipped} == {
         "SLOW_DOWN", "REVIEW", "OFFER_HINT", "INCREASE_CHALLENGE", "TAKE_BREAK", "SWITCH_MODALITY"
     }
-    bad = {
-        'name = "x"\nsignal = "SLOW_DOWN"\nstates = ["confused"]\n': "exactly one of `above` or `below`",
-        'name = "x"\nsignal = "NAP"\nstates = ["confused"]\nabove = 0.4\n': "SLOW_DOWN",
-        'name = "x"\nsignal = "REVIEW"\nstates = ["sleepy"]\nabove = 0.4\n': "engaged",
-        'name = "x"\nsignal = "REVIEW"\nstates = ["bored"]\nabove = 0.4\nclear = 0.5\n': "hysteresis",
-    }
-    for body, message in bad.items():
-        path = tmp_path / "rules.toml"
-        path.write_text("[[rule]]\n" + body)
-        with pytest.raises(ConfigError, match=message) as info:
-            policy.load_rules(path)
-        assert "\n" not in str(info.value)
+    demo = policy.load_rules(Path(policy.__file__).with_name("demo_rules.toml"))
+    assert [r.name for r in demo] == [r.name for r in shipped]
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    pytest.param('signal = "SLOW_DOWN"\nstates = ["confused"]', "exactly one of `above` or `below`", id="no-level"),
+    pytest.param('signal = "NAP"\nstates = ["confused"]\nabove = 0.4', "SLOW_DOWN", id="signal"),
+    pytest.param('signal = "REVIEW"\nstates = ["sleepy"]\nabove = 0.4', "engaged", id="state"),
+    pytest.param('signal = "REVIEW"\nstates = ["bored"]\nabove = 0.4\nclear = 0.5', "hysteresis", id="clear"),
+    # each of these loaded, then counted a state twice, fired and never cleared, or broke every tick
+    pytest.param('signal = "REVIEW"\nstates = ["confused", "confused"]\nabove = 0.4',
+                 r"rule\.0\.states.*each state once", id="state-twice"),
+    pytest.param('signal = "REVIEW"\nstates = ["bored"]\nabove = 0.0', r"rule\.0\.above.*greater than 0", id="above-0"),
+    pytest.param('signal = "REVIEW"\nstates = ["engaged"]\nbelow = 1.0', r"rule\.0\.below.*less than 1", id="below-1"),
+    pytest.param('signal = "REVIEW"\nstates = ["bored"]\nabove = 0.4\nclear = 0.0', "above 0 and below `above`",
+                 id="clear-0"),
+    pytest.param('signal = "REVIEW"\nstates = ["engaged"]\nbelow = 0.2\nclear = 1.0', "above `below` and below 1",
+                 id="clear-1"),
+    pytest.param('signal = "REVIEW"\nstates = ["bored"]\nabove = true', r"rule\.0\.above.*valid number",
+                 id="above-bool"),
+    pytest.param('signal = "REVIEW"\nstates = ["bored"]\nabove = 0.4\nwindow_s = true', r"rule\.0\.window_s.*integer",
+                 id="window-bool"),
+    pytest.param('signal = "REVIEW"\nstates = ["bored"]\nabove = 0.4\ncooldown_s = inf', r"rule\.0\.cooldown_s.*finite",
+                 id="cooldown-inf"),
+    pytest.param('signal = "REVIEW"\nstates = ["bored"]\nabove = 0.4\ncooldown_s = nan', r"rule\.0\.cooldown_s.*finite",
+                 id="cooldown-nan"),
+    pytest.param('signal = "REVIEW"\nstates = ["bored"]\nabove = 0.4\nmin_duration_s = 6e10',
+                 r"rule\.0\.min_duration_s.*less than or equal to 604800", id="duration-huge"),
+])
+def test_bad_rules_are_one_line_config_errors(tmp_path: Path, body: str, message: str):
+    path = tmp_path / "rules.toml"
+    path.write_text(f'[[rule]]\nname = "x"\n{body}\n')
+    with pytest.raises(ConfigError, match=message) as info:
+        policy.load_rules(path)
+    assert "\n" not in str(info.value)
 
 
 def test_a_new_session_starts_the_rules_afresh(store):
@@ -170,3 +194,47 @@ def test_a_signal_that_could_not_be_stored_fires_again_on_the_next_tick(store):
     engine.unfire(first[0])  # the service does this when storing it fails
     again = engine.evaluate("room-1", T0 + timedelta(seconds=1), {60: state_with(0.5)}, {})
     assert len(again) == 1 and again[0].id != first[0].id
+
+
+def test_a_window_with_nothing_to_judge_does_not_rearm_a_fired_rule(store):
+    """Confusion stays at 60% for 15 min; one window at t=400 s has too few learners to judge. The
+    rule fired at 30 s and never came back below its clear level: one signal, not a second at 440 s."""
+    engine = policy.PolicyEngine((RULE,), store.last_signal_at)
+    fired = []
+    for second in range(0, 900, 10):
+        state = state_with(0.6, learners=2 if second == 400 else 10)
+        for signal in engine.evaluate("room-1", T0 + timedelta(seconds=second), {60: state}, {}):
+            store.add_signal(signal)
+            fired.append(second)
+    assert fired == [30]
+
+
+def test_a_rule_fired_before_a_later_rule_fails_is_taken_back(store):
+    """Judging a rule reads the cooldown from the database; when that read fails after an earlier
+    rule of the same classroom fired, that signal never reaches the caller, so its rule must not stay
+    marked as fired (it would wait for a clear that may never come)."""
+    first = RULE.model_copy(update={"min_duration_s": 0, "cooldown_s": 0})
+    second = RULE.model_copy(update={"name": "confusion-cooldown", "min_duration_s": 0})
+    engine = policy.PolicyEngine((first, second), store.last_signal_at)
+    with store.sessions.kw["bind"].begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE signals RENAME TO signals_away")
+    with pytest.raises(OperationalError, match="no such table: signals"):
+        engine.evaluate("room-1", T0, {60: state_with(0.5)}, {})
+    with store.sessions.kw["bind"].begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE signals_away RENAME TO signals")
+    again = engine.evaluate("room-1", T0 + timedelta(seconds=1), {60: state_with(0.5)}, {})
+    assert sorted(s.evidence.rule for s in again) == ["confusion", "confusion-cooldown"]
+
+
+@pytest.mark.parametrize(("rule", "value", "problem"), [
+    (RULE, 0.6, None),
+    (RULE, 1, None),
+    (RULE, 0, "above 0"),  # a rising trigger of 0 holds whatever the class does and never clears
+    (RULE, True, "a number"),  # JSON true is not 100 %
+    (RULE, float("nan"), "a number"),
+    (policy.Rule(name="low", signal="SWITCH_MODALITY", states=("engaged",), below=0.2), 0, None),
+    (policy.Rule(name="low", signal="SWITCH_MODALITY", states=("engaged",), below=0.2), 1.0, "below 1"),
+])
+def test_an_override_is_held_to_the_bounds_of_the_rules_own_trigger(rule, value, problem):
+    found = rule.override_problem(value)
+    assert (found is None) if problem is None else (problem in found)

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -22,17 +23,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from outlets import parts
 from sqlalchemy import func, select, text
+from sqlalchemy.exc import OperationalError
 
 from affectedge import systemd
 from affectedge.loopback import free_port
 from affectedge.settings import ConfigError
 from affectedge.v1 import affectedge_pb2 as pb
 from affectedge.v1 import affectedge_pb2_grpc as pb_grpc
-from coordinator import db, health
-from coordinator.bench import CONFUSED, make_batch, mqtt_client, publish
+from coordinator import db, health, policy
+from coordinator.bench import CONFUSED, make_batch, mqtt_client, publish, stamp
 from coordinator.config import CoordinatorConfig
 from coordinator.grpc_api import GrpcServer
 from coordinator.service import Coordinator
+from coordinator.store import Received
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789"
@@ -253,6 +256,55 @@ def test_two_instances_split_the_load_without_duplicate_or_lost_signals(tmp_path
         for instance in (a, b):
             if not instance._stop.is_set():
                 instance.stop()
+
+
+def test_a_signal_lost_to_a_failed_tick_is_stored_on_the_next_one(tmp_path, mosquitto):
+    """The tick that fires a rule fails afterwards (here: writing the window snapshots, on a table the
+    database no longer has). The rule must not stay marked as fired without its signal stored: the
+    next tick stores it, once."""
+    instance = Coordinator(make_config(tmp_path, mosquitto.url, "coord-f", tmp_path / "f.db"))
+    start = datetime(2026, 3, 2, 9, 0, 0)  # a whole minute: ticks either side of it cross every window
+    batch = make_batch("room-f-ag0", "room-f", 4, CONFUSED, seq=1)
+    stamp(batch, (start - datetime(1970, 1, 1)).total_seconds() - 1)
+    instance.store.write([Received(batch, start - timedelta(seconds=1))], [])
+
+    def rename(table: str, to: str) -> None:
+        with instance.sessions.kw["bind"].begin() as conn:
+            conn.execute(text(f"ALTER TABLE {table} RENAME TO {to}"))
+
+    def signals() -> int:
+        with instance.sessions() as s:
+            return s.scalar(select(func.count()).select_from(db.Signal))
+
+    try:
+        instance.tick(start - timedelta(seconds=0.9))  # confused from here on; the rule needs 0.5 s
+        rename("aggregates", "aggregates_away")
+        with pytest.raises(OperationalError, match="no such table: aggregates"):
+            instance.tick(start + timedelta(seconds=0.1))  # the rule fires, then the snapshots fail
+        assert signals() == 0
+        rename("aggregates_away", "aggregates")
+        instance.tick(start + timedelta(seconds=0.3))
+        instance.tick(start + timedelta(seconds=0.5))
+        assert signals() == 1
+    finally:
+        instance.web.server_close()
+        instance.sessions.kw["bind"].dispose()
+
+
+def test_a_threshold_override_the_rule_could_never_clear_is_ignored_with_a_warning(coordinator, caplog):
+    """The settings table is shared with every instance (and writable by SQL): an override of 0 on a
+    rule that fires above its threshold would fire at once and stay fired for good."""
+    key = policy.threshold_key("fast-confusion")
+    with coordinator.sessions.begin() as session:
+        session.merge(db.Setting(key=key, value=0))
+    with caplog.at_level("WARNING", logger="coordinator.service"):
+        assert coordinator._threshold_overrides() == {}
+        assert coordinator._threshold_overrides() == {}
+    assert [m for m in caplog.messages if key in m] == [
+        f"ignoring setting {key} = 0: it must be above 0 and at most 1 for this rule (it fires above its threshold)"]
+    with coordinator.sessions.begin() as session:
+        session.merge(db.Setting(key=key, value=0.7))
+    assert coordinator._threshold_overrides() == {"fast-confusion": 0.7}
 
 
 def test_health_follows_the_database_and_the_broker(coordinator, mosquitto, monkeypatch, caplog):
