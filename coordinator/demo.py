@@ -10,6 +10,7 @@ default policy with its windows and durations shortened ~10x, so signals appear 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import queue
@@ -21,6 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TextIO
 from urllib.parse import urlparse
 
 from affectedge.loopback import free_port
@@ -37,9 +39,26 @@ SAMPLE_VIDEO = ROOT / "edge_agent" / "sample" / "classroom.mp4"
 DEMO_RULES = Path(__file__).with_name("demo_rules.toml")
 DEFAULT_STATE_DIR = ROOT / ".demo"
 DEMO_MARKER = ".affectedge-demo"  # in a --state-dir the demo made, and so may empty
+DEMO_LOCK = ".demo.lock"  # held by the running demo, holds its pid; never removed, so the lock outlives a reset
 CLASSROOM, AGENT, TEACHER = "demo-room", "demo-pc", "teacher"
+# `python -c DIES_WITH_PARENT <demo pid> <command…>` asks the kernel to SIGTERM it when the demo dies, then
+# becomes the command by exec, which keeps that request (PR_SET_PDEATHSIG is 1 in <linux/prctl.h>)
+DIES_WITH_PARENT = """import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+if os.getppid() != int(sys.argv[1]):  # the demo died before prctl
+    sys.exit(1)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 
-log = logging.getLogger("affectedge.demo")
+
+def _configure_logging() -> None:
+    """Warnings and errors with a timestamp, as today's demo shows them, but without the noise that drowned the
+    SIGNAL lines: werkzeug logs every HTTP request (in ANSI colours, even into a file) at INFO, and amqtt warns
+    at shutdown about messages it did not forward to clients that had already gone."""
+    logging.basicConfig(level=logging.WARNING, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    logging.getLogger("amqtt").setLevel(logging.ERROR)
 
 
 def _camera_source(choice: str) -> str:
@@ -86,26 +105,64 @@ def _print_signal(item: pb.AdaptationSignal) -> None:
           f"(strength {item.strength:.2f}, rule {item.evidence.rule})", flush=True)
 
 
-def _reset(state_dir: Path) -> bool:
-    """Empty ``state_dir`` for a fresh demo, but only if a demo made it: never an admin's folder. A path
-    that cannot be a folder (a file, or under one) or that this user may not write is one line, not a
-    NotADirectoryError traceback, and is found here, before the broker or the coordinator starts."""
+def _reset(state_dir: Path) -> TextIO | None:
+    """Empty ``state_dir`` for a fresh demo, but only if a demo made it: never an admin's folder, and never
+    the folder of a demo still running there, whose database would vanish under it. Returns the lock file,
+    to keep open for the demo's lifetime, or None after a one-line error. A path that cannot be a folder (a
+    file, or under one) or that this user may not write is one line, not a NotADirectoryError traceback, and
+    is found here, before the broker or the coordinator starts."""
     marker = state_dir / DEMO_MARKER
     try:
         ours = marker.is_file() or state_dir.resolve() == DEFAULT_STATE_DIR  # .demo: the checkout's own
         if state_dir.exists() and any(state_dir.iterdir()) and not ours:
             print(f"error: --state-dir {state_dir} holds files the demo did not create, and the demo empties its "
                   "folder on every start: pass a new or empty folder", file=sys.stderr)
-            return False
-        if state_dir.exists():
-            shutil.rmtree(state_dir)  # each demo starts from an empty database
-        state_dir.mkdir(parents=True)
+            return None
+        state_dir.mkdir(parents=True, exist_ok=True)
+        lock = _lock(state_dir)
+        if lock is None:
+            return None
+        for entry in state_dir.iterdir():  # each demo starts from an empty database
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry.name != DEMO_LOCK:
+                entry.unlink()
         marker.write_text("made by `coordinator demo`, which empties this folder on every start\n")
     except OSError as exc:
         print(f"error: --state-dir {state_dir}: cannot make it the demo's folder ({exc.strerror or exc}): pass a "
               "new or empty folder in a writable place", file=sys.stderr)
-        return False
-    return True
+        return None
+    return lock
+
+
+def _lock(state_dir: Path) -> TextIO | None:
+    """An exclusive flock on ``state_dir``'s lock file, with this pid written in it, or None (after a
+    one-line error naming the pid that holds it) when another demo runs there. The kernel drops the lock
+    when the demo dies, however it dies, so a killed demo never leaves a stale one."""
+    lock = (state_dir / DEMO_LOCK).open("a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        print(f"error: another demo is running in {state_dir} (pid {lock.read().strip() or '?'}): stop it, or "
+              "pass --state-dir to run a second one", file=sys.stderr)
+        lock.close()
+        return None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def _agent_command(config: Path) -> list[str]:
+    """The edge agent, which on Linux the kernel stops (SIGTERM) when the demo dies, however it dies (SIGKILL,
+    a crash): an orphaned agent kept the camera busy and reconnected to the next demo's broker under the same
+    agent id, doubling its observations. A small exec wrapper sets this up, not a ``preexec_fn``, which would
+    make Popen fork() this threaded process (and gRPC log about it) instead of using vfork()."""
+    command = [sys.executable, "-m", "edge_agent", "run", "--config", str(config)]
+    if not sys.platform.startswith("linux"):
+        return command
+    return [sys.executable, "-c", DIES_WITH_PARENT, str(os.getpid()), *command]
 
 
 def _broker_ok(url: str) -> bool:
@@ -124,11 +181,14 @@ def run(duration: float, camera: str, broker: str | None, web_port: int, state_d
         print("error: --broker takes an MQTT broker URL of the form mqtt://host:port, e.g. mqtt://localhost:1883",
               file=sys.stderr)
         return 2
+    _configure_logging()
     stop = threading.Event()
-    # Ctrl-C and SIGTERM only ask for a stop: the shutdown below then runs once, uninterrupted
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    if not _reset(state_dir):
+    # Ctrl-C, SIGTERM and a closed terminal (SIGHUP) only ask for a stop: the shutdown below then runs once,
+    # uninterrupted, and stops the edge agent too
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.set())
+    lock = _reset(state_dir)
+    if lock is None:
         return 2
     embedded = None
     if broker is None:
@@ -154,8 +214,8 @@ def run(duration: float, camera: str, broker: str | None, web_port: int, state_d
     agent_toml = state_dir / "agent.toml"
     _agent_config(agent_toml, broker, protocol, source)
     # its own session: the terminal's Ctrl-C reaches the demo only, which stops the agent with SIGTERM
-    agent = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(agent_toml)],
-                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    agent = subprocess.Popen(_agent_command(agent_toml), env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                             start_new_session=True)
     url = f"http://{config.web.host}:{config.web.port}"
     print(f"\nAffectEdge demo is running\n  dashboard  {url}/classrooms/{CLASSROOM}\n"
           f"  login      {TEACHER} / {password}   (admin: {config.web.admin_user} / {config.web.admin_password})\n"
@@ -192,6 +252,7 @@ def run(duration: float, camera: str, broker: str | None, web_port: int, state_d
         coordinator.stop()
         if embedded:
             embedded.stop()
+        lock.close()
     print(f"demo finished: {observations} observations stored, {seen} adaptation signals", flush=True)
     if duration:
         return 0 if observations > 0 and seen > 0 else 1
