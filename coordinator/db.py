@@ -7,6 +7,7 @@ plain SQL sums on any backend.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 
@@ -34,10 +35,13 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.hybrid import hybrid_method
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.schema import CreateIndex
 from sqlalchemy.sql import ColumnElement
 
 from affectedge.errors import first_line
 from affectedge.labels import EMOTIONS
+
+log = logging.getLogger(__name__)
 
 PROB_COLUMNS = tuple(f"p_{name}" for name in EMOTIONS)
 #: confidence-weighted probability sums of a rollup, in the same order
@@ -148,7 +152,11 @@ class ObservationRollup(Base):
     w_neutral: Mapped[float] = mapped_column(Float)
     tracks: Mapped[str] = mapped_column(Text)  # "camera:track,..." for counting distinct learners
 
-    __table_args__ = (Index("ix_rollup_classroom_end", "classroom_id", "window_end"),)
+    __table_args__ = (
+        Index("ix_rollup_classroom_end", "classroom_id", "window_end"),
+        # which classrooms had observations lately, asked every tick (aggregate.active_classrooms)
+        Index("ix_rollup_end", "window_end"),
+    )
 
 
 def rollup_rows(observations: Iterable[Mapping]) -> list[dict]:
@@ -273,6 +281,18 @@ class Setting(Base):
     value: Mapped[dict] = mapped_column(JSON)
 
 
+class EndedLogin(Base):
+    """A dashboard login ended by logging out: its cookie, or a copy of it, is refused from then on.
+
+    In the database so that every coordinator sharing it refuses the login, including the live
+    streams it holds open. Rows older than a login's maximum age are purged (such logins have expired).
+    """
+
+    __tablename__ = "ended_logins"
+    login_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ended_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
 def describe_error(exc: SQLAlchemyError, url: str) -> str:
     """One line for an admin: which database (password hidden), what it said, where to fix it."""
     where = make_url(url).render_as_string(hide_password=True)
@@ -287,10 +307,27 @@ def connect(url: str) -> sessionmaker:
         event.listen(engine, "connect", _sqlite_pragmas)
     had_rollups = inspect(engine).has_table(ObservationRollup.__tablename__)
     Base.metadata.create_all(engine)
+    _create_missing_indexes(engine)
     sessions = sessionmaker(engine, expire_on_commit=False)
     if not had_rollups:
         _backfill_rollups(sessions)
     return sessions
+
+
+def _create_missing_indexes(engine: Engine) -> None:
+    """Every declared index a table lacks, made once: ``create_all`` creates only missing tables,
+    so an index added to a table that existed before (an upgraded database) is made here.
+
+    ``IF NOT EXISTS``, so coordinators starting together on one database do not trip on each other.
+    """
+    inspector = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        present = {index["name"] for index in inspector.get_indexes(table.name)}
+        for index in sorted(table.indexes, key=lambda ix: ix.name):
+            if index.name not in present:
+                log.info("creating index %s on %s (once; a large table takes a while)", index.name, table.name)
+                with engine.begin() as conn:
+                    conn.execute(CreateIndex(index, if_not_exists=True))
 
 
 def _backfill_rollups(sessions: sessionmaker, chunk: int = 20_000) -> None:
@@ -346,3 +383,4 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 
 
 __all__ = ["PROB_COLUMNS", "SUM_COLUMNS", "Engine", "connect", "insert_observations", "rollup_rows"]
+

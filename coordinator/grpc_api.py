@@ -7,6 +7,11 @@ the coordinator is down (:mod:`coordinator.health`: the database refusing writes
 stopped); reflection is not exempt, since
 it describes the API to whoever asks. With no tokens configured auth is off, which the service
 logs as a warning at start.
+
+Calls the coordinator cannot answer now end UNAVAILABLE, the code clients retry: a unary call while
+the database is unreachable (:func:`_database_unavailable`; its words, which name hosts and paths,
+stay in this log), and StreamAdaptations when the coordinator shuts down, so an LMS reconnects to
+another instance or to this one restarted instead of taking the stream's end for a finish.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import queue
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from concurrent import futures
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,11 +32,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from affectedge.errors import first_line
 from affectedge.v1 import affectedge_pb2 as pb
 from affectedge.v1 import affectedge_pb2_grpc as pb_grpc
 from coordinator import aggregate
 from coordinator.db import Classroom
+from coordinator.ratelimit import RateLimitedLog
 from coordinator.store import utcnow
 
 if TYPE_CHECKING:
@@ -75,14 +85,39 @@ class BearerAuth(grpc.ServerInterceptor):
         return self._deny
 
 
+def _database_unavailable(method: Callable) -> Callable:
+    """A unary handler whose database errors answer UNAVAILABLE (down, locked, pool exhausted: retry)
+    or INTERNAL (anything else) with a generic message, the database's own words logged here
+    (at most every few seconds, by the servicer's ``_db_errors``).
+
+    gRPC would otherwise answer UNKNOWN with the exception text, database host and port included.
+    """
+
+    @wraps(method)
+    def handler(self, request, context):
+        try:
+            return method(self, request, context)
+        except (OperationalError, InterfaceError, PoolTimeout) as exc:
+            self._db_errors.warning("unavailable", "gRPC %s: the database is unavailable: %s", method.__name__,
+                                    first_line(exc))
+            context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable; retry")
+        except SQLAlchemyError as exc:
+            self._db_errors.warning("internal", "gRPC %s: the database failed: %s", method.__name__, first_line(exc))
+            context.abort(grpc.StatusCode.INTERNAL, "database error; the coordinator's log says which")
+
+    return handler
+
+
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, coordinator: Coordinator, stopping: threading.Event):
         self.coordinator = coordinator
         self.stopping = stopping
         self._streams = threading.BoundedSemaphore(MAX_STREAMS)
+        self._db_errors = RateLimitedLog(10.0, log)
 
     def StreamAdaptations(self, request: pb.StreamAdaptationsRequest, context):
-        """Every new signal matching the request's classrooms and courses, until the client leaves.
+        """Every new signal matching the request's classrooms and courses, until the client leaves;
+        UNAVAILABLE when the coordinator shuts down (never OK: the stream has no natural end).
 
         Refused with RESOURCE_EXHAUSTED while MAX_STREAMS are open: waiting for a slot would hold a
         worker thread, and enough waiting streams would starve health checks and unary calls.
@@ -107,10 +142,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 if courses and item.course_id not in courses:
                     continue
                 yield item
+            if self.stopping.is_set():
+                context.abort(grpc.StatusCode.UNAVAILABLE, "coordinator shutting down; reconnect")
         finally:  # the client cancelled, its deadline passed, or the server stops
             self._streams.release()
             hub.unsubscribe(subscription)
 
+    @_database_unavailable
     def GetClassroomState(self, request: pb.GetClassroomStateRequest, context) -> pb.ClassroomState:
         if not request.classroom_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "classroom_id is required: take one from ListClassrooms")
@@ -125,6 +163,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 db, request.classroom_id, window, utcnow(), config.k_anonymity, config.agent_offline_after_s
             )
 
+    @_database_unavailable
     def ListClassrooms(self, request: pb.ListClassroomsRequest, context) -> pb.ListClassroomsResponse:
         offline_after = self.coordinator.config.aggregate.agent_offline_after_s
         now = utcnow()

@@ -20,7 +20,9 @@ Delivery guarantees, and why each setting is there:
 Messages are queued by paho's network thread and written by one writer thread in batches (one
 transaction, ``executemany`` per table), which is what lets one instance keep up with thousands of
 observations per second. Bad payloads are counted and logged at most every few seconds; they are
-acknowledged (redelivering them cannot fix them) and never stop ingest.
+acknowledged (redelivering them cannot fix them) and never stop ingest. So are batches timed more
+than :data:`FUTURE_TOLERANCE_S` after they arrive (an agent whose clock is ahead): stored, they would
+keep their classroom's session open until that time.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -54,6 +56,7 @@ RECEIVE_MAXIMUM = 2000  # unacknowledged QoS 1 messages the broker may have in f
 MAX_BATCH = 1000  # MQTT messages per database transaction
 SKEW_TOLERANCE_S = 5.0  # an agent's batches arriving this much off its clock, all minute: warn
 SKEW_PERIOD_S = 60.0
+FUTURE_TOLERANCE_S = 300.0  # a batch whose labels end further than this after it arrived is refused
 
 
 @dataclass
@@ -66,6 +69,7 @@ class Counters:
     duplicates: int = 0
     malformed: int = 0
     unauthorised: int = 0
+    clock_ahead: int = 0  # batches refused: timed in the future (see FUTURE_TOLERANCE_S)
     db_errors: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -107,6 +111,15 @@ class ClockWatch:
             return None
         del self._since[agent_id], self._smallest[agent_id]
         return smallest if abs(smallest) > self.tolerance_s else None
+
+
+def seconds_ahead(batch: pb.ObservationBatch, now: datetime) -> float:
+    """How long after ``now`` (its arrival, naive UTC) the batch's last observation window ends;
+    0 for a batch without observations."""
+    if not batch.observations:
+        return 0.0
+    latest = max(obs.window_end.ToSeconds() for obs in batch.observations)
+    return latest - now.replace(tzinfo=UTC).timestamp()
 
 
 @dataclass(frozen=True)
@@ -313,6 +326,9 @@ class Ingest:
             if isinstance(message, pb.AgentStatus):
                 statuses.append((message, now))
                 continue
+            if (ahead := seconds_ahead(message, now)) > FUTURE_TOLERANCE_S:
+                self._refuse_ahead(message.agent_id, ahead)
+                continue
             self._check_clock(message, now)
             received.append(Received(message, now))
         return received, statuses
@@ -329,6 +345,15 @@ class Ingest:
                 "timed outside the live windows are not counted",
                 batch.agent_id, abs(gap), "after" if gap > 0 else "before",
             )
+
+    def _refuse_ahead(self, agent_id: str, ahead_s: float) -> None:
+        self.counters.add(clock_ahead=1)
+        self._bad.warning(
+            f"ahead-{agent_id}",
+            "agent %s: dropped a batch timed %s ahead of this coordinator's clock (more than %.0f s); its labels "
+            "are dropped until that PC's clock is fixed (turn on NTP there: timedatectl set-ntp true)",
+            agent_id, timedelta(seconds=round(ahead_s)), FUTURE_TOLERANCE_S,
+        )
 
     def _malformed(self, topic: str, why: str) -> None:
         self.counters.add(malformed=1)

@@ -331,7 +331,11 @@ class Store:
         ).rowcount
 
     def close_idle_sessions(self, now: datetime, idle_s: float) -> list[str]:
-        """Close open sessions whose classroom has had no observation for ``idle_s``; their ids."""
+        """Close open sessions whose classroom has had no observation for ``idle_s``; their ids.
+
+        Observations timed after ``now`` do not count: one batch from a PC whose clock is a year
+        ahead would otherwise keep its classroom's session open for that year.
+        """
         closed = []
         with self.sessions.begin() as db:
             for session in db.scalars(select(ClassSession).where(ClassSession.ended_at.is_(None))).all():
@@ -339,6 +343,7 @@ class Store:
                     select(func.max(ObservationRollup.window_end)).where(
                         ObservationRollup.classroom_id == session.classroom_id,
                         ObservationRollup.window_end >= session.started_at,
+                        ObservationRollup.window_end <= now,
                     )
                 )
                 quiet_since = last or session.started_at

@@ -13,7 +13,7 @@ from sqlalchemy import func, select, text
 from affectedge import codec, topics
 from affectedge.v1 import affectedge_pb2 as pb
 from coordinator import db, retention
-from coordinator.bench import make_batch, mqtt_client, publish
+from coordinator.bench import make_batch, mqtt_client, publish, stamp
 from coordinator.config import MqttConfig
 from coordinator.ingest import ClockWatch, Ingest
 from coordinator.store import Received, Store, Written, utcnow
@@ -262,3 +262,45 @@ def test_an_agent_with_a_wrong_clock_is_logged(mosquitto, sessions, caplog):
         publisher.loop_stop()
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("agent ag1: every batch")]
     assert len(said) == 1 and re.search(r"arrived 4[0-2] s after its own clock", said[0]), said
+
+
+DAY_S = 86400
+
+
+def test_a_batch_from_an_agent_whose_clock_is_a_day_ahead_is_refused_and_counted(mosquitto, sessions, caplog):
+    """Stored, it kept roomB's session open (and the classroom active) for the whole day ahead, and
+    every other agent's batches in roomB went into that session."""
+    publisher = mqtt_client(mosquitto.url, "test-agent-ahead")
+    ingest = start_ingest(mosquitto, sessions)
+    try:
+        ahead = make_batch("ag-ahead", "roomB", 3, seq=1)
+        stamp(ahead, time.time() + DAY_S)
+        publish(publisher, ahead)
+        publish(publisher, make_batch("ag1", "room-1", 2, seq=1)).wait_for_publish(5)
+        wait_until(lambda: ingest.counters.messages == 2)
+    finally:
+        ingest.stop()
+        publisher.loop_stop()
+    assert ingest.counters.clock_ahead == 1 and ingest.counters.malformed == 0 and observations(sessions) == 2
+    with sessions() as s:
+        assert s.get(db.Classroom, "roomB") is None
+    closed = Store(sessions).close_idle_sessions(utcnow() + timedelta(hours=1), 900)
+    assert len(closed) == 1  # room-1's: nothing else was opened
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("agent ag-ahead: dropped")]
+    assert len(said) == 1 and re.search(r"timed (1 day, 0:00:00|23:59:59) ahead of this coordinator's clock", said[0])
+    assert "timedatectl set-ntp true" in said[0]
+
+
+def test_labels_timed_in_the_future_keep_no_session_open(sessions):
+    """Rows a day ahead already in the database (stored before ingest refused them) do not count as
+    activity until their time comes."""
+    now = utcnow()
+    ahead = make_batch("ag-ahead", "roomB", 3, seq=1)
+    stamp(ahead, time.time() + DAY_S)
+    store = Store(sessions)
+    assert store.write([Received(ahead, now)], []) == Written(3, 0)
+    with sessions() as s:
+        [opened] = s.scalars(select(db.ClassSession)).all()
+    assert store.close_idle_sessions(now + timedelta(hours=1), 900) == [opened.id]
+    with sessions() as s:
+        assert s.get(db.ClassSession, opened.id).ended_at == opened.started_at

@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
+import grpc
 import pytest
-from sqlalchemy import func, insert, select
+from outlets import parts
+from sqlalchemy import create_engine, func, insert, select
 
+from affectedge.loopback import free_port
+from affectedge.v1 import affectedge_pb2 as pb
+from affectedge.v1 import affectedge_pb2_grpc as pb_grpc
 from coordinator import aggregate, db, retention
 from coordinator.bench import CONFUSED, make_batch, spawned_postgres
+from coordinator.grpc_api import GrpcServer
 from coordinator.policy import PolicyEngine, Rule
 from coordinator.store import Received, Store, Written, batch_key, utcnow
 
@@ -87,6 +96,41 @@ def test_a_batch_racing_into_two_instances_is_stored_once_on_postgres(postgres_u
             assert written.result(timeout=10) == expected
     with sessions() as s:
         assert s.scalar(select(func.count()).select_from(db.Observation)) == 2
+
+
+def stop_postgres(url: str) -> None:
+    """Shut the server down (fast), as an admin's ``systemctl stop postgresql`` does."""
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        data = Path(conn.exec_driver_sql("SHOW data_directory").scalar())
+    engine.dispose()
+    postmaster = int((data / "postmaster.pid").read_text().split()[0])
+    os.kill(postmaster, signal.SIGINT)
+    deadline = time.monotonic() + 30
+    while (data / "postmaster.pid").exists():
+        assert time.monotonic() < deadline, "PostgreSQL did not stop"
+        time.sleep(0.1)
+
+
+def test_unary_grpc_calls_answer_unavailable_while_postgres_is_down(postgres_url, tmp_path):
+    """They answered UNKNOWN with psycopg's words: 'connection to server at "127.0.0.1", port … failed'."""
+    p = parts(tmp_path, database={"url": postgres_url}, grpc={"host": "127.0.0.1", "port": free_port()})
+    server = GrpcServer(p)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = pb_grpc.CoordinatorStub(channel)
+    try:
+        assert stub.ListClassrooms(pb.ListClassroomsRequest(), timeout=5).classrooms == []
+        stop_postgres(postgres_url)
+        for call, request in ((stub.ListClassrooms, pb.ListClassroomsRequest()),
+                              (stub.GetClassroomState, pb.GetClassroomStateRequest(classroom_id="room-pg"))):
+            with pytest.raises(grpc.RpcError) as failed:
+                call(request, timeout=10)
+            assert (failed.value.code(), failed.value.details()) == (grpc.StatusCode.UNAVAILABLE,
+                                                                     "database unavailable; retry")
+    finally:
+        channel.close()
+        server.stop(0)
 
 
 @pytest.mark.slow

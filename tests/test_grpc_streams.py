@@ -1,11 +1,16 @@
-"""StreamAdaptations is capped at MAX_STREAMS, over real gRPC on 127.0.0.1, so that open streams
-cannot take the worker threads that health checks and unary calls need."""
+"""The gRPC API over real gRPC on 127.0.0.1: StreamAdaptations is capped at MAX_STREAMS, so that open
+streams cannot take the worker threads that health checks and unary calls need; calls the coordinator
+cannot answer (shutting down, the database gone) end UNAVAILABLE, which clients retry."""
 
 from __future__ import annotations
 
+import logging
+import shutil
+
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from outlets import parts, wait_until
+from outlets import parts, publish_signal, wait_until
 
 from affectedge.loopback import free_port
 from affectedge.v1 import affectedge_pb2 as pb
@@ -53,6 +58,58 @@ def test_streams_past_the_cap_are_refused_and_a_closed_stream_frees_its_slot(tmp
         assert not after_deadline.done() and not after_cancel.done()
         after_deadline.cancel()
         after_cancel.cancel()
+    finally:
+        channel.close()
+        server.stop(0)
+
+
+def test_a_stream_ends_unavailable_when_the_coordinator_stops(tmp_path):
+    """It used to end OK: an LMS's ``for signal in stream`` ended as if finished, and no retry policy
+    retries OK, so it never reconnected to the restarted coordinator."""
+    p = parts(tmp_path, grpc={"host": "127.0.0.1", "port": free_port()})
+    server = GrpcServer(p)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        stream = pb_grpc.CoordinatorStub(channel).StreamAdaptations(EVERYTHING)
+        wait_until(lambda: len(p.hub._subs) == 1, 5, "the stream to open")
+        signal = publish_signal(p)
+        assert next(stream).id == signal.id
+        server.stop()
+        with pytest.raises(grpc.RpcError) as ended:
+            next(stream)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert ended.value.details() == "coordinator shutting down; reconnect"
+        assert p.hub._subs == []
+    finally:
+        channel.close()
+        server.stop(0)
+
+
+def test_unary_calls_answer_unavailable_without_the_database_s_words_while_it_is_gone(tmp_path, caplog):
+    """They answered UNKNOWN with the database's error text (PostgreSQL's names its host and port)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    p = parts(tmp_path, database={"url": f"sqlite:///{data / 'coordinator.db'}"},
+              grpc={"host": "127.0.0.1", "port": free_port()})
+    server = GrpcServer(p)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = pb_grpc.CoordinatorStub(channel)
+    try:
+        assert stub.ListClassrooms(pb.ListClassroomsRequest(), timeout=5).classrooms == []
+        shutil.rmtree(data)
+        p.sessions.kw["bind"].dispose()  # the open connections closed: each new one finds no database
+        calls = (lambda: stub.ListClassrooms(pb.ListClassroomsRequest(), timeout=5),
+                 lambda: stub.GetClassroomState(pb.GetClassroomStateRequest(classroom_id="room-1"), timeout=5))
+        for call in calls:
+            with caplog.at_level(logging.WARNING, "coordinator.grpc_api"), pytest.raises(grpc.RpcError) as failed:
+                call()
+            assert (failed.value.code(), failed.value.details()) == (grpc.StatusCode.UNAVAILABLE,
+                                                                     "database unavailable; retry")
+        logged = [message for r in caplog.records if "database is unavailable" in (message := r.getMessage())]
+        assert logged == ["gRPC ListClassrooms: the database is unavailable: (sqlite3.OperationalError) unable "
+                          "to open database file"]  # GetClassroomState's within the same 10 s: not repeated
     finally:
         channel.close()
         server.stop(0)

@@ -27,6 +27,10 @@ if _version_not_supported:
 
 class CoordinatorStub:
     """The coordinator's API for LMSs and dashboards. Bearer token in `authorization` metadata.
+    A call the coordinator cannot answer now ends UNAVAILABLE: retry it (the database unreachable:
+    "database unavailable; retry"). StreamAdaptations has no natural end: it runs until the client
+    cancels and ends UNAVAILABLE ("coordinator shutting down; reconnect") when the coordinator
+    stops, never OK; reconnect then.
     """
 
     def __init__(self, channel):
@@ -54,6 +58,10 @@ class CoordinatorStub:
 
 class CoordinatorServicer:
     """The coordinator's API for LMSs and dashboards. Bearer token in `authorization` metadata.
+    A call the coordinator cannot answer now ends UNAVAILABLE: retry it (the database unreachable:
+    "database unavailable; retry"). StreamAdaptations has no natural end: it runs until the client
+    cancels and ends UNAVAILABLE ("coordinator shutting down; reconnect") when the coordinator
+    stops, never OK; reconnect then.
     """
 
     def StreamAdaptations(self, request, context):
@@ -102,6 +110,10 @@ def add_CoordinatorServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Coordinator:
     """The coordinator's API for LMSs and dashboards. Bearer token in `authorization` metadata.
+    A call the coordinator cannot answer now ends UNAVAILABLE: retry it (the database unreachable:
+    "database unavailable; retry"). StreamAdaptations has no natural end: it runs until the client
+    cancels and ends UNAVAILABLE ("coordinator shutting down; reconnect") when the coordinator
+    stops, never OK; reconnect then.
     """
 
     @staticmethod
