@@ -2,8 +2,10 @@
 
 A simulated edge agent publishes ObservationBatch messages through a real broker; a real
 Coordinator ingests them, aggregates, fires a signal from a fast test rule and serves the
-dashboard, which an instructor watches in Chromium: the chart grows, the signal arrives with its
-reason, the instructor acknowledges it, and another instructor's classroom stays closed.
+dashboard, which an instructor watches in Chromium: the empty chart says so, the chart grows, the
+signal arrives with its reason, the instructor acknowledges it, every time shows in the browser's
+zone, another instructor's classroom stays closed, and logging out in one tab ends the other tab's
+live view, whose Acknowledge then says the login has ended instead of pretending to succeed.
 Screenshots go to artifacts/screenshots/; with AFFECTEDGE_UPDATE_DOCS=1 the live view is also copied to
 docs/dashboard.png (the README's screenshot).
 """
@@ -14,6 +16,7 @@ import os
 import re
 import shutil
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -28,7 +31,7 @@ from affectedge.v1 import affectedge_pb2 as pb
 from coordinator import db
 from coordinator.config import CoordinatorConfig
 from coordinator.service import Coordinator
-from coordinator.store import utcnow
+from coordinator.store import Store, utcnow
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -82,6 +85,23 @@ class Agent(threading.Thread):
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (dev extra)")
 expect = sync_api.expect
 AT_LEAST_5 = re.compile(r"^([5-9]|[1-9]\d+)$")
+#: the browser's zone: no summer time, and 10 h from UTC, so a UTC time would show a different hour
+ZONE, ZONE_NAME = "Pacific/Honolulu", "HST"
+LOGIN_ENDED = "Your login has ended: log in again"
+
+
+def local_times(page) -> list[str]:
+    return page.eval_on_selector_all("time[data-local]", "els => els.map((e) => e.textContent)")
+
+
+def open_signal(coordinator: Coordinator, room: str) -> pb.AdaptationSignal:
+    """A stored and published signal, as the policy leader makes one."""
+    signal = pb.AdaptationSignal(id=str(uuid.uuid4()), classroom_id=room, kind=pb.SLOW_DOWN, strength=0.5,
+                                 reason="confusion above 40%", evidence=pb.Evidence(rule="confusion-now"))
+    signal.created_at.FromDatetime(utcnow())
+    Store(coordinator.sessions).add_signal(signal, [])
+    coordinator.hub.publish(signal)
+    return signal
 
 
 @pytest.fixture
@@ -125,7 +145,8 @@ def test_instructor_watches_a_live_classroom(browser, tmp_path, mosquitto, coord
     base = f"http://127.0.0.1:{coordinator.config.web.port}"
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
 
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="en-US", timezone_id=ZONE)
+    page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)  # CSP reports too
@@ -135,6 +156,10 @@ def test_instructor_watches_a_live_classroom(browser, tmp_path, mosquitto, coord
     page.click("button[type=submit]")
     page.wait_for_url(f"{base}/classrooms/room-1")
     page.wait_for_selector("#connection[data-state=waiting]", timeout=10_000)
+    # no data yet: said so, over an axis of the last minutes (not from 1970)
+    assert page.inner_text("#chart-empty").startswith("No data yet")
+    axis_from = page.evaluate("Chart.getChart(document.getElementById('emotion-chart')).scales.x.min")
+    assert axis_from > (time.time() - 20 * 60) * 1000
 
     agent = Agent(mosquitto.port, "room-1")
     agent.start()
@@ -145,10 +170,14 @@ def test_instructor_watches_a_live_classroom(browser, tmp_path, mosquitto, coord
         assert page.inner_text("#learners") == "4"
         assert page.inner_text("#agents").strip() == "● lab-pc-1: online"
         assert "happy" in page.inner_text("#mix")
+        assert page.is_hidden("#chart-empty")
 
         card = page.wait_for_selector(".signal[data-kind=SLOW_DOWN]", timeout=45_000)
         assert "confusion above 40%" in card.inner_text()
         assert "Measured" in card.inner_text() and "learners in view" in card.inner_text()
+        assert "UTC" not in card.inner_text()  # the evidence window, too, in the browser's zone
+        times = card.eval_on_selector_all("time", "els => els.map((e) => e.textContent)")
+        assert len(times) == 3 and all(t.endswith(ZONE_NAME) for t in times), times
         assert not page.is_hidden("#gauges")
         page.screenshot(path=str(SCREENSHOTS / "live.png"), full_page=True)
         page.set_viewport_size({"width": 768, "height": 1024})  # a tablet in portrait
@@ -171,12 +200,41 @@ def test_instructor_watches_a_live_classroom(browser, tmp_path, mosquitto, coord
     page.wait_for_selector("#emotion-chart")
     assert "Slow down" in page.inner_text("main") and "Signals in this session (1)" in page.inner_text("main")
     page.screenshot(path=str(SCREENSHOTS / "session.png"), full_page=True)
+    page.click("text=Printable summary")
+    page.wait_for_selector("#emotion-chart")
+    times = local_times(page)  # the session's start and end, the peaks and the signal: one zone, named
+    assert len(times) >= 3 and all(t.endswith(ZONE_NAME) for t in times), times
+    assert "UTC" not in page.inner_text("main")
 
     denied = page.goto(f"{base}/classrooms/room-2")
     assert denied.status == 403
     assert "is not assigned to you" in page.inner_text("main")
     page.screenshot(path=str(SCREENSHOTS / "denied.png"))
     assert [e for e in errors if "403" not in e] == []  # the denied page's own 403 is logged
+
+    # a shared classroom PC: logging out in one tab ends the live view in the other
+    page.goto(f"{base}/classrooms/room-1")
+    expect(page.locator("#connection")).to_have_attribute("data-state", re.compile("waiting|live"))
+    other = context.new_page()
+    other.goto(f"{base}/classrooms/room-1")
+    late = open_signal(coordinator, "room-1")
+    card = page.locator(f'.signal[data-signal-id="{late.id}"]')
+    expect(card).to_be_visible(timeout=10_000)
+    other.click("button:has-text('Log out')")
+    other.wait_for_url(re.compile(r"/login$"))
+    # a state the stream would forward (suppressed: nothing to show), were the login not checked first
+    coordinator.hub.publish(pb.ClassroomState(classroom_id="room-1", suppressed=True))
+    expect(page.locator("#connection")).to_have_text(LOGIN_ENDED, timeout=15_000)
+    assert page.get_attribute("#connection a", "href") == "/login?next=%2Fclassrooms%2Froom-1"
+    card.locator("button[value=acknowledge]").click()
+    expect(card.locator(".signal-status")).to_have_text(LOGIN_ENDED)
+    assert "handled" not in card.get_attribute("class") and card.locator("form").is_visible()
+    with coordinator.sessions() as session:
+        assert session.get(db.Signal, late.id).status == "open"
+    outcomes = page.evaluate("""() => Promise.all(["/login", "/"].map(
+        (url) => AE.request(url).then(() => "resolved", (error) => error.name)))""")
+    assert outcomes == ["Error", "LoginEnded"]  # an HTML page is no answer; a refused login says so
+    assert [e for e in errors if "403" not in e and "401" not in e] == []  # refused requests are logged
 
     shot = SCREENSHOTS / "live.png"
     assert shot.stat().st_size < MAX_DOCS_SHOT, "the live-view screenshot is too big for docs/"

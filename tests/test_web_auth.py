@@ -7,15 +7,18 @@ import logging
 import re
 import stat
 import time
+from datetime import timedelta
 
 import pytest
+from outlets import publish_signal
 from sqlalchemy import select
 from webapp import ADMIN_PASSWORD, PASSWORD, add_classroom, add_user, csrf_token, login, web
 
 from affectedge.settings import ConfigError
 from coordinator import cli, db, users
 from coordinator.config import load_config
-from coordinator.web import access
+from coordinator.store import utcnow
+from coordinator.web import access, create_app
 from coordinator.web.access import SESSION_COOKIE
 
 
@@ -296,3 +299,64 @@ def test_failed_logins_per_user_name_are_limited(tmp_path):
     assert answer.status_code == 429  # 6 failures from two addresses: alice waits out the minute
     assert "Too many failed logins for this user name" in answer.get_data(as_text=True)
     assert attempt("192.0.2.4", "bob", PASSWORD) == 302  # other names are not affected
+
+
+JSON = {"Accept": "application/json"}
+STREAM = {"Accept": "text/event-stream"}
+
+
+@pytest.mark.parametrize("end", ["deactivated", "logged out"])
+def test_a_script_is_told_its_login_ended_not_sent_the_login_page(tmp_path, end):
+    """The page's fetch followed the redirect to the login page and took its 200 for success: the
+    card read "undefined by undefined" while the signal stayed open. Scripts get a 401 instead."""
+    p, app = web(tmp_path)
+    add_user(p, "alice")
+    add_classroom(p, "room-a", "alice")
+    signal = publish_signal(p, classroom="room-a")
+    client = app.test_client()
+    login(client, "alice")
+    token = csrf_token(client, "/classrooms/room-a")
+    if end == "deactivated":
+        with p.sessions.begin() as session:
+            session.scalar(select(db.User).where(db.User.username == "alice")).active = False
+    else:  # logging out also drops the CSRF token: the answer must still say why
+        client.post("/logout", data={"csrf_token": token})
+
+    ack = client.post(f"/classrooms/room-a/signals/{signal.id}", data={"decision": "acknowledge", "csrf_token": token},
+                      headers={**JSON, "X-CSRFToken": token})
+    assert ack.status_code == 401 and ack.json == {"error": "your login has ended: log in again", "status": 401}
+    events = client.get("/classrooms/room-a/events", headers=STREAM)
+    assert events.status_code == 401 and events.mimetype != "text/event-stream"
+    page = client.get("/classrooms/room-a")
+    assert page.status_code == 302 and page.headers["Location"].startswith("/login?next=/classrooms/room-a")
+    with p.sessions() as session:
+        assert session.get(db.Signal, signal.id).status == "open"
+
+
+def test_logging_out_ends_the_login_on_every_coordinator(tmp_path):
+    """Logging out only cleared the browser's cookie: a copy of it (or another tab's live view) went on
+    for 12 h. The ended login is kept in the database, so a second coordinator refuses it too."""
+    p, app = web(tmp_path)
+    add_user(p, "alice")
+    add_classroom(p, "room-a", "alice")
+    alice, elsewhere = app.test_client(), app.test_client()
+    login(alice, "alice")
+    login(elsewhere, "alice")  # her own other login, e.g. on her laptop
+    cookie = alice.get_cookie(SESSION_COOKIE).value
+    copy, other_coordinator = app.test_client(), create_app(p).test_client()
+    for client in (copy, other_coordinator):
+        client.set_cookie(SESSION_COOKIE, cookie)
+        assert client.get("/classrooms/room-a").status_code == 200
+
+    alice.post("/logout", data={"csrf_token": csrf_token(alice, "/")})
+    for client in (alice, copy, other_coordinator):
+        assert client.get("/classrooms/room-a").status_code == 302
+        assert client.get("/api/v1/classrooms").status_code == 401
+    assert elsewhere.get("/classrooms/room-a").status_code == 200
+
+    with p.sessions.begin() as session:  # a logout from long ago: its login has expired anyway
+        session.add(db.EndedLogin(login_id="old", ended_at=utcnow() - access.SESSION_MAX_AGE - timedelta(minutes=1)))
+    elsewhere.post("/logout", data={"csrf_token": csrf_token(elsewhere, "/")})
+    with p.sessions() as session:
+        ended = list(session.scalars(select(db.EndedLogin.login_id)))
+    assert len(ended) == 2 and "old" not in ended  # the two logouts; the expired one is purged

@@ -8,7 +8,8 @@ import json
 import re
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 from outlets import publish_signal
@@ -18,7 +19,7 @@ from webapp import HAPPY, add_classroom, add_user, batch, csrf_token, ingest, lo
 from affectedge.labels import EMOTIONS
 from coordinator import aggregate, db, policy, retention, users
 from coordinator.store import Store, utcnow
-from coordinator.web import access, history, live
+from coordinator.web import access, history, live, present
 
 
 def _page_data(html: str, element_id: str) -> dict:
@@ -101,13 +102,13 @@ def _next_within(chunks, seconds: float):
     return got[0]
 
 
-@pytest.mark.parametrize("loss", ["unassigned", "new password", "login too old"])
+@pytest.mark.parametrize("loss", ["unassigned", "new password", "login too old", "logged out"])
 @pytest.mark.parametrize("next_item", ["state", "signal"])
 def test_event_stream_ends_when_the_user_loses_access(tmp_path, monkeypatch, next_item, loss):
     """An open page must not keep streaming a classroom its user was unassigned from, or whose
-    session a new password or its age ended: no state, and no signal either. The stream ends *at* that item:
-    no keep-alive is due for an hour, so a stream that dropped the item without ending would fail
-    here instead of ending later."""
+    session a new password, its age or a logout (in another tab) ended: no state, and no signal
+    either. The stream ends *at* that item: no keep-alive is due for an hour, so a stream that
+    dropped the item without ending would fail here instead of ending later."""
     monkeypatch.setattr(live, "KEEPALIVE_S", 3600.0)
     p, client = _teacher(tmp_path)
     now = utcnow()
@@ -124,6 +125,8 @@ def test_event_stream_ends_when_the_user_loses_access(tmp_path, monkeypatch, nex
             session.get(db.Classroom, "room-1").instructor = None
         elif loss == "new password":
             users.set_password(session.scalar(select(db.User).where(db.User.username == "alice")), "new-password-22")
+        elif loss == "logged out":
+            client.post("/logout", data={"csrf_token": csrf_token(client, "/")})
         else:
             aged = time.time() + access.SESSION_MAX_AGE.total_seconds() + 60
             monkeypatch.setattr(access, "clock", lambda: aged)
@@ -338,6 +341,9 @@ def test_admin_manages_classrooms_users_and_settings(tmp_path):
     refused = client.post("/admin/settings", data={f"threshold.{rule}": "140", "csrf_token": token},
                           follow_redirects=True)
     assert "outside 0–100" in refused.get_data(as_text=True)
+    never_clears = client.post("/admin/settings", data={f"threshold.{rule}": "0", "csrf_token": token},
+                               follow_redirects=True)  # the first rule fires above its threshold
+    assert f"threshold of {rule}: 0 %: it must be above 0" in never_clears.get_data(as_text=True)
     store = Store(p.sessions)
     assert store.setting(policy.threshold_key(rule)) == 0.45 and store.setting(retention.RAW_KEY) == 7
     client.post("/admin/settings", data={f"threshold.{rule}": "", "csrf_token": token})
@@ -347,6 +353,7 @@ def test_admin_manages_classrooms_users_and_settings(tmp_path):
     ingest(p, [batch("lab-3", "agent-9", now, tracks=3)], now - timedelta(minutes=5))
     agents = client.get("/admin/agents").get_data(as_text=True)
     assert "agent-9" in agents and "○ offline" in agents  # silent for 5 min > agent_offline_after_s
+    assert 'data-counter="clock_ahead"' in agents  # batches refused for a clock ahead are shown
     assert 'data-status="degraded"' in agents and "the MQTT broker is unreachable" in agents  # no ingest here
 
 
@@ -414,3 +421,51 @@ def test_provisioning_without_broker_files_says_what_to_set(tmp_path):
                                                           "csrf_token": csrf_token(client, "/admin/agents")},
                          follow_redirects=True)
     assert "set [broker] passwd_file and acl_file" in answer.get_data(as_text=True)
+
+
+def test_signal_cards_explain_strength_and_give_times_to_localize(tmp_path):
+    """The tooltip said "how far past the threshold, 0–100%", yet a signal exactly at its threshold
+    reads 50% (policy.strength); the evidence window was printed in UTC next to local times."""
+    p, client = _teacher(tmp_path)
+    signal = publish_signal(p, classroom="room-1")
+    html = client.get("/classrooms/room-1").get_data(as_text=True)
+    card = re.search(rf'<li class="signal" data-signal-id="{signal.id}".*?</li>', html, re.S).group(0)
+    title = re.search(r'class="signal-strength" title="([^"]+)"', card).group(1)
+    assert "50% exactly at its threshold" in title and "100%" in title
+    assert re.search(r'<time class="signal-time" datetime="[^"]+Z" data-local>', card)
+
+    signal.evidence.window_start.FromDatetime(datetime(2026, 12, 3, 19, 45, 17))
+    signal.evidence.window_end.FromDatetime(datetime(2026, 12, 3, 19, 45, 27))
+    row = present.signal_json(signal)
+    assert row["evidence_pieces"][1:5] == [{"text": " over "}, {"time": "2026-12-03T19:45:17Z"}, {"text": "–"},
+                                           {"time": "2026-12-03T19:45:27Z"}]
+    assert " over 19:45:17 UTC–19:45:27 UTC with 12 learners" in row["evidence_text"]  # CSV and API: UTC, said so
+
+
+def _luminance(color: str) -> float:
+    channels = [int(color[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+    r, g, b = (c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def _contrast(one: str, other: str) -> float:
+    """The WCAG 2 contrast ratio of two #rrggbb colours."""
+    light, dark = sorted((_luminance(one), _luminance(other)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+def test_focus_ring_and_handled_signals_meet_wcag_aa():
+    """The orange focus ring was 2.25:1 on white (3:1 needed), and handled cards' muted text at 75%
+    opacity 3.51:1 (4.5:1 needed)."""
+    css = (Path(live.__file__).parent / "static" / "app.css").read_text()
+    colours = dict(re.findall(r"--([\w-]+): (#[0-9a-fA-F]{6})", css))
+
+    def colour(value: str) -> str:
+        return colours[value[6:-1]] if value.startswith("var(--") else value
+
+    ring = colour(re.search(r"^:focus-visible \{ outline: 3px solid ([^;]+);", css, re.M).group(1))
+    assert min(_contrast(ring, "#ffffff"), _contrast(ring, colours["bg"])) >= 3
+    handled = re.search(r"^\.signal\.handled \{([^}]*)\}", css, re.M).group(1)
+    assert "opacity" not in handled
+    background = colour(re.search(r"background: ([^;]+);", handled).group(1))
+    assert _contrast(colours["muted"], background) >= 4.5

@@ -118,6 +118,8 @@ def create_app(coordinator) -> Flask:
 
     @app.errorhandler(CSRFError)
     def _csrf_error(exc: CSRFError):
+        if access.wants_data() and access.viewer() is None:  # logging out drops the token with the login
+            return _error(401, access.LOGIN_ENDED)
         return _error(400, "The form expired or was not sent from this dashboard: reload the page and try again.")
 
     @app.errorhandler(HTTPException)
@@ -151,6 +153,6 @@ def _login_name() -> str:
 
 
 def _error(code: int, message: str):
-    if request.path.startswith("/api/") or request.accept_mimetypes.best == "application/json":
+    if request.path.startswith("/api/") or access.wants_data():
         return {"error": message, "status": code}, code
     return render_template("error.html", code=code, message=message), code

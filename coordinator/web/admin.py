@@ -229,6 +229,16 @@ def update_user(username: str):
 # -- policy and retention ---------------------------------------------------------------------
 
 
+def _threshold(rule: policy.Rule) -> float | None:
+    """The form's override of ``rule``'s threshold in percent, None if empty; held to the bounds the
+    rules file has (:meth:`coordinator.policy.Rule.override_problem`), since 0 % on a rule that fires
+    above its threshold would fire at once and never clear."""
+    percent = _number(f"threshold.{rule.name}", 0, 100, f"threshold of {rule.name}")
+    if percent is not None and (problem := rule.override_problem(percent / 100)):
+        raise ValueError(f"threshold of {rule.name}: {percent:g} %: {problem}")
+    return percent
+
+
 @bp.route("/settings", methods=["GET", "POST"])
 @access.admin_required
 def settings():
@@ -236,9 +246,7 @@ def settings():
     rules = policy.load_rules(config.policy.rules)
     if request.method == "POST":
         try:
-            thresholds = {
-                rule.name: _number(f"threshold.{rule.name}", 0, 100, f"threshold of {rule.name}") for rule in rules
-            }
+            thresholds = {rule.name: _threshold(rule) for rule in rules}
             days = {key: _number(key, 0.01, 36500, label) for key, (label, _attr) in RETENTION.items()}
         except ValueError as exc:
             flash(f"Not saved: {exc}.", "error")

@@ -49,8 +49,10 @@ def login():
 
 @bp.post("/logout")
 def logout():
-    # Ends this browser's session only: ending every session at logout would need a per-user
-    # counter stored with the user. A password change ends all the others (access.password_stamp).
+    """Ends this login everywhere it is used: this browser's other tabs and their live streams, and
+    any copy of its cookie. Other logins of the same user stay (a password change ends those)."""
+    access.end_login(access.dbs())
+    access.dbs().commit()
     session.clear()
     return redirect(url_for("auth.login"))
 

@@ -76,6 +76,7 @@ def classroom(classroom_id: str):
     open_signals = signals.find(session, [room.id], status="open", limit=50)
     data = {
         "events_url": url_for("live.events", classroom_id=room.id),
+        "state_url": url_for("api.classroom_state", classroom_id=room.id),  # asked why, if the stream closes
         "emotions": list(EMOTIONS),
         "gauges": list(present.GAUGES),
         "history_s": int(HISTORY.total_seconds()),

@@ -86,10 +86,21 @@ _SCHEMAS = {
             "course_id": {"type": "string"},
             "kind": {"type": "string", "enum": list(KINDS)},
             "kind_label": {"type": "string", "example": "Slow down"},
-            "strength": {"type": "number", "minimum": 0, "maximum": 1},
+            "strength": {
+                "type": "number", "minimum": 0, "maximum": 1,
+                "description": "0.5 exactly at the rule's threshold, rising to 1 at the far end of the 0..1 scale",
+            },
             "reason": {"type": "string"},
             "evidence": {"type": "object", "description": "affectedge.v1.Evidence as JSON"},
-            "evidence_text": {"type": "string", "description": "the evidence in one plain sentence"},
+            "evidence_text": {"type": "string", "description": "the evidence in one plain sentence (times in UTC)"},
+            "evidence_pieces": {
+                "type": "array",
+                "description": "evidence_text as text and time pieces, for showing the times in the reader's zone",
+                "items": {
+                    "type": "object",
+                    "properties": {"text": {"type": "string"}, "time": {"type": "string", "format": "date-time"}},
+                },
+            },
             "created_at": {"type": "string", "format": "date-time"},
             "status": {"type": "string", "enum": list(STATUSES)},
             "handled_by": {"type": "string", "nullable": True},

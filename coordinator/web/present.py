@@ -59,23 +59,37 @@ def agent_json(agent: db.Agent, now: datetime, offline_after_s: float) -> dict:
     }
 
 
-def evidence_text(evidence: pb.Evidence) -> str:
-    """The evidence of a signal in plain words an instructor can check against the chart.
+def evidence_pieces(evidence: pb.Evidence) -> list[dict]:
+    """The evidence of a signal in plain words an instructor can check against the chart, as
+    ``{"text": ...}`` and ``{"time": ISO 8601 UTC}`` pieces: the dashboard shows the times in the
+    reader's zone, like every other time on its pages.
 
     Every rule tests a share of learners' states (0..1), so numbers are shown as percentages.
     """
-    sentence = f"Measured {evidence.observed:.0%} against a threshold of {evidence.threshold:.0%}"
+    lead = f"Measured {evidence.observed:.0%} against a threshold of {evidence.threshold:.0%}"
+    pieces = [{"text": lead}]
     if evidence.HasField("window_start") and evidence.HasField("window_end"):
-        start, end = evidence.window_start.ToDatetime(), evidence.window_end.ToDatetime()
-        sentence += f" over {start:%H:%M:%S}–{end:%H:%M:%S} UTC"
+        pieces += [
+            {"text": " over "}, {"time": iso(evidence.window_start.ToDatetime())},
+            {"text": "–"}, {"time": iso(evidence.window_end.ToDatetime())},
+        ]
+    rest = ""
     if evidence.learners:
-        sentence += f" with {evidence.learners} learner{'s' if evidence.learners != 1 else ''} in view"
-    sentence += f" (rule {evidence.rule})."
+        rest += f" with {evidence.learners} learner{'s' if evidence.learners != 1 else ''} in view"
+    rest += f" (rule {evidence.rule})."
     mix = sorted(states.from_messages(evidence.states).items(), key=lambda kv: -kv[1])
     mix_words = [f"{name} {score:.0%}" for name, score in mix[:3] if score >= 0.005]
     if mix_words:
-        sentence += f" Class mix then: {', '.join(mix_words)}."
-    return sentence
+        rest += f" Class mix then: {', '.join(mix_words)}."
+    return [*pieces, {"text": rest}]
+
+
+def evidence_text(evidence: pb.Evidence) -> str:
+    """:func:`evidence_pieces` as one sentence for CSV and API readers, its times in UTC and saying so."""
+    return "".join(
+        piece["text"] if "text" in piece else f"{datetime.fromisoformat(piece['time']):%H:%M:%S} UTC"
+        for piece in evidence_pieces(evidence)
+    )
 
 
 def kind_label(kind: int) -> str:
@@ -96,6 +110,7 @@ def signal_json(signal: pb.AdaptationSignal, row: db.Signal | None = None) -> di
         "reason": signal.reason,
         "evidence": json_format.MessageToDict(signal.evidence, preserving_proto_field_name=True),
         "evidence_text": evidence_text(signal.evidence),
+        "evidence_pieces": evidence_pieces(signal.evidence),
         "created_at": iso(signal.created_at.ToDatetime()),
         "status": row.status if row else "open",
         "handled_by": row.handled_by if row else None,

@@ -51,7 +51,9 @@ const AEChart = (() => {
     return {x: Date.parse(t), shares: distribution};
   }
 
-  function create(canvas, emotions, points) {
+  /* ``empty`` ({min, max} in ms): the x range while there are no points, which Chart.js would
+   * otherwise start at 0, i.e. 1970; the first pushed point lets the data set the range again. */
+  function create(canvas, emotions, points, empty) {
     const datasets = emotions.map((name, i) => ({
       label: name,
       data: points.map((p) => ({x: p.x, y: p.shares ? 100 * p.shares[i] : null})),
@@ -71,7 +73,7 @@ const AEChart = (() => {
         parsing: true,
         interaction: {mode: "nearest", axis: "x", intersect: false},
         scales: {
-          x: {type: "linear", ticks: {callback: timeLabel, maxTicksLimit: 8}},
+          x: {type: "linear", ...(points.length ? {} : empty), ticks: {callback: timeLabel, maxTicksLimit: 8}},
           y: {stacked: true, min: 0, max: 100, title: {display: true, text: "% of learners"}},
         },
         plugins: {
@@ -90,6 +92,8 @@ const AEChart = (() => {
   /* Append a point and drop the ones older than keepMs. */
   function push(chart, p, keepMs) {
     const cutoff = p.x - keepMs;
+    delete chart.options.scales.x.min;
+    delete chart.options.scales.x.max;
     chart.data.datasets.forEach((ds, i) => {
       ds.data.push({x: p.x, y: p.shares ? 100 * p.shares[i] : null});
       while (ds.data.length && ds.data[0].x < cutoff) ds.data.shift();

@@ -10,6 +10,7 @@ document.addEventListener("DOMContentLoaded", () => {
   const chart = AEChart.create(
     $("emotion-chart"), data.emotions,
     data.history.map((p) => AEChart.point(p.t, p.suppressed ? null : p.distribution)),
+    {min: Date.now() - data.history_s * 1000, max: Date.now()},
   );
 
   const mixItems = {};
@@ -53,10 +54,22 @@ document.addEventListener("DOMContentLoaded", () => {
       ? "Emotion shares now: " + data.emotions.map((n, i) => `${n} ${percent(shares[i])}`).join(", ")
       : `Fewer than ${s.k} learners in view: emotion shares hidden`);
     if (s.agents) showAgents(s.agents);
-    if (live) AEChart.push(chart, AEChart.point(s.window_end, shares), data.history_s * 1000);
+    if (live) {
+      AEChart.push(chart, AEChart.point(s.window_end, shares), data.history_s * 1000);
+      $("chart-empty").hidden = true;
+    }
   }
 
   const template = $("signal-template");
+  /* One piece of a signal's evidence sentence: text, or a time (localized with the card). */
+  function evidencePiece(piece) {
+    if (!piece.time) return document.createTextNode(piece.text);
+    const time = document.createElement("time");
+    time.setAttribute("datetime", piece.time);
+    time.dataset.local = "time";
+    return time;
+  }
+
   function addSignal(sig) {
     if (document.querySelector(`#signals [data-signal-id="${CSS.escape(sig.id)}"]`)) return;
     const card = template.content.firstElementChild.cloneNode(true);
@@ -66,7 +79,7 @@ document.addEventListener("DOMContentLoaded", () => {
     card.querySelector(".signal-strength").textContent = `strength ${percent(sig.strength)}`;
     card.querySelector(".signal-time").setAttribute("datetime", sig.created_at);
     card.querySelector(".signal-reason").textContent = sig.reason;
-    card.querySelector(".signal-evidence").textContent = sig.evidence_text;
+    card.querySelector(".signal-evidence").replaceChildren(...sig.evidence_pieces.map(evidencePiece));
     const form = card.querySelector("form");
     form.setAttribute("action", form.getAttribute("action").replace("__ID__", encodeURIComponent(sig.id)));
     AE.localTimes(card);
@@ -88,7 +101,7 @@ document.addEventListener("DOMContentLoaded", () => {
       card.classList.add("handled");
       form.replaceWith(note);
     } catch (error) {
-      note.textContent = `Not saved: ${error.message}`;
+      note.replaceChildren(...AE.explain(error, "Not saved: "));
       note.setAttribute("role", "alert");
       form.querySelectorAll("button").forEach((b) => { b.disabled = false; });
       form.after(note);
@@ -96,13 +109,26 @@ document.addEventListener("DOMContentLoaded", () => {
   });
 
   const connection = $("connection");
-  function setConnection(state, text) { connection.dataset.state = state; connection.textContent = text; }
+  function setConnection(state, ...content) { connection.dataset.state = state; connection.replaceChildren(...content); }
+
+  /* The browser gave up on the stream (the server refused it): say why, e.g. the login has ended. */
+  async function explainClosed() {
+    try {
+      await AE.request(data.state_url);
+      setConnection("down", "Connection closed: reload the page to reconnect");
+    } catch (error) {
+      setConnection("down", ...AE.explain(error, "Connection closed: "));
+    }
+  }
 
   showState(data.state, false);
   showAgents(data.agents);
   const events = new EventSource(data.events_url);
   events.onopen = () => setConnection("waiting", "Connected · waiting for data from the classroom");
-  events.onerror = () => setConnection("down", "Connection lost · reconnecting…");
+  events.onerror = () => {
+    if (events.readyState === EventSource.CLOSED) explainClosed();
+    else setConnection("down", "Connection lost · reconnecting…");
+  };
   events.addEventListener("state", (e) => {
     setConnection("live", "Live");
     showState(JSON.parse(e.data), true);
