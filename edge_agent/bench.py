@@ -78,7 +78,7 @@ def bench(video: Path, config: AgentConfig, max_frames: int | None = None) -> di
                 image = next(decoded, None)
             if image is None:
                 break
-            pipeline.process(image, time.time())
+            pipeline.process(image, time.monotonic())
             frames += 1
             visible = len(pipeline.tracker.visible())
             with_face += visible > 0

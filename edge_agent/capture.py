@@ -33,7 +33,7 @@ NETWORK_TIMEOUT_MS = 5000
 @dataclass(frozen=True)
 class Frame:
     image: np.ndarray   # BGR uint8
-    timestamp: float    # wall-clock seconds when it was decoded
+    timestamp: float    # time.monotonic() when it was grabbed: a wall-clock step cannot reorder or stretch frames
     index: int          # per-camera counter of decoded frames
 
 
@@ -164,7 +164,7 @@ class Camera:
                 backoff = 1.0
                 next_decode = max(next_decode + self.min_interval, now - self.min_interval)
                 index += 1
-                self._publish(Frame(image, time.time(), index))
+                self._publish(Frame(image, now, index))
             capture.release()
             self.connected = False
             if not self._stop.is_set():

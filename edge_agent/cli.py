@@ -16,12 +16,16 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from affectedge.cli_args import positive_int
 from affectedge.settings import ConfigError
 from edge_agent import config as agent_config
 from edge_agent.capture import describe, has_frames, open_capture
-from edge_agent.config import AgentConfig
+from edge_agent.config import AgentConfig, MqttSection
+
+if TYPE_CHECKING:
+    import paho.mqtt.client as mqtt
 
 log = logging.getLogger("edge_agent")
 INSTALL_SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "systemd" / "install.sh"
@@ -91,6 +95,31 @@ def _check_camera(source: str) -> Callable[[], str]:
     return check
 
 
+def _check_spool(config: AgentConfig) -> str:
+    """Open the spool as ``run`` does (service.open_spool), so a spool.path ``run`` refuses fails here too.
+
+    The default path is $STATE_DIRECTORY's, which only the unit has: run by hand, that is the unit's
+    state directory, not this working directory. A spool file this check creates is removed again:
+    made by another user than the service's (say root), it would lock the service out of it."""
+    from edge_agent.service import open_spool
+
+    section = config.spool
+    if "path" not in section.model_fields_set and "STATE_DIRECTORY" not in os.environ:
+        return "spool.path is not set: the unit keeps it in its StateDirectory= (created by systemd)"
+    existed = section.path.exists()
+    try:
+        spool = open_spool(section)
+    except SystemExit as exc:  # a full disk, which `run` exits 1 for
+        raise RuntimeError(exc.code) from None
+    waiting = spool.depth
+    spool.close()
+    if not existed:
+        for created in (section.path, Path(f"{section.path}-wal"), Path(f"{section.path}-shm")):
+            created.unlink(missing_ok=True)
+        return f"{section.path}: can be created"
+    return f"{section.path}: {waiting} batches waiting"
+
+
 def _check_tls(config: AgentConfig) -> str:
     from edge_agent.publisher import tls_context
 
@@ -100,45 +129,75 @@ def _check_tls(config: AgentConfig) -> str:
 
 
 def _check_broker(config: AgentConfig) -> str:
-    from edge_agent.publisher import make_client, unreachable
+    """Connect as the agent does and, on MQTT 5, publish one test message as its batches go (QoS 1): the
+    broker's ACL answers only in the PUBACK, so a connection alone said ok to an agent whose every batch
+    the broker refuses. MQTT 3.1.1 has no PUBACK reason codes: there the connection is all we can test."""
+    from edge_agent.publisher import make_client
 
     mqtt_config = config.mqtt
     client = make_client(mqtt_config, client_id=f"affectedge-check-{config.agent.id}-{os.getpid()}")
-    answered, result = threading.Event(), {}
-
-    def on_connect(client, userdata, flags, reason_code, properties):
-        result["code"] = reason_code
-        answered.set()
-
-    def on_disconnect(client, userdata, flags, reason_code, properties):
-        result.setdefault("code", reason_code)  # closed before CONNACK, e.g. a rejected client certificate
-        answered.set()
-
-    client.on_connect = on_connect
-    client.on_disconnect = on_disconnect
     socket.setdefaulttimeout(CHECK_TIMEOUT_S)
     try:
-        try:
-            client.connect(mqtt_config.host, mqtt_config.port, mqtt_config.keepalive_s)
-        except OSError as exc:  # refused, no route, unknown host, TLS handshake: all say the same to the admin
-            raise RuntimeError(unreachable(mqtt_config, exc)) from None
-        client.loop_start()
-        if not answered.wait(CHECK_TIMEOUT_S):
-            raise RuntimeError(f"no answer from {mqtt_config.host}:{mqtt_config.port} in {CHECK_TIMEOUT_S:.0f} s")
-        if result["code"].is_failure or not client.is_connected():
-            raise RuntimeError(f"{mqtt_config.host}:{mqtt_config.port} refused the connection ({result['code']}): "
-                               "check username/password, the client certificate and the broker's ACL")
+        _connect(client, mqtt_config)
+        published = f" and a test message on {_publish_probe(client, config)}" if mqtt_config.protocol == "5" else ""
     finally:
         socket.setdefaulttimeout(None)
         client.disconnect()
         client.loop_stop()
-    return f"{mqtt_config.host}:{mqtt_config.port} accepted the connection (MQTT {mqtt_config.protocol})"
+    return f"{mqtt_config.host}:{mqtt_config.port} accepted the connection (MQTT {mqtt_config.protocol}){published}"
+
+
+def _connect(client: mqtt.Client, mqtt_config: MqttSection) -> None:
+    """Connect ``client`` and start its loop, or raise RuntimeError saying why the broker is not usable:
+    unreachable, closed before its CONNACK (TLS or protocol mismatch), or refused in it (credentials)."""
+    from edge_agent.publisher import connection_refused, unreachable
+
+    answered, connack = threading.Event(), []
+
+    def on_connect(client, userdata, flags, reason_code, properties) -> None:
+        connack.append(reason_code)
+        answered.set()
+
+    client.on_connect = on_connect
+    client.on_disconnect = lambda *_: answered.set()  # after the CONNACK, or without one
+    try:
+        client.connect(mqtt_config.host, mqtt_config.port, mqtt_config.keepalive_s)
+    except OSError as exc:  # refused, no route, unknown host, TLS handshake: all say the same to the admin
+        raise RuntimeError(unreachable(mqtt_config, exc)) from None
+    client.loop_start()
+    if not answered.wait(CHECK_TIMEOUT_S):
+        raise RuntimeError(connection_refused(mqtt_config, None, CHECK_TIMEOUT_S))
+    if not connack or connack[0].is_failure:
+        raise RuntimeError(connection_refused(mqtt_config, connack[0] if connack else None))
+
+
+def _publish_probe(client: mqtt.Client, config: AgentConfig) -> str:
+    """Publish the test message (QoS 1, not retained) and return its topic, or raise RuntimeError with the
+    broker's PUBACK refusal and what to fix, as ``run`` would log it for every batch."""
+    from edge_agent.publisher import QOS, probe_topic, refusal_fix
+
+    topic, acked, puback = probe_topic(config.agent), threading.Event(), []
+
+    def on_publish(client, userdata, mid, reason_code, properties) -> None:
+        puback.append(reason_code)
+        acked.set()
+
+    client.on_publish = on_publish
+    client.publish(topic, b"edge-agent check", QOS)
+    if not acked.wait(CHECK_TIMEOUT_S):
+        raise RuntimeError(f"no PUBACK for a test message on {topic} in {CHECK_TIMEOUT_S:.0f} s: the broker's "
+                           "log says why")
+    if puback[0].is_failure:
+        raise RuntimeError(f"the broker refused a test message on {topic} ({puback[0]}): "
+                           f"{refusal_fix(puback[0], config.agent)}")
+    return topic
 
 
 def check(config: AgentConfig) -> int:
     """One line per check; exit status 1 if any failed."""
     checks: list[tuple[str, Callable[[], str]]] = [("model", lambda: _check_model(config))]
     checks += [(f"camera {c.id}", _check_camera(c.source)) for c in config.cameras]
+    checks.append(("spool", lambda: _check_spool(config)))
     if config.mqtt.tls is not None:
         checks.append(("tls", lambda: _check_tls(config)))
     checks.append(("broker", lambda: _check_broker(config)))
@@ -213,7 +272,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, default=agent_config.DEFAULT_PATH,
                      help=f"agent config (default: {agent_config.DEFAULT_PATH})")
     run.set_defaults(func=cmd_run)
-    chk = sub.add_parser("check", help="check model, cameras, TLS files and broker; one line each")
+    chk = sub.add_parser("check", help="check model, cameras, spool, TLS files and broker "
+                                           "(with a test message on MQTT 5); one line each")
     chk.add_argument("--config", type=Path, default=agent_config.DEFAULT_PATH,
                      help=f"agent config (default: {agent_config.DEFAULT_PATH})")
     chk.set_defaults(func=cmd_check)

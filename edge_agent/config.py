@@ -117,7 +117,8 @@ class TlsSection(Section):
 
 
 class MqttSection(Section):
-    host: str = "localhost"
+    #: an empty host would pass here and crash paho in the service (a restart loop): refused as a config error
+    host: str = Field("localhost", min_length=1)
     port: int = Field(1883, ge=1, le=65535)
     #: "5" (content type as a message property) or "3.1.1" (for brokers without MQTT 5)
     protocol: Literal["5", "3.1.1"] = "5"

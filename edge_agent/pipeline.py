@@ -45,6 +45,13 @@ class Model(Protocol):
     def classify(self, windows: np.ndarray) -> np.ndarray: ...
 
 
+def wall_clock(monotonic_s: float) -> float:
+    """The wall-clock time of the instant ``monotonic_s`` (a ``time.monotonic()`` value). Frames are stamped
+    monotonic and converted here, once, as an observation leaves: a clock step (NTP, an admin) between
+    frames would otherwise give a window spanning the step, or ending after the batch's ``sent_at``."""
+    return time.time() - (time.monotonic() - monotonic_s)
+
+
 class StageClock:
     """Wall time per pipeline stage, for ``edge-agent bench`` (the service runs without one)."""
 
@@ -65,7 +72,7 @@ def _no_clock(stage: str) -> contextlib.nullcontext:
 
 
 class Window:
-    """The last T embeddings of one track (a ring), with their capture times and quality.
+    """The last T embeddings of one track (a ring), with their capture times (monotonic) and quality.
 
     ``cycled``: the model sees a track's faces through a view cycle, so a young track's window is
     padded with its embeddings in turn (views 0, 1, 2, 0, 1, 2, ...: consecutive views, as the head
@@ -98,11 +105,12 @@ class Window:
 
     def observation(self, camera_id: str, track_id: int, probs: np.ndarray) -> pb.EmotionObservation:
         n = min(self.count, len(self.times))
-        times = self.times[:n]
+        first, last = self.times[:n].min(), self.times[:n].max()
+        end = wall_clock(last)  # one conversion: the window is exactly as long as its frames span
         best = int(np.argmax(probs))
         return pb.EmotionObservation(
             camera_id=camera_id, track_id=track_id,
-            window_start=timestamp(times.min()), window_end=timestamp(times.max()),
+            window_start=timestamp(end - (last - first)), window_end=timestamp(end),
             label=codec.label_of(best), probabilities=probs.tolist(), confidence=float(probs[best]),
             frames=n,
             # only the combined score leaves the process (the coordinator weighs by it): a learner's
@@ -129,7 +137,7 @@ class CameraPipeline:
         self._frames_at_collect = 0
 
     def process(self, image: np.ndarray, t: float) -> None:
-        """Run one BGR frame captured at wall-clock time ``t`` through the pipeline."""
+        """Run one BGR frame captured at ``t`` (``time.monotonic()``, see :func:`wall_clock`) through the pipeline."""
         with self.stage("track"):
             gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
             self.tracker.follow(gray)

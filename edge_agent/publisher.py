@@ -59,6 +59,11 @@ REFUSAL_FIXES = {
     0x97: "the broker's quota for this client is used up; it passes, or raise the broker's limits",
 }
 DEFAULT_FIX = "the broker's log says why"
+# CONNACK reason codes (paho maps MQTT 3.1.1's return codes to them): a protocol version the broker lacks, and
+# who we are (client identifier, user name or password, not authorized, banned, authentication method)
+UNSUPPORTED_PROTOCOL = 0x84
+KEEPALIVE_TIMEOUT = 0x8D  # paho's disconnect reason when the broker stayed silent, e.g. no CONNACK
+CREDENTIAL_REFUSALS = frozenset({0x85, 0x86, 0x87, 0x8A, 0x8C})
 # a connection the broker closes sooner than this after CONNACK counts as dropped at once: paho starts its
 # reconnect delay again at 1 s after every CONNACK, so without our own back-off such a broker is redialled
 # every second for ever (e.g. two agents with the same id taking the session from each other)
@@ -69,6 +74,19 @@ def timestamp(seconds: float) -> Timestamp:
     stamp = Timestamp()
     stamp.FromNanoseconds(int(seconds * 1e9))
     return stamp
+
+
+def probe_topic(agent: AgentSection) -> str:
+    """Where ``edge-agent check`` publishes its one test message: under the agent's own topics, so the ACL
+    that lets it publish batches covers it (``coordinator provision-agent`` grants .../<classroom>/<agent>/#),
+    and a level deeper than the wire contract's topics, so no consumer receives it (the coordinator
+    subscribes .../+/+/observations and .../+/+/status; :data:`affectedge.topics.ALL` is .../+/+/+)."""
+    return f"{topics.PREFIX}/{agent.classroom}/{agent.id}/check/probe"
+
+
+def refusal_fix(reason_code: ReasonCode, agent: AgentSection) -> str:
+    """What to fix for a PUBACK refusal (:data:`REFUSAL_FIXES`)."""
+    return REFUSAL_FIXES.get(reason_code.value, DEFAULT_FIX).format(agent=agent.id, classroom=agent.classroom)
 
 
 def tls_context(tls: TlsSection) -> ssl.SSLContext:
@@ -94,6 +112,29 @@ def unreachable(config: MqttSection, error: BaseException | None) -> str:
     reason = (getattr(error, "strerror", None) or str(error) or type(error).__name__) if error else "unknown reason"
     return (f"cannot reach {config.host}:{config.port} ({reason}): check mqtt.host/port/tls and that the "
             "broker runs")
+
+
+def connection_refused(config: MqttSection, reason_code: ReasonCode | None, waited_s: float | None = None) -> str:
+    """One line for a broker that did not take a connection: refused in its CONNACK (``reason_code``), or no
+    CONNACK at all (None): closed at once, or silent for ``waited_s``. Said by ``run`` and ``check`` alike,
+    so both point the admin at the setting that is wrong, not at the credentials for every failure."""
+    where = f"{config.host}:{config.port}"
+    if reason_code is None:
+        what = f"sent no CONNACK in {waited_s:.0f} s" if waited_s else "closed the connection before accepting it"
+        tls = ("check the broker accepts the client certificate in [mqtt.tls]" if config.tls is not None else
+               "if that port is the broker's TLS listener, add [mqtt.tls] (or use its plain port)")
+        protocol = ('; if the broker speaks MQTT 3.1.1 only, set mqtt.protocol = "3.1.1"'
+                    if config.protocol == "5" else "")
+        return f"{where} {what}: {tls}{protocol}"
+    if reason_code.value == UNSUPPORTED_PROTOCOL:
+        fix = ('the broker speaks MQTT 3.1.1 only: set mqtt.protocol = "3.1.1"' if config.protocol == "5" else
+               "the broker does not speak MQTT 3.1.1 either: check mqtt.host/port point at an MQTT broker")
+    elif reason_code.value in CREDENTIAL_REFUSALS:
+        fix = ("check mqtt.username/password (`coordinator provision-agent` prints them) and that the broker's "
+               "ACL knows this agent")
+    else:
+        fix = DEFAULT_FIX
+    return f"{where} refused the connection ({reason_code}): {fix}"
 
 
 def make_client(config: MqttSection, client_id: str) -> mqtt.Client:
@@ -141,7 +182,9 @@ class Publisher:
         self._resend_from: int | None = None
         self._resend_at = 0.0
         self._backoff = 0.0
-        self._warned_unreachable = False  # once per outage, not once per retry
+        # why the broker could not be used, warned once per outage and cause, not once per retry
+        self._warned_outage: str | None = None
+        self._answered = False  # the broker sent a CONNACK on this connection (paho's thread)
         # the largest packet the broker takes (its CONNACK's Maximum Packet Size) and how we know it
         self._max_packet = FALLBACK_MAX_PACKET
         self._max_packet_source = "assumed until the broker is reached"
@@ -332,9 +375,8 @@ class Publisher:
         # a refusal repeats for every message until it is fixed or passes: say it once per outcome, so a
         # refused status does not hide that batches are refused too
         if outcome not in self._warned_refused:
-            fix = REFUSAL_FIXES.get(reason_code.value, DEFAULT_FIX).format(
-                agent=self.agent.id, classroom=self.agent.classroom)
-            log.warning("the broker refused a message on %s (%s): %s; %s", topic, reason_code, outcome, fix)
+            log.warning("the broker refused a message on %s (%s): %s; %s", topic, reason_code, outcome,
+                        refusal_fix(reason_code, self.agent))
             self._warned_refused.add(outcome)
 
     def _warn_disk_full(self, exc: DiskFull) -> None:
@@ -366,9 +408,9 @@ class Publisher:
         return info
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._answered = True
         if reason_code.is_failure:
-            log.warning("broker %s:%d refused the connection: %s; retrying",
-                        self.config.host, self.config.port, reason_code)
+            self._warn_outage(connection_refused(self.config, reason_code))
             return
         advertised = getattr(properties, "MaximumPacketSize", None)
         self._max_packet = advertised or FALLBACK_MAX_PACKET
@@ -377,22 +419,26 @@ class Publisher:
                  self.config.port, self.config.protocol, self._max_packet, self._max_packet_source)
         self._connected_at = time.monotonic()
         self.connected.set()
-        self._warned_full = self._warned_unreachable = False
+        self._warned_full = False
+        self._warned_outage = None
         self._warned_refused.clear()
         self._warned_size.clear()
         self.publish_status(self._status())
         self._wake.set()
 
     def _on_connect_fail(self, client, userdata) -> None:
-        if self._warned_unreachable:
-            return
         # paho calls this from inside its `except OSError:` and passes no error: it is the one in flight
-        log.warning("%s; spooling batches and retrying (run `edge-agent check` to test the settings)",
-                    unreachable(self.config, sys.exc_info()[1]))
-        self._warned_unreachable = True
+        self._warn_outage(unreachable(self.config, sys.exc_info()[1]))
+
+    def _warn_outage(self, cause: str) -> None:
+        """Say why the broker cannot be used once per outage and cause: paho retries every few seconds."""
+        if cause != self._warned_outage:
+            log.warning("%s; spooling batches and retrying (run `edge-agent check` to test the settings)", cause)
+            self._warned_outage = cause
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        """Warn, and back off from a broker that keeps closing connections at once (see :data:`STABLE_S`)."""
+        """Warn, and back off from a broker that keeps closing connections at once (see :data:`STABLE_S`);
+        one that closes before its CONNACK never accepted us, which is said once per outage."""
         if self.connected.is_set() and not self._stopping.is_set():
             lasted = time.monotonic() - self._connected_at
             if lasted < STABLE_S:
@@ -404,6 +450,11 @@ class Publisher:
                 self._redial_s = 1
                 log.warning("lost the broker (%s); spooling batches and reconnecting", reason_code)
             client.reconnect_delay_set(self._redial_s, self.config.max_backoff_s)
+        elif not self._answered and not self._stopping.is_set():
+            # no CONNACK: plain MQTT to a TLS port (closed), MQTT 5 to amqtt with a Will (silent), ...
+            silent = reason_code.value == KEEPALIVE_TIMEOUT
+            self._warn_outage(connection_refused(self.config, None, self.config.keepalive_s if silent else None))
+        self._answered = False
         self.connected.clear()
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -441,7 +492,8 @@ class Publisher:
             time.sleep(0.05)
         self._stopping.set()
         self._wake.set()
-        self._sender.join(5)
+        if self._sender.is_alive():  # not started when start() itself failed; the agent still shuts down
+            self._sender.join(5)
         info = self.publish_status(final)
         if info is not None:
             try:

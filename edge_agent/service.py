@@ -131,9 +131,17 @@ class Agent:
         new_frame = threading.Event()
         for camera in self.cameras:
             camera.start(new_frame)
-        for camera in self.cameras:  # so the first status tells the truth about the cameras
-            camera.tried.wait(NETWORK_TIMEOUT_MS / 1000 + 1)
-        self.publisher.start(self.status)
+        # from here on every way out stops the camera threads: one left inside OpenCV at exit aborts the process
+        try:
+            for camera in self.cameras:  # so the first status tells the truth about the cameras
+                camera.tried.wait(NETWORK_TIMEOUT_MS / 1000 + 1)
+            self.publisher.start(self.status)
+            self._loop(new_frame)
+        finally:
+            self.shutdown()
+
+    def _loop(self, new_frame: threading.Event) -> None:
+        """Process frames, publish batches and statuses and ping the watchdog until asked to stop."""
         sd_notify("READY=1")
         log.info("agent %s/%s running: %d camera(s), model %s on %s, publishing to %s:%d",
                  self.config.agent.classroom, self.config.agent.id, len(self.cameras),
@@ -142,29 +150,26 @@ class Agent:
         last_publish = last_status = last_ping = time.monotonic()
         ping_every = watchdog_period()
         degraded = None  # forces the first report
-        try:
-            while not self.stopping.is_set():
-                new_frame.wait(0.05)
-                new_frame.clear()
-                for camera in self.cameras:
-                    frame = camera.take()
-                    if frame is not None:
-                        self.pipelines[camera.id].process(frame.image, frame.timestamp)
-                now = time.monotonic()
-                if now - last_publish >= out.interval_s:
-                    self.publish(now - last_publish)
-                    last_publish = now
-                lost = not all(c.connected for c in self.cameras)
-                if lost != degraded or now - last_status >= out.status_interval_s:
-                    status = self.status()
-                    self._report(status)
-                    self.publisher.publish_status(status)
-                    degraded, last_status = lost, now
-                if ping_every and now - last_ping >= ping_every:
-                    sd_notify("WATCHDOG=1")
-                    last_ping = now
-        finally:
-            self.shutdown()
+        while not self.stopping.is_set():
+            new_frame.wait(0.05)
+            new_frame.clear()
+            for camera in self.cameras:
+                frame = camera.take()
+                if frame is not None:
+                    self.pipelines[camera.id].process(frame.image, frame.timestamp)
+            now = time.monotonic()
+            if now - last_publish >= out.interval_s:
+                self.publish(now - last_publish)
+                last_publish = now
+            lost = not all(c.connected for c in self.cameras)
+            if lost != degraded or now - last_status >= out.status_interval_s:
+                status = self.status()
+                self._report(status)
+                self.publisher.publish_status(status)
+                degraded, last_status = lost, now
+            if ping_every and now - last_ping >= ping_every:
+                sd_notify("WATCHDOG=1")
+                last_ping = now
 
     def _report(self, status: pb.AgentStatus) -> None:
         """One log line for the admin: how each camera is doing and whether batches are piling up."""

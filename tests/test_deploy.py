@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -56,3 +57,26 @@ def test_broker_reload_path_unit_watches_the_acl_the_broker_reads(tmp_path: Path
                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "affectedge-broker-reload" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(("running", "restarted"), [(True, True), (False, False)])
+def test_reinstalling_restarts_a_running_agent_and_a_first_install_says_how_to_start(tmp_path: Path, running: bool,
+                                                                                   restarted: bool):
+    """An upgrade told the admin to `systemctl start` the unit, which does nothing while it runs: the agent
+    kept the old code and model until a reboot. install.sh's last step, run alone against a stub systemctl."""
+    calls, stubs = tmp_path / "systemctl-calls", tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "systemctl").write_text(f'#!/bin/sh\necho "$*" >> {calls}\n'
+                                     f'[ "$1" != is-active ] || exit {0 if running else 3}\n')
+    (stubs / "id").write_text("#!/bin/sh\necho 65534\n")  # should sourcing ever run the steps: not as root
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    script = ROOT / "deploy" / "systemd" / "install.sh"
+    result = subprocess.run(["bash", "-c", f'source "{script}" && finish'], capture_output=True, text=True,
+                            timeout=30, env={**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr
+    called = calls.read_text().splitlines()
+    assert called[0] == "is-active --quiet affectedge-agent.service"
+    assert ("try-restart affectedge-agent.service" in called) is restarted
+    assert ("has been restarted" in result.stdout) is restarted
+    assert ("sudo systemctl start affectedge-agent.service" in result.stdout) is not restarted

@@ -10,12 +10,18 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, start_mosquitto
 from edge_support import AGENT_CMD, SAMPLE, Subscriber, edge_agent, needs_models, write_config
 from google.protobuf.descriptor import FieldDescriptor
+from paho.mqtt.client import topic_matches_sub
 
 from affectedge import codec, topics
 from affectedge.v1 import affectedge_pb2 as pb
+from coordinator.embedded_broker import EmbeddedBroker
+from coordinator.ingest import OBSERVATION_FILTER, STATUS_FILTER
+from coordinator.provision import acl_text
+from edge_agent.config import AgentSection
+from edge_agent.publisher import probe_topic
 
 STATUS = topics.status("lab-a", "pc-1")
 OBSERVATIONS = topics.observations("lab-a", "pc-1")
@@ -146,8 +152,9 @@ def test_check_reports_one_line_per_check(mosquitto, tmp_path: Path):
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == ["ok    config", "ok    model", "ok    camera cam0",
-                                                      "ok    broker"]
+                                                      "ok    spool", "ok    broker"]
     assert "640x480" in lines[2]
+    assert not (tmp_path / "spool.sqlite3").exists()  # what check created it removed: run may be another user
 
     bad = write_config(tmp_path / "bad.toml", free_port(), source=tmp_path / "missing.mp4",
                        extra=f'[mqtt.tls]\nca = "{tmp_path / "missing-ca.pem"}"\n')
@@ -155,7 +162,7 @@ def test_check_reports_one_line_per_check(mosquitto, tmp_path: Path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert [line.split(":")[0] for line in result.stdout.splitlines()] == [
-        "ok    config", "ok    model", "FAIL  camera cam0", "FAIL  tls", "FAIL  broker"]
+        "ok    config", "ok    model", "FAIL  camera cam0", "ok    spool", "FAIL  tls", "FAIL  broker"]
     nobody = free_port()
     unreachable = write_config(tmp_path / "unreachable.toml", nobody)
     result = subprocess.run([*AGENT_CMD, "check", "--config", str(unreachable)],
@@ -166,6 +173,51 @@ def test_check_reports_one_line_per_check(mosquitto, tmp_path: Path):
     assert "Traceback" not in result.stdout + result.stderr
 
 
+def run_check(config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*AGENT_CMD, "check", "--config", str(config)], capture_output=True, text=True, timeout=120)
+
+
+@needs_models
+def test_check_names_mqtt_protocol_for_a_broker_without_mqtt_5(tmp_path: Path):
+    """amqtt (the demo's broker) refuses MQTT 5 in its CONNACK: check blamed username/password and the ACL."""
+    broker = EmbeddedBroker(port=free_port())
+    broker.start()
+    try:
+        result = run_check(write_config(tmp_path / "agent.toml", broker.port))
+    finally:
+        broker.stop()
+    assert result.returncode == 1
+    line = result.stdout.splitlines()[-1]
+    assert line.startswith(f"FAIL  broker: 127.0.0.1:{broker.port} refused the connection (Unsupported protocol")
+    assert 'set mqtt.protocol = "3.1.1"' in line and "username" not in line
+
+
+@needs_models
+def test_check_publishes_a_test_message_the_provisioned_acl_must_allow(tmp_path: Path):
+    """A connection alone said ok while the broker's ACL refused every batch: check publishes one message
+    where the ACL `coordinator provision-agent` writes lets the agent publish, and no consumer listens."""
+    probe = probe_topic(AgentSection(id="pc-1", classroom="lab-a"))
+    assert not any(topic_matches_sub(f, probe) for f in (OBSERVATION_FILTER, STATUS_FILTER, topics.ALL))
+    acl = tmp_path / "acl"
+    acl.write_text(acl_text("coordinator", [("pc-1", "lab-b")]))  # provisioned for another classroom
+    broker = start_mosquitto(tmp_path / "mosquitto", f"acl_file {acl}\nuser root")  # root: reads tmp_path
+    config = write_config(tmp_path / "agent.toml", broker.port)
+    config.write_text(config.read_text().replace("max_backoff_s = 1\n", 'max_backoff_s = 1\nusername = "pc-1"\n'))
+    try:
+        refused = run_check(config)
+        acl.write_text(acl_text("coordinator", [("pc-1", "lab-a")]))
+        broker.process.send_signal(signal.SIGHUP)  # mosquitto rereads its ACL
+        allowed = run_check(config)
+    finally:
+        broker.stop()
+    assert refused.returncode == 1
+    assert refused.stdout.splitlines()[-1] == (
+        f"FAIL  broker: the broker refused a test message on {probe} (Not authorized): check the broker ACL allows "
+        "agent 'pc-1' in classroom 'lab-a' to publish there, e.g. re-run `coordinator provision-agent`")
+    assert allowed.returncode == 0, allowed.stdout
+    assert allowed.stdout.splitlines()[-1].endswith(f"accepted the connection (MQTT 5) and a test message on {probe}")
+
+
 @pytest.mark.parametrize(("body", "expected"), [
     ('[agent]\nid = "pc 1"\n', "agent.id"),
     ("[mqtt]\nprot = 1883\n", "unknown key `mqtt.prot`"),
@@ -174,6 +226,7 @@ def test_check_reports_one_line_per_check(mosquitto, tmp_path: Path):
     ("[agent\n", "not valid TOML"),
     ('[model]\nbackend = "tensorrt"\nint8 = true\n', "model_export build --int8"),
     (None, "no such config file"),
+    ('[mqtt]\nhost = ""\n', "key `mqtt.host`"),
     ('[mqtt]\npassword = "s3cret"\n', "key `mqtt`: Value error, `password` is set without `username`"),
     ("[[cameras]]\nwidth = 640\n", "key `cameras.0`: Value error, set both `width` and `height`"),
     ("[[cameras]]\nheight = 480\n", "key `cameras.0`: Value error, set both `width` and `height`"),

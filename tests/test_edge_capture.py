@@ -17,6 +17,10 @@ import pytest
 from edge_support import SAMPLE
 
 from edge_agent.capture import Camera, describe, has_frames, is_file, is_v4l2
+from edge_agent.pipeline import Window
+from edge_agent.quality import Quality
+
+ACCEPTED = Quality(eye_distance=30.0, sharpness=300.0, yaw_deg=0.0, detector_confidence=0.99, score=1.0, reason=None)
 
 
 def short_clip(path: Path, frames: int = 10, fps: int = 50) -> Path:
@@ -95,6 +99,33 @@ def test_fps_cap_limits_decoded_frames(tmp_path: Path):
     finally:
         camera.stop()
     assert 7 <= taken <= 12  # 5 frames/s of a 50 frames/s file
+
+
+def test_a_wall_clock_step_between_frames_does_not_stretch_the_window(tmp_path: Path, monkeypatch):
+    """The wall clock steps an hour ahead (NTP, an admin) while a track's frames arrive: its observation's
+    window must still be as long as its frames span, and end no later than the batch is sent."""
+    camera = Camera("cam0", str(short_clip(tmp_path / "c.mp4")), fps=5)
+    window = Window(4, 1)
+    real_time = time.time
+    camera.start()
+    deadline = time.monotonic() + 20
+    try:
+        while window.count < 4 and time.monotonic() < deadline:
+            if window.count == 2:
+                monkeypatch.setattr(time, "time", lambda: real_time() + 3600)
+            frame = camera.take()
+            if frame is not None:
+                window.push(np.zeros(1, np.float32), frame.timestamp, ACCEPTED)
+                last_taken = frame.timestamp
+            time.sleep(0.01)
+    finally:
+        camera.stop()
+    assert window.count == 4
+    observation = window.observation("cam0", 1, np.full(7, 1 / 7))
+    sent_at = time.time()  # what publish_batch stamps the batch with, on the stepped clock
+    start, end = (stamp.ToNanoseconds() / 1e9 for stamp in (observation.window_start, observation.window_end))
+    assert end - start == pytest.approx(last_taken - window.times.min(), abs=1e-3) and end - start < 60
+    assert end <= sent_at
 
 
 def test_missing_source_is_retried_until_it_appears(tmp_path: Path):

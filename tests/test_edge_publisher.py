@@ -18,6 +18,7 @@ from test_edge_spool import fill_disk, free_disk
 
 from affectedge import codec, topics
 from affectedge.v1 import affectedge_pb2 as pb
+from coordinator.embedded_broker import EmbeddedBroker
 from edge_agent.config import AgentSection, MqttSection
 from edge_agent.publisher import Publisher
 from edge_agent.spool import Spool
@@ -374,3 +375,21 @@ def test_a_broker_closing_each_connection_at_once_is_redialled_with_a_growing_ba
     lost = [m for m in caplog.messages if m.startswith("lost the broker")]
     assert "s after connecting; spooling batches and reconnecting in 2 s" in lost[0]
     assert "reconnecting in 4 s (backing off up to mqtt.max_backoff_s" in lost[1]
+
+
+def test_a_broker_without_mqtt_5_is_named_with_the_protocol_fix(tmp_path, caplog):
+    """amqtt (the demo's broker) speaks MQTT 3.1.1 only; it never answers an MQTT 5 CONNECT with a Last Will."""
+    broker = EmbeddedBroker(port=free_port())
+    broker.start()
+    publisher = Publisher(MqttSection(host="127.0.0.1", port=broker.port, keepalive_s=5, max_backoff_s=1), AGENT,
+                          Spool(tmp_path / "s.sqlite3", 10), "m1")
+    with caplog.at_level("WARNING", logger="edge_agent.publisher"):
+        publisher.start(status)
+        try:
+            wait(lambda: any(r.name == "edge_agent.publisher" for r in caplog.records), timeout=30)
+        finally:
+            publisher.stop(status(), flush_timeout=0)
+            broker.stop()
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "edge_agent.publisher"]
+    assert warning.startswith(f"127.0.0.1:{broker.port} sent no CONNACK in 5 s: ")
+    assert 'if the broker speaks MQTT 3.1.1 only, set mqtt.protocol = "3.1.1"' in warning

@@ -94,6 +94,6 @@ def test_pipeline_counts_rejections_per_camera_and_labels_none_of_them(justin):
     assert [o.track_id for o in observations] == [1]
     (obs,) = observations
     assert len(obs.probabilities) == 7 and obs.frames == 3
-    assert obs.window_start.ToNanoseconds() == 1002 * 10**9
-    assert obs.window_end.ToNanoseconds() == pytest.approx(1002.2e9, abs=1e3)
+    # frames are stamped on the monotonic clock, the window on the wall clock: as long as the frames span
+    assert obs.window_end.ToNanoseconds() - obs.window_start.ToNanoseconds() == pytest.approx(0.2e9, abs=1e3)
     assert summary.faces_present == 1 and len(summary.distribution) == 7 and not summary.rejected

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,6 +103,34 @@ def test_spool_path_under_a_file(tmp_path: Path):
     spool = tmp_path / "file" / "spool.sqlite3"
     line = run_agent(write_config(tmp_path / "agent.toml", free_port(), spool=spool))
     assert f"spool.path = {spool}" in line
+
+
+@needs_models
+def test_check_tries_the_spool_as_run_opens_it(tmp_path: Path):
+    """`check` said ok to a spool.path `run` cannot open (exit 2): a path under a file fails for root too."""
+    (tmp_path / "file").write_text("")
+    spool = tmp_path / "file" / "spool.sqlite3"
+    result = subprocess.run([*AGENT_CMD, "check", "--config", str(write_config(tmp_path / "agent.toml", free_port(),
+                                                                                 spool=spool))],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 1
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("FAIL  spool")]
+    assert f"spool.path = {spool}: cannot open it" in line
+
+
+@needs_models
+def test_a_publisher_that_fails_to_start_leaves_no_camera_running(tmp_path: Path):
+    """paho refuses an empty host only in Publisher.start, after the cameras started: a camera thread left
+    inside OpenCV at exit made the process abort (SIGABRT), which systemd restarted for ever."""
+    from edge_agent import config as agent_config
+    from edge_agent.service import Agent
+
+    agent = Agent(agent_config.load(write_config(tmp_path / "agent.toml", free_port())))
+    # as an empty host reached paho before config validation refused it
+    agent.publisher.config = agent.publisher.config.model_copy(update={"host": ""})
+    with pytest.raises(ValueError, match="Invalid host"):
+        agent.run()
+    assert [t.name for t in threading.enumerate() if t.name.startswith("camera-")] == []
 
 
 @needs_models

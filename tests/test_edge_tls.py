@@ -97,3 +97,38 @@ def test_check_validates_tls_files_and_the_tls_broker(tls_broker, tmp_path: Path
     assert result.returncode == 1
     assert result.stdout.splitlines()[-1].startswith("FAIL  broker: ")
     assert PASSWORD not in result.stdout + result.stderr
+
+
+def test_a_plain_connection_to_the_tls_port_is_named_once_with_the_fix(tls_broker, tmp_path: Path, caplog):
+    """The broker closes a plain MQTT connection to its TLS port before any CONNACK: run said nothing but
+    "broker unreachable" at INFO, for ever."""
+    broker, _, _ = tls_broker
+    config = MqttSection(port=broker.port, host="127.0.0.1", max_backoff_s=1)
+    status = pb.AgentStatus(agent_id="pc-1", classroom_id="lab-a", state=pb.AgentStatus.ONLINE)
+    publisher = Publisher(config, AgentSection(id="pc-1", classroom="lab-a"), Spool(tmp_path / "s.sqlite3", 10), "m1")
+    with caplog.at_level("WARNING", logger="edge_agent.publisher"):
+        publisher.start(lambda: status)
+        try:
+            deadline = time.monotonic() + 15
+            while not caplog.records and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(2.5)  # more attempts, 1 s apart: still one warning for this outage
+        finally:
+            publisher.stop(status, flush_timeout=0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"127.0.0.1:{broker.port} closed the connection before accepting it: ")
+    assert "add [mqtt.tls]" in warnings[0] and 'mqtt.protocol = "3.1.1"' in warnings[0]
+
+
+@needs_models
+def test_check_names_mqtt_tls_for_a_plain_connection_to_the_tls_port(tls_broker, tmp_path: Path):
+    """check blamed username/password and the ACL, which the broker never got to look at."""
+    broker, _, _ = tls_broker
+    config = write_config(tmp_path / "agent.toml", broker.port)
+    result = subprocess.run([*AGENT_CMD, "check", "--config", str(config)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1
+    line = result.stdout.splitlines()[-1]
+    assert line.startswith(f"FAIL  broker: 127.0.0.1:{broker.port} closed the connection before accepting it: ")
+    assert "add [mqtt.tls]" in line and "username" not in line

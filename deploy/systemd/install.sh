@@ -13,7 +13,8 @@
 #              TensorRT *.engine files and their engines.*.json records, at the same relative paths;
 #              engines already installed are removed first (stale ones would run an older model)
 #   5. config  /etc/affectedge/agent.toml from deploy/agent.example.toml, only if absent (never overwritten)
-#   6. enable  the unit affectedge-agent.service (not started: edit the config, check it, then start)
+#   6. enable  the unit affectedge-agent.service (a first install does not start it: edit the config, check
+#              it, then start; an upgrade restarts it if it runs, or it would keep the old code and model)
 set -euo pipefail
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -23,6 +24,26 @@ UNIT=affectedge-agent.service
 # the system interpreter by default: one under a private home (pyenv in /root) is not runnable by the service user
 PYTHON=${PYTHON:-$(command -v /usr/bin/python3 || command -v python3 || true)}
 PIP_ARGS=${PIP_ARGS:-}
+
+# the last step: restart a running agent (an upgrade: `systemctl start` does nothing on a running unit,
+# which keeps the old code and model until a reboot), else say how to start it. `is-active` fails where
+# systemd does not run (an image build, a chroot). A function, so the tests run it alone: sourcing this
+# script defines it and returns before any step.
+finish() {
+    if systemctl is-active --quiet "$UNIT" 2>/dev/null; then
+        systemctl try-restart "$UNIT"
+        echo "Upgraded: $UNIT was running and has been restarted on the new code and model (journalctl -u $UNIT -f)."
+        return
+    fi
+    cat <<DONE
+Installed. Next:
+  1. edit $CONF/agent.toml (agent id, classroom, cameras, broker)
+  2. cd $PREFIX && sudo -u affectedge $PREFIX/venv/bin/edge-agent check --config $CONF/agent.toml
+     (as the unit runs it: user affectedge in $PREFIX, where the relative model.dir "models" points)
+  3. sudo systemctl start $UNIT && journalctl -u $UNIT -f
+DONE
+}
+[[ "${BASH_SOURCE[0]}" == "$0" ]] || return 0
 
 die() { echo "install.sh: $*" >&2; exit 2; }
 [ "$(id -u)" -eq 0 ] || die "run as root: sudo $0"
@@ -89,11 +110,4 @@ else
     echo "    systemd is not running here: the unit is enabled for the next boot"
 fi
 systemctl enable "$UNIT"
-
-cat <<DONE
-Installed. Next:
-  1. edit $CONF/agent.toml (agent id, classroom, cameras, broker)
-  2. cd $PREFIX && sudo -u affectedge $PREFIX/venv/bin/edge-agent check --config $CONF/agent.toml
-     (as the unit runs it: user affectedge in $PREFIX, where the relative model.dir "models" points)
-  3. sudo systemctl start $UNIT && journalctl -u $UNIT -f
-DONE
+finish
