@@ -61,6 +61,8 @@ class MqttConfig(Section):
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
+    # a broker with use_username_as_clientid (the shipped one) replaces it with `username`: there each
+    # instance needs its own username, as elsewhere its own client_id (two would keep kicking each other)
     client_id: str = "affectedge-coordinator"
     # "" = a plain subscription (one instance only; brokers without shared subscriptions)
     shared_group: str = "coordinators"
@@ -227,6 +229,18 @@ class BrokerConfig(Section):
     host: str = "127.0.0.1"
     port: Port = 1883
     tls: bool = False
+    # the broker user of every coordinator instance, each granted read on every agent's topic; empty =
+    # just this instance's [mqtt] username. One user per instance: the shipped broker ties the session to it
+    coordinator_users: tuple[str, ...] = ()
+
+    @field_validator("coordinator_users")
+    @classmethod
+    def _users(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        """Each becomes a `user` line of the ACL file: a blank or spaced name would grant the wrong user."""
+        for i, user in enumerate(values, 1):
+            if not user or user != "".join(user.split()):
+                raise ValueError(f"user {i} ({user!r}) must be a non-empty broker user name without spaces")
+        return values
 
 
 class CoordinatorConfig(Section):

@@ -199,13 +199,13 @@ def test_check_publishes_a_test_message_the_provisioned_acl_must_allow(tmp_path:
     probe = probe_topic(AgentSection(id="pc-1", classroom="lab-a"))
     assert not any(topic_matches_sub(f, probe) for f in (OBSERVATION_FILTER, STATUS_FILTER, topics.ALL))
     acl = tmp_path / "acl"
-    acl.write_text(acl_text("coordinator", [("pc-1", "lab-b")]))  # provisioned for another classroom
+    acl.write_text(acl_text(["coordinator"], [("pc-1", "lab-b")]))  # provisioned for another classroom
     broker = start_mosquitto(tmp_path / "mosquitto", f"acl_file {acl}\nuser root")  # root: reads tmp_path
     config = write_config(tmp_path / "agent.toml", broker.port)
     config.write_text(config.read_text().replace("max_backoff_s = 1\n", 'max_backoff_s = 1\nusername = "pc-1"\n'))
     try:
         refused = run_check(config)
-        acl.write_text(acl_text("coordinator", [("pc-1", "lab-a")]))
+        acl.write_text(acl_text(["coordinator"], [("pc-1", "lab-a")]))
         broker.process.send_signal(signal.SIGHUP)  # mosquitto rereads its ACL
         allowed = run_check(config)
     finally:

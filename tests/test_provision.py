@@ -11,20 +11,24 @@ import signal
 import subprocess
 import tempfile
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import Broker, free_port, start_mosquitto, wait_for_port
 from outlets import wait_until
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from sqlalchemy import select
 
 from affectedge import topics
-from affectedge.settings import parse
+from affectedge.settings import ConfigError, parse
 from coordinator import db
 from coordinator.cli import main
-from coordinator.config import CoordinatorConfig
-from coordinator.provision import hash_password, provision_agent, set_password
+from coordinator.config import CoordinatorConfig, MqttConfig
+from coordinator.provision import ProvisionError, hash_password, provision_agent, set_password
 from edge_agent.config import AgentConfig
 
 COORDINATOR, COORDINATOR_PASSWORD = "coordinator", "coordinator-broker-password"
@@ -54,22 +58,34 @@ def secured_broker(tmp_path: Path, config: CoordinatorConfig) -> Broker:
 
 
 class Client:
-    """A paho MQTT 5 client that records the CONNACK, PUBACKs and messages it gets."""
+    """A paho MQTT 5 client that records the CONNACK, PUBACKs, messages and disconnections it gets.
 
-    def __init__(self, port: int, user: str, password: str, tls_ca: str | None = None):
+    ``persistent``: a session the broker keeps across disconnections, as coordinator.ingest asks for."""
+
+    def __init__(self, port: int, user: str, password: str, tls_ca: str | None = None,
+                 client_id: str | None = None, persistent: bool = False):
         self.connack: queue.Queue = queue.Queue()
         self.messages: queue.Queue = queue.Queue()
-        self.mqtt = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-{user}", protocol=mqtt.MQTTv5)
+        self.disconnects: list = []
+        self.mqtt = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"test-{user}",
+                                protocol=mqtt.MQTTv5)
         self.mqtt.username_pw_set(user, password)
         if tls_ca:
             self.mqtt.tls_set(ca_certs=tls_ca)
         self.mqtt.on_connect = lambda _c, _u, _f, rc, _p: self.connack.put(rc)
         self.mqtt.on_message = lambda _c, _u, msg: self.messages.put((msg.topic, msg.payload))
-        # a connection dropped before any CONNACK (e.g. plain MQTT to a TLS port) reports its reason too
-        self.mqtt.on_disconnect = lambda _c, _u, _f, rc, _p: self.connack.put(rc)
-        self.mqtt.connect("127.0.0.1" if not tls_ca else "localhost", port)
+        self.mqtt.on_disconnect = self._on_disconnect
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 3600 if persistent else 0
+        self.mqtt.connect("127.0.0.1" if not tls_ca else "localhost", port, clean_start=not persistent,
+                          properties=properties)
         self.mqtt.loop_start()
         self.reason = self.connack.get(timeout=10)
+
+    def _on_disconnect(self, _client, _userdata, _flags, reason, _properties) -> None:
+        self.disconnects.append(reason)
+        # a connection dropped before any CONNACK (e.g. plain MQTT to a TLS port) reports its reason too
+        self.connack.put(reason)
 
     def subscribe(self, *filters: str) -> None:
         granted: queue.Queue = queue.Queue()
@@ -92,9 +108,11 @@ def refused(port: int, user: str, password: str) -> bool:
     return client.reason.is_failure
 
 
-def coordinator_subscriber(port: int, tls_ca: str | None = None) -> Client:
-    """Subscribed the way coordinator.ingest is: a shared subscription to every agent's observations."""
-    client = Client(port, COORDINATOR, COORDINATOR_PASSWORD, tls_ca)
+def coordinator_subscriber(port: int, tls_ca: str | None = None, user: str = COORDINATOR,
+                           password: str = COORDINATOR_PASSWORD) -> Client:
+    """Subscribed the way coordinator.ingest is: with the config's default client id and a persistent
+    session, a shared subscription to every agent's observations."""
+    client = Client(port, user, password, tls_ca, client_id=MqttConfig().client_id, persistent=True)
     assert client.reason == 0
     client.subscribe(topics.shared(f"{topics.PREFIX}/+/+/{topics.OBSERVATIONS}", "coordinators"),
                      f"{topics.PREFIX}/+/+/{topics.STATUS}")
@@ -211,25 +229,30 @@ def test_reprovisioning_rotates_the_password_and_moves_the_agent_after_a_reload(
     assert "room-1" not in Path(config.broker.acl_file).read_text()
 
 
-def test_production_template_serves_tls_to_provisioned_agents(tmp_path):
-    """deploy/mosquitto/mosquitto.conf, with its paths moved into tmp_path, on a real broker."""
+def production_config(tmp_path: Path, **broker) -> CoordinatorConfig:
+    """A coordinator config whose [broker] files sit where deploy/mosquitto/mosquitto.conf's do, moved into
+    tmp_path, with a self-signed certificate for the broker's TLS listener."""
     etc, auth = tmp_path / "etc", tmp_path / "auth"
     etc.mkdir()
     auth.mkdir()
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
                     "/CN=localhost", "-addext", "subjectAltName=DNS:localhost", "-keyout",
                     str(etc / "broker.key"), "-out", str(etc / "broker.crt")], check=True, capture_output=True)
-    config = parse({
+    return parse({
         "mqtt": {"username": COORDINATOR, "password": COORDINATOR_PASSWORD, "tls_ca": str(etc / "broker.crt")},
         "database": {"url": f"sqlite:///{tmp_path / 'coordinator.db'}"},
         "broker": {"passwd_file": str(auth / "passwd"), "acl_file": str(auth / "acl"),
-                   "host": "localhost", "tls": True},
+                   "host": "localhost", "tls": True, **broker},
     }, CoordinatorConfig, "test config")
-    result = provision_agent(config, "agent-1", "room-1")
+
+
+@contextmanager
+def production_broker(tmp_path: Path) -> Iterator[int]:
+    """deploy/mosquitto/mosquitto.conf, with its paths moved into tmp_path, on a real broker: its TLS port."""
     port = free_port()
     conf = (DEPLOY_CONF.read_text()
-            .replace("/etc/mosquitto/affectedge/", f"{etc}/")
-            .replace("/etc/mosquitto/affectedge-auth/", f"{auth}/")
+            .replace("/etc/mosquitto/affectedge/", f"{tmp_path / 'etc'}/")
+            .replace("/etc/mosquitto/affectedge-auth/", f"{tmp_path / 'auth'}/")
             .replace("/var/lib/mosquitto/", f"{tmp_path}/")
             .replace("listener 8883", f"listener {port} 127.0.0.1")
             .replace("log_dest syslog", "log_dest stderr")) + f"\n{STAY_ROOT}\n"
@@ -238,6 +261,16 @@ def test_production_template_serves_tls_to_provisioned_agents(tmp_path):
         process = subprocess.Popen(["mosquitto", "-c", str(tmp_path / "mosquitto.conf")], stdout=log, stderr=log)
     try:
         wait_for_port(port)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_production_template_serves_tls_to_provisioned_agents(tmp_path):
+    config = production_config(tmp_path)
+    result = provision_agent(config, "agent-1", "room-1")
+    with production_broker(tmp_path) as port:
         snippet = parse(tomllib.loads(result.config_snippet), AgentConfig, "snippet")
         coordinator = coordinator_subscriber(port, tls_ca=config.mqtt.tls_ca)
         agent = Client(port, snippet.mqtt.username, snippet.mqtt.password.get_secret_value(), str(snippet.mqtt.tls.ca))
@@ -249,9 +282,77 @@ def test_production_template_serves_tls_to_provisioned_agents(tmp_path):
         agent.close()
         coordinator.close()
         assert refused(port, "agent-1", result.password)  # plain MQTT is not offered
+
+
+def test_an_agent_cannot_take_over_the_coordinators_or_another_agents_session(tmp_path):
+    """Client ids are predictable (the coordinator's default, affectedge-<classroom>-<agent>): on a broker that
+    lets any user claim any client id, agent-1's password kicked the coordinator off its persistent session
+    (and with it room-2's batches) or kicked agent-2. The shipped broker must tie each session to its user."""
+    config = production_config(tmp_path)
+    one = provision_agent(config, "agent-1", "room-1")
+    two = provision_agent(config, "agent-2", "room-2")
+    ca = config.mqtt.tls_ca
+    with production_broker(tmp_path) as port:
+        coordinator = coordinator_subscriber(port, tls_ca=ca)
+        agent_2 = Client(port, "agent-2", two.password, ca, client_id="affectedge-room-2-agent-2", persistent=True)
+        for victim in (MqttConfig().client_id, "affectedge-room-2-agent-2"):
+            intruder = Client(port, "agent-1", one.password, ca, client_id=victim, persistent=True)
+            assert intruder.reason == 0  # connected, but as its own session
+            agent_2.publish(topics.observations("room-2", "agent-2"), f"while {victim} was claimed".encode())
+            intruder.close()
+            assert coordinator.messages.get(timeout=10) == (
+                topics.observations("room-2", "agent-2"), f"while {victim} was claimed".encode())
+        assert coordinator.disconnects == [] and agent_2.disconnects == []
+        agent_2.close()
+        coordinator.close()
+
+
+def test_each_coordinator_instance_reads_as_its_own_user(tmp_path):
+    """Each instance needs its own user on the shipped broker; [broker] coordinator_users grants them all."""
+    config = production_config(tmp_path, coordinator_users=[COORDINATOR, "coordinator-b"])
+    one = provision_agent(config, "agent-1", "room-1")
+    set_password(Path(config.broker.passwd_file), "coordinator-b", "second-instance-password")  # as the admin does
+    assert "user coordinator-b\ntopic read affectedge/v1/#" in Path(config.broker.acl_file).read_text()
+    with production_broker(tmp_path) as port:
+        # both with the config's default client id, which the broker replaces by each one's user
+        first = coordinator_subscriber(port, config.mqtt.tls_ca)
+        second = coordinator_subscriber(port, config.mqtt.tls_ca, "coordinator-b", "second-instance-password")
+        agent = Client(port, "agent-1", one.password, config.mqtt.tls_ca)
+        for i in range(4):
+            agent.publish(topics.observations("room-1", "agent-1"), b"%d" % i)
+        wait_until(lambda: first.messages.qsize() + second.messages.qsize() == 4,
+                   what="the shared subscription to deliver all 4 batches")
+        assert first.disconnects == [] and second.disconnects == []
+        for client in (agent, first, second):
+            client.close()
+
+
+def test_coordinator_users_mistakes_are_one_line(tmp_path):
+    with pytest.raises(ProvisionError, match=r"^\[mqtt\] username 'coordinator' is not in \[broker\] "
+                                             r"coordinator_users: add it"):
+        provision_agent(config_for(tmp_path, coordinator_users=["coordinator-b"]), "agent-1", "room-1")
+    with pytest.raises(ProvisionError, match="is a coordinator's broker user"):
+        provision_agent(config_for(tmp_path, coordinator_users=[COORDINATOR, "coordinator-b"]),
+                        "coordinator-b", "room-1")
+    with pytest.raises(ConfigError, match=r"broker\.coordinator_users") as raised:
+        config_for(tmp_path, coordinator_users=["coordinator", "two words"])
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("mosquitto_passwd", [True, False], ids=["mosquitto_passwd", "python"])
+def test_new_files_are_readable_by_the_brokers_group_under_the_units_umask(tmp_path, monkeypatch, mosquitto_passwd):
+    """The coordinator unit's UMask=0077 turned touch(mode=0o640) into 0600, which group mosquitto cannot read."""
+    if not mosquitto_passwd:
+        monkeypatch.setenv("PATH", "")
+    config = config_for(tmp_path)
+    old = os.umask(0o077)
+    try:
+        provision_agent(config, "agent-1", "room-1")
+        provision_agent(config, "agent-2", "room-1")  # a replacement keeps the mode
     finally:
-        process.terminate()
-        process.wait(10)
+        os.umask(old)
+    for path in (config.broker.passwd_file, config.broker.acl_file):
+        assert oct(Path(path).stat().st_mode & 0o777) == oct(0o640), path
 
 
 def test_cli_prints_the_snippet_and_fails_in_one_line(tmp_path, capsys):
