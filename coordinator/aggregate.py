@@ -6,9 +6,13 @@ shared subscription) all see the same classroom. Windows are summed over
 :class:`coordinator.db.ObservationRollup` rows (one per agent and instant, written with the raw
 observations), so a window of tens of thousands of observations is a few hundred small rows.
 
-Privacy: below ``k`` learners in a window (k-anonymity), a state is ``suppressed``: its
-distribution and learning states are zeros, because with one or two learners they *are* those
-learners' emotions. Counts (faces, learners, observations) stay, as a camera's head count does.
+Privacy (k-anonymity): a window mixes many instants, and an instant with fewer than ``k``
+learners in view *is* those learners' emotions however many others the rest of the window holds
+(one learner alone for most of a minute dominates the minute, and two windows ending together
+differ by exactly those instants). So ``k`` is judged per instant (:func:`instant_of`): only the
+instants with at least ``k`` learners enter a distribution and its ``observations``, and a state
+with no such instant is ``suppressed``: its distribution and learning states are zeros. Faces and
+learners over the whole window stay, as a camera's head count does.
 Learners are the distinct anonymous tracks, capped by the cameras' peak head counts
 (:func:`learners`): the edge gives a face a new track id each time it comes back into view, so
 one learner looking away twice would otherwise count as three and lift the suppression.
@@ -21,8 +25,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, select, union
+from sqlalchemy import DateTime, and_, func, select, union
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.functions import FunctionElement
 
 from affectedge.labels import EMOTIONS
 from affectedge.v1 import affectedge_pb2 as pb
@@ -34,27 +40,41 @@ ZEROS = [0.0] * len(EMOTIONS)
 _WEIGHTED = [ObservationRollup.__table__.c[column] for column in SUM_COLUMNS]
 
 
+class instant_of(FunctionElement):
+    """The instant of a rollup's ``window_end``: its whole second, on every backend.
+
+    An agent publishes about once a second, each track's window ending at the frame it was last
+    seen in, so the tracks in view together fall in one second; across agents, their rollups of
+    that second. A batch split over two seconds counts fewer learners in each: never more.
+    """
+
+    type = DateTime()
+    inherit_cache = True
+
+
+@compiles(instant_of, "sqlite")
+def _instant_sqlite(element, compiler, **kw) -> str:
+    return f"substr({compiler.process(element.clauses, **kw)}, 1, 19)"  # 'YYYY-MM-DD HH:MM:SS'
+
+
+@compiles(instant_of, "postgresql")
+def _instant_postgresql(element, compiler, **kw) -> str:
+    return f"date_trunc('second', {compiler.process(element.clauses, **kw)})"
+
+
 @dataclass
 class Tally:
-    """Observations summed from rollups: counts, confidence-weighted sums and distinct tracks."""
+    """Observations summed from rollups: counts, confidence-weighted sums and distinct learners."""
 
     observations: int = 0
     confidence: float = 0.0
     weighted: list[float] = field(default_factory=lambda: list(ZEROS))
     learner_keys: set[str] = field(default_factory=set)
-    _track_lists: set[tuple[str, str]] = field(default_factory=set, repr=False)
 
     def add_sums(self, observations: int, confidence: float, weighted: Sequence[float]) -> None:
         self.observations += observations
         self.confidence += confidence
         self.weighted = [a + b for a, b in zip(self.weighted, weighted, strict=True)]
-
-    def add_tracks(self, agent_id: str, tracks: str) -> None:
-        """One agent's track list; an agent sends the same list batch after batch, split once."""
-        if (agent_id, tracks) not in self._track_lists:
-            self._track_lists.add((agent_id, tracks))
-            # one anonymous learner: track ids are only unique per agent and camera
-            self.learner_keys.update(f"{agent_id}:{track}" for track in tracks.split(","))
 
     @property
     def distinct_tracks(self) -> int:
@@ -67,6 +87,41 @@ class Tally:
         return [s / self.confidence for s in self.weighted]
 
 
+@dataclass
+class Instants:
+    """A window's rollups by instant: which learners each instant saw, and its sums.
+
+    :meth:`kept` leaves out every instant with fewer than ``k`` learners, so no distribution
+    is built from fewer than ``k`` learners at any moment of it.
+    """
+
+    instants: dict[datetime, Tally] = field(default_factory=lambda: defaultdict(Tally))
+    learner_keys: set[str] = field(default_factory=set)
+    _parsed: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict, repr=False)
+
+    def add(self, instant: datetime, agent_id: str, tracks: str, observations: int, confidence: float,
+            weighted: Sequence[float]) -> None:
+        """One agent's rollups of one instant; an agent sends the same track list batch after
+        batch, so each list is split once per window."""
+        keys = self._parsed.get((agent_id, tracks))
+        if keys is None:
+            # one anonymous learner: track ids are only unique per agent and camera
+            keys = self._parsed[agent_id, tracks] = frozenset(f"{agent_id}:{track}" for track in tracks.split(","))
+            self.learner_keys |= keys
+        tally = self.instants[instant]
+        tally.learner_keys |= keys
+        tally.add_sums(observations, confidence, weighted)
+
+    def kept(self, k: int, peak_faces: int) -> Tally:
+        """The window's learners, with the sums of its instants that have at least ``k`` learners
+        (each instant's tracks capped, like the window's, by the cameras' peak head counts)."""
+        result = Tally(learner_keys=self.learner_keys)
+        for tally in self.instants.values():
+            if learners(tally.distinct_tracks, peak_faces) >= k:
+                result.add_sums(tally.observations, tally.confidence, tally.weighted)
+        return result
+
+
 def learners(distinct_tracks: int, peak_faces: int) -> int:
     """Learners in a window: its distinct track ids, but never more than the sum over cameras of
     each camera's largest head count in it. Track ids overcount one face re-tracked after leaving
@@ -75,28 +130,28 @@ def learners(distinct_tracks: int, peak_faces: int) -> int:
     return min(distinct_tracks, peak_faces)
 
 
-def _window_tallies(db: Session, ids: Sequence[str], start: datetime, end: datetime) -> dict[str, Tally]:
-    """Each classroom's observations ending in ``(start, end]``: sums in SQL, learners from the
-    distinct track lists (a handful per agent, however many batches the window holds)."""
+def _window_instants(db: Session, ids: Sequence[str], start: datetime, end: datetime) -> dict[str, Instants]:
+    """Each classroom's observations ending in ``(start, end]``, summed in SQL per instant, agent
+    and track list: a row per agent and second however many batches a second holds."""
     R = ObservationRollup
-    where = (R.classroom_id.in_(ids), R.window_end > start, R.window_end <= end)
-    tallies = {classroom_id: Tally() for classroom_id in ids}
-    sums = db.execute(
+    instant = instant_of(R.window_end)
+    rows = db.execute(
         select(
             R.classroom_id,
+            instant,
+            R.agent_id,
+            R.tracks,
             func.sum(R.observations),
             func.sum(R.confidence),
             *(func.sum(column) for column in _WEIGHTED),
         )
-        .where(*where)
-        .group_by(R.classroom_id)
+        .where(R.classroom_id.in_(ids), R.window_end > start, R.window_end <= end)
+        .group_by(R.classroom_id, instant, R.agent_id, R.tracks)
     )
-    for classroom_id, observations, confidence, *weighted in sums:
-        tallies[classroom_id].add_sums(observations, confidence, weighted)
-    track_lists = db.execute(select(R.classroom_id, R.agent_id, R.tracks).where(*where).distinct())
-    for classroom_id, agent_id, tracks in track_lists:
-        tallies[classroom_id].add_tracks(agent_id, tracks)
-    return tallies
+    windows = {classroom_id: Instants() for classroom_id in ids}
+    for classroom_id, when, agent_id, tracks, observations, confidence, *weighted in rows:
+        windows[classroom_id].add(when, agent_id, tracks, observations, confidence, weighted)
+    return windows
 
 
 def open_sessions(db: Session, ids: Sequence[str]) -> dict[str, ClassSession]:
@@ -187,20 +242,21 @@ def classroom_states(
         .group_by(ClassSession.classroom_id)
     ).all())
     starts = {cid: max(earliest, ended[cid]) if cid in ended else earliest for cid in ids}
-    tallies: dict[str, Tally] = {}
+    windows: dict[str, Instants] = {}
     faces: dict[str, int] = {}
     peaks: dict[str, int] = {}
     for start in set(starts.values()):
         group = [cid for cid in ids if starts[cid] == start]
-        tallies |= _window_tallies(db, group, start, now)
+        windows |= _window_instants(db, group, start, now)
         faces |= _faces_present(db, group, start, now)
         peaks |= _peak_faces(db, group, start, now)
     courses = dict(db.execute(select(Classroom.id, Classroom.course_id).where(Classroom.id.in_(ids))).all())
     online = agents_online_by_classroom(db, ids, now, offline_after_s)
     result = {}
     for classroom_id in ids:
-        tally, session = tallies[classroom_id], sessions.get(classroom_id)
-        count = learners(tally.distinct_tracks, peaks.get(classroom_id, 0))
+        peak, session = peaks.get(classroom_id, 0), sessions.get(classroom_id)
+        tally = windows[classroom_id].kept(k, peak)
+        count = learners(tally.distinct_tracks, peak)
         state = pb.ClassroomState(
             classroom_id=classroom_id,
             session_id=session.id if session else "",
@@ -210,7 +266,7 @@ def classroom_states(
             learners=count,
             agents_online=online.get(classroom_id, 0),
             observations=tally.observations,
-            suppressed=count < k,
+            suppressed=not tally.observations,  # no instant with k learners (so also fewer than k in all)
         )
         state.window_start.FromDatetime(starts[classroom_id])
         state.window_end.FromDatetime(now)
@@ -294,24 +350,26 @@ def timeline(
 def _raw_buckets(
     db: Session, classroom_id: str, start: datetime, end: datetime, bucket_s: int, k: int
 ) -> dict:
-    """Buckets summed from the rollups of the raw observations still kept."""
+    """Buckets summed from the rollups of the raw observations still kept, k judged per instant
+    as in a state (:class:`Instants`)."""
     R = ObservationRollup
-    tallies: dict[int, Tally] = defaultdict(Tally)
+    buckets: dict[int, Instants] = defaultdict(Instants)
     rows = db.execute(
-        select(R.window_end, R.agent_id, R.tracks, R.observations, R.confidence, *_WEIGHTED)
+        select(R.window_end, instant_of(R.window_end), R.agent_id, R.tracks, R.observations, R.confidence,
+               *_WEIGHTED)
         .where(R.classroom_id == classroom_id, R.window_end >= start, R.window_end < end)
     )
-    for window_end, agent_id, tracks, observations, confidence, *weighted in rows:
-        tally = tallies[_bucket(window_end, start, bucket_s)]
-        tally.add_sums(observations, confidence, weighted)
-        tally.add_tracks(agent_id, tracks)
+    for window_end, instant, agent_id, tracks, observations, confidence, *weighted in rows:
+        buckets[_bucket(window_end, start, bucket_s)].add(instant, agent_id, tracks, observations, confidence,
+                                                           weighted)
     faces = _raw_faces(db, classroom_id, start, end, bucket_s)
-    buckets = {}
-    for index, tally in tallies.items():
-        count = learners(tally.distinct_tracks, faces.get(index, 0))
-        buckets[index] = {"observations": tally.observations, "learners": count, "suppressed": count < k,
-                          "distribution": tally.distribution(), "faces": faces.get(index, 0)}
-    return buckets
+    result = {}
+    for index, instants in buckets.items():
+        tally = instants.kept(k, faces.get(index, 0))
+        result[index] = {"observations": tally.observations, "suppressed": not tally.observations,
+                         "learners": learners(tally.distinct_tracks, faces.get(index, 0)),
+                         "distribution": tally.distribution(), "faces": faces.get(index, 0)}
+    return result
 
 
 def _raw_faces(db: Session, classroom_id: str, start: datetime, end: datetime, bucket_s: int) -> dict:
@@ -353,8 +411,8 @@ def _stored_buckets(
             grouped[index].append(snap)
     buckets = {}
     for index, snaps in grouped.items():
-        # snapshots below k were stored as zeros: they carry no distribution to combine
-        usable = [s for s in snaps if s.learners >= k]
+        # suppressed snapshots were stored as zeros: they carry no distribution to combine
+        usable = [s for s in snaps if s.learners >= k and s.observations]
         weight = sum(s.observations for s in usable)
         distribution = [
             sum(s.distribution[i] * s.observations for s in usable) / weight if weight else 0.0

@@ -39,7 +39,9 @@ from affectedge.errors import first_line
 from affectedge.v1 import affectedge_pb2 as pb
 from affectedge.v1 import affectedge_pb2_grpc as pb_grpc
 from coordinator import aggregate
+from coordinator.config import CoordinatorConfig
 from coordinator.db import Classroom
+from coordinator.policy import load_rules
 from coordinator.ratelimit import RateLimitedLog
 from coordinator.store import utcnow
 
@@ -49,7 +51,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
-MAX_WINDOW_S = 86400
 #: open StreamAdaptations calls at most; each holds a worker thread for as long as it is open, so the
 #: pool has this many plus 8 threads, and the 8 stay free for unary calls and health checks
 MAX_STREAMS = 64
@@ -108,10 +109,20 @@ def _database_unavailable(method: Callable) -> Callable:
     return handler
 
 
+def state_windows(config: CoordinatorConfig) -> tuple[int, ...]:
+    """The window lengths a state may be asked for: the [aggregate] windows and the policy rules'.
+
+    The ones the coordinator computes anyway; any other length would let a caller pick windows
+    that end together and differ by a few seconds, and read those seconds by differencing.
+    """
+    return tuple(sorted(set(config.aggregate.windows) | {rule.window_s for rule in load_rules(config.policy.rules)}))
+
+
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, coordinator: Coordinator, stopping: threading.Event):
         self.coordinator = coordinator
         self.stopping = stopping
+        self.windows = state_windows(coordinator.config)
         self._streams = threading.BoundedSemaphore(MAX_STREAMS)
         self._db_errors = RateLimitedLog(10.0, log)
 
@@ -154,8 +165,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "classroom_id is required: take one from ListClassrooms")
         config = self.coordinator.config.aggregate
         window = request.window_seconds or config.default_window
-        if window > MAX_WINDOW_S:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"window_seconds must be at most {MAX_WINDOW_S}")
+        if window not in self.windows:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"window_seconds must be 0 (the default) or one of {', '.join(map(str, self.windows))}")
         with self.coordinator.sessions() as db:
             if db.get(Classroom, request.classroom_id) is None:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"no classroom {request.classroom_id!r}")

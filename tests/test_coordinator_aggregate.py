@@ -88,9 +88,12 @@ def test_state_is_confidence_weighted_counts_distinct_learners_and_latest_faces(
         "room-a",
         [
             ("ag1", "cam0", 1, 2, one_hot("happy"), 0.9),
+            ("ag1", "cam0", 2, 2, one_hot("happy"), 0.9),
+            ("ag2", "cam0", 1, 2, one_hot("angry"), 0.3),  # same track id, other agent: a new learner
+            ("ag1", "cam0", 1, 3, one_hot("happy"), 0.9),  # same learners again, a second earlier
             ("ag1", "cam0", 2, 3, one_hot("happy"), 0.9),
-            ("ag1", "cam0", 1, 4, one_hot("happy"), 0.9),  # same learner again
-            ("ag2", "cam0", 1, 5, one_hot("angry"), 0.3),  # same track id, other agent: a new learner
+            ("ag2", "cam0", 1, 3, one_hot("happy"), 0.9),
+            ("ag1", "cam0", 1, 4, one_hot("sad"), 1.0),  # alone in view: fewer than k, left out
             ("ag1", "cam0", 3, 90, one_hot("sad"), 1.0),  # outside a 60 s window
         ],
         with_head_counts=False,
@@ -111,13 +114,14 @@ def test_state_is_confidence_weighted_counts_distinct_learners_and_latest_faces(
         s.add(db.Agent(id="ag2", classroom_id="room-a", state="OFFLINE", last_seen=NOW - timedelta(seconds=5)))
     with sessions() as s:
         state = aggregate.classroom_state(s, "room-a", 60, NOW, k=3)
-    assert state.learners == 3 and state.observations == 4 and not state.suppressed
+    assert state.learners == 3 and state.observations == 6 and not state.suppressed
     assert state.faces_present == 6  # latest per camera: 4 + 2, not the older 9
     assert state.agents_online == 1  # ag2's Last Will said OFFLINE
-    happy, angry = EMOTIONS.index("happy"), EMOTIONS.index("angry")
-    # three happy observations at confidence 0.9 against one angry at 0.3
-    assert state.distribution[happy] == pytest.approx(2.7 / 3.0)
-    assert state.distribution[angry] == pytest.approx(0.3 / 3.0)
+    happy, angry, sad = EMOTIONS.index("happy"), EMOTIONS.index("angry"), EMOTIONS.index("sad")
+    # five happy observations at confidence 0.9 against one angry at 0.3; the lone sad one left out
+    assert state.distribution[happy] == pytest.approx(4.5 / 4.8)
+    assert state.distribution[angry] == pytest.approx(0.3 / 4.8)
+    assert state.distribution[sad] == pytest.approx(0.0, abs=1e-6)
     assert sum(state.distribution) == pytest.approx(1.0)
     scores = states.from_messages(state.states)
     assert scores == pytest.approx(states.from_distribution(list(state.distribution)))
@@ -129,10 +133,62 @@ def test_below_k_learners_is_suppressed_with_no_per_learner_detail(sessions):
         state = aggregate.classroom_state(s, "room-b", 10, NOW, k=3)
         assert aggregate.classroom_state(s, "room-b", 10, NOW, k=2).suppressed is False
         points = aggregate.timeline(s, "room-b", NOW - timedelta(seconds=10), NOW, 10, k=3)
-    assert state.suppressed and state.learners == 2 and state.observations == 4
+    assert state.suppressed and state.learners == 2 and state.observations == 0
     assert list(state.distribution) == [0.0] * 7
     assert all(ls.score == 0 for ls in state.states)
     assert len(points) == 1 and points[0]["suppressed"] and points[0]["distribution"] == [0.0] * 7
+
+
+def _alone_then_with_two_others(sessions, store: Store, classroom: str) -> None:
+    """The reviewer's scenario through ingest's path: learner A (sad .9, neutral .1) alone for
+    48 s, then A and two happy learners for the last 8 s; a batch a second per agent."""
+    from coordinator.bench import make_batch, stamp
+
+    a = [0.0] * len(EMOTIONS)
+    a[EMOTIONS.index("sad")], a[EMOTIONS.index("neutral")] = 0.9, 0.1
+    happy = one_hot("happy", 0.9)
+    batches = []
+    for seq, ago in enumerate(range(55, -1, -1), start=1):
+        end = (NOW - datetime(1970, 1, 1)).total_seconds() - ago - 0.5
+        batches.append(make_batch("ag-a", classroom, 1, a, seq=seq))
+        if ago < 8:
+            batches.append(make_batch("ag-b", classroom, 2, happy, seq=seq))
+        for batch in batches[-2 if ago < 8 else -1:]:
+            stamp(batch, end)
+    store.write([Received(batch, NOW) for batch in batches], [])
+
+
+def test_one_learner_alone_in_most_of_a_window_is_not_revealed_by_it_nor_by_differencing(sessions):
+    """k is judged per instant: the 48 s A spent alone are in no distribution, so the 60 s state
+    is not 90 % A, and differencing it with the 10 s state (n60*D60 - n10*D10) recovers nothing."""
+    _alone_then_with_two_others(sessions, Store(sessions), "room-a")
+    with sessions() as s:
+        short = aggregate.classroom_state(s, "room-a", 10, NOW, k=3)
+        long = aggregate.classroom_state(s, "room-a", 60, NOW, k=3)
+        points = aggregate.timeline(s, "room-a", NOW - timedelta(seconds=60), NOW, 60, k=3)
+    sad, happy = EMOTIONS.index("sad"), EMOTIONS.index("happy")
+    assert short.learners == long.learners == 3 and not long.suppressed
+    together = (8 * 0.9 + 16 * 0.1 / 6) / 24  # A's sad with the happy pair's: the last 8 s only
+    assert long.distribution[sad] == pytest.approx(together, abs=1e-6)  # not A's 0.9 taking over
+    assert list(long.distribution) == pytest.approx(list(short.distribution), abs=1e-6)
+    assert long.distribution[happy] == pytest.approx(0.6, abs=1e-6)
+    assert short.observations == long.observations == 24  # nothing left to difference
+    assert points[0]["observations"] == 24 and points[0]["distribution"][sad] == pytest.approx(together)
+
+
+def test_a_window_without_one_instant_of_k_learners_is_suppressed(sessions):
+    """Three learners over the window, never more than two in view at once: no distribution."""
+    add_obs(sessions, "room-b", [("ag1", "cam0", 1, 5, one_hot("sad"), 0.9), ("ag1", "cam0", 2, 5, one_hot("sad"), 0.9),
+                                 ("ag1", "cam0", 3, 2, one_hot("happy"), 0.9)], with_head_counts=False)
+    with sessions.begin() as s:  # a camera that saw three faces at some point of the window
+        s.add(db.CameraSample(classroom_id="room-b", agent_id="ag1", camera_id="cam0", ts=NOW - timedelta(seconds=3),
+                              faces_present=3))
+    with sessions() as s:
+        state = aggregate.classroom_state(s, "room-b", 10, NOW, k=3)
+        points = aggregate.timeline(s, "room-b", NOW - timedelta(seconds=10), NOW, 10, k=3)
+    assert state.learners == 3 and state.suppressed and state.observations == 0
+    assert list(state.distribution) == [0.0] * 7
+    assert points[0]["suppressed"] and points[0]["distribution"] == [0.0] * 7
 
 
 def test_one_face_tracked_again_after_looking_away_stays_one_learner(sessions):

@@ -15,7 +15,7 @@ from outlets import parts, publish_signal, wait_until
 from affectedge.loopback import free_port
 from affectedge.v1 import affectedge_pb2 as pb
 from affectedge.v1 import affectedge_pb2_grpc as pb_grpc
-from coordinator import grpc_api
+from coordinator import grpc_api, policy
 from coordinator.grpc_api import GrpcServer
 
 EVERYTHING = pb.StreamAdaptationsRequest()
@@ -110,6 +110,34 @@ def test_unary_calls_answer_unavailable_without_the_database_s_words_while_it_is
         logged = [message for r in caplog.records if "database is unavailable" in (message := r.getMessage())]
         assert logged == ["gRPC ListClassrooms: the database is unavailable: (sqlite3.OperationalError) unable "
                           "to open database file"]  # GetClassroomState's within the same 10 s: not repeated
+    finally:
+        channel.close()
+        server.stop(0)
+
+
+def test_state_windows_are_the_configured_ones_and_any_other_is_refused_naming_them(tmp_path):
+    """Any length up to a day let a caller difference two windows ending together and read the few
+    seconds between them; only the [aggregate] windows and the policy rules' are answered."""
+    rules = tmp_path / "rules.toml"
+    rules.write_text(policy.DEFAULT_RULES.read_text().replace("window_s = 60", "window_s = 120", 1))
+    p = parts(tmp_path, grpc={"host": "127.0.0.1", "port": free_port()}, policy={"rules": str(rules)})
+    server = GrpcServer(p)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = pb_grpc.CoordinatorStub(channel)
+
+    def code(window: int) -> tuple[grpc.StatusCode, str]:
+        with pytest.raises(grpc.RpcError) as failed:
+            stub.GetClassroomState(pb.GetClassroomStateRequest(classroom_id="nowhere", window_seconds=window),
+                                   timeout=5)
+        return failed.value.code(), failed.value.details()
+
+    try:
+        allowed = "window_seconds must be 0 (the default) or one of 10, 60, 120, 300"
+        refused = (grpc.StatusCode.INVALID_ARGUMENT, allowed)
+        assert code(7) == code(59) == code(86400) == refused
+        for window in (0, 10, 120, 300):  # answered: the classroom is what is missing
+            assert code(window) == (grpc.StatusCode.NOT_FOUND, "no classroom 'nowhere'")
     finally:
         channel.close()
         server.stop(0)

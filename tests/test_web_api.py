@@ -63,6 +63,31 @@ def test_state_with_window_and_k_anonymity(tmp_path):
     assert client.get("/api/v1/classrooms/nowhere/state", headers=BEARER).status_code == 404
 
 
+def test_one_learner_alone_for_most_of_a_minute_is_in_no_window_an_instructor_can_ask_for(tmp_path):
+    """The reviewer's scenario as an instructor asks it: A (sad .9, neutral .1) alone for 48 s, then
+    with two happy learners for 8 s. The 60 s state was 70 % A, and differencing it with the 10 s
+    state gave A's distribution exactly; only instants of at least k learners count now."""
+    p, app = _api(tmp_path)
+    now = utcnow()
+    alone, happy = (0.0, 0.0, 0.0, 0.0, 0.9, 0.0, 0.1), (0.0, 0.0, 0.0, 0.9, 0.05, 0.0, 0.05)
+    batches = []
+    for seq, ago in enumerate(range(55, -1, -1), start=1):
+        at = now - timedelta(seconds=ago + 0.5)
+        batches.append(batch("room-a", "agent-a", at, tracks=1, probabilities=alone, seq=seq))
+        if ago < 8:
+            batches.append(batch("room-a", "agent-b", at, tracks=2, probabilities=happy, seq=seq))
+    ingest(p, batches, now)
+    client = app.test_client()
+    short, long = (client.get(f"/api/v1/classrooms/room-a/state?window={window}", headers=BEARER).json
+                   for window in (10, 60))
+    assert long["learners"] == short["learners"] == 3 and not long["suppressed"]
+    assert abs(long["distribution"]["sad"] - (8 * 0.9 + 16 * 0.05) / 24) < 1e-6  # not A's 0.9 taking over
+    assert long["observations"] == short["observations"] == 24  # the same instants: nothing to difference
+    assert all(abs(long["distribution"][e] - short["distribution"][e]) < 1e-6 for e in long["distribution"])
+    between = client.get("/api/v1/classrooms/room-a/state?window=59", headers=BEARER)
+    assert between.status_code == 400 and between.json["error"] == "window must be one of 10, 60, 300 seconds"
+
+
 def test_signal_filters(tmp_path):
     p, app = _api(tmp_path)
     a1, b1, a2 = publish_signal(p, "room-a"), publish_signal(p, "room-b"), publish_signal(p, "room-a")
