@@ -19,7 +19,11 @@ Delivery guarantees, and why each setting is there:
 
 Messages are queued by paho's network thread and written by one writer thread in batches (one
 transaction, ``executemany`` per table), which is what lets one instance keep up with thousands of
-observations per second. Bad payloads are counted and logged at most every few seconds; they are
+observations per second. Memory stays bounded whatever agents publish and however long the database
+is away: the broker hands over at most :data:`RECEIVE_MAXIMUM` unacknowledged messages (MQTT 5), the
+queue holds at most :data:`BACKLOG_BYTES` of payload (a full queue makes paho's network thread wait, so
+the broker keeps the rest: MQTT 3.1.1, QoS 0), and a transaction decodes at most
+:data:`TRANSACTION_BYTES` of it. Bad payloads are counted and logged at most every few seconds; they are
 acknowledged (redelivering them cannot fix them) and never stop ingest. So are batches timed more
 than :data:`FUTURE_TOLERANCE_S` after they arrive (an agent whose clock is ahead): stored, they would
 keep their classroom's session open until that time.
@@ -27,8 +31,8 @@ keep their classroom's session open until that time.
 
 from __future__ import annotations
 
+import collections
 import logging
-import queue
 import ssl
 import threading
 import time
@@ -52,8 +56,15 @@ log = logging.getLogger(__name__)
 OBSERVATION_FILTER = f"{topics.PREFIX}/+/+/{topics.OBSERVATIONS}"
 STATUS_FILTER = f"{topics.PREFIX}/+/+/{topics.STATUS}"
 SESSION_EXPIRY_S = 7 * 24 * 3600  # the broker keeps our queue through a week-long outage
-RECEIVE_MAXIMUM = 2000  # unacknowledged QoS 1 messages the broker may have in flight to us
+#: unacknowledged QoS 1 messages the broker may have in flight to us: at the broker's 1 MiB packet limit
+#: (deploy/mosquitto/mosquitto.conf) that is :data:`BACKLOG_BYTES`, so under MQTT 5 the queue never fills
+RECEIVE_MAXIMUM = 64
+#: payload bytes queued for the writer; a message arriving at a full queue waits in paho's network thread
+BACKLOG_BYTES = 64 * 1024 * 1024
 MAX_BATCH = 1000  # MQTT messages per database transaction
+#: payload bytes per transaction: decoded batches and their rows take several times their wire size
+TRANSACTION_BYTES = 4 * 1024 * 1024
+PUT_WAIT_S = 0.5  # a waiting message checks this often whether ingest is stopping
 SKEW_TOLERANCE_S = 5.0  # an agent's batches arriving this much off its clock, all minute: warn
 SKEW_PERIOD_S = 60.0
 FUTURE_TOLERANCE_S = 300.0  # a batch whose labels end further than this after it arrived is refused
@@ -131,13 +142,54 @@ class _Message:
     content_type: str | None
 
 
+class _Backlog:
+    """A FIFO of messages bounded in payload bytes, which is what costs memory (a batch is up to a broker's
+    packet limit). One message always fits into an empty backlog, however large, so none waits for ever."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit_bytes = limit_bytes
+        self.bytes = 0
+        self._messages: collections.deque[_Message] = collections.deque()
+        self._changed = threading.Condition()
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def put(self, message: _Message, timeout: float) -> bool:
+        """Append ``message`` once there is room; False if there was none within ``timeout`` seconds."""
+        size = len(message.payload)
+        with self._changed:
+            if not self._changed.wait_for(lambda: not self._messages or self.bytes + size <= self.limit_bytes,
+                                          timeout):
+                return False
+            self._messages.append(message)
+            self.bytes += size
+            self._changed.notify_all()
+        return True
+
+    def take(self, max_messages: int, max_bytes: int, timeout: float) -> list[_Message]:
+        """The oldest messages, at most ``max_messages`` and ``max_bytes`` (at least one); [] after ``timeout``."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._messages, timeout):
+                return []
+            taken = [self._messages.popleft()]
+            size = len(taken[0].payload)
+            while (self._messages and len(taken) < max_messages
+                   and size + len(self._messages[0].payload) <= max_bytes):
+                taken.append(self._messages.popleft())
+                size += len(taken[-1].payload)
+            self.bytes -= size
+            self._changed.notify_all()
+        return taken
+
+
 class Ingest:
     def __init__(self, config: MqttConfig, store: Store):
         self.config = config
         self.store = store
         self.counters = Counters()
         self.connected = threading.Event()
-        self._queue: queue.Queue[_Message] = queue.Queue()
+        self._queue = _Backlog(BACKLOG_BYTES)
         self._accepting = threading.Event()
         self._stop = threading.Event()
         self._bad = RateLimitedLog(10.0, log)
@@ -150,7 +202,7 @@ class Ingest:
     @property
     def backlog(self) -> int:
         """Messages received and not yet committed (the batch being retried not counted)."""
-        return self._queue.qsize()
+        return len(self._queue)
 
     def _client(self) -> mqtt.Client:
         client = mqtt.Client(
@@ -224,24 +276,19 @@ class Ingest:
             log.warning("lost the broker at %s (%s); reconnecting", self.config.url, reason_code)
 
     def _on_message(self, _client, _userdata, msg: mqtt.MQTTMessage) -> None:
-        if not self._accepting.is_set():
-            return
+        """Queue ``msg``, waiting while the backlog is full: paho reads nothing more meanwhile, so the broker
+        keeps what follows. A message still waiting when ingest stops is left unacknowledged (redelivered)."""
         content_type = getattr(msg.properties, "ContentType", None) if msg.properties else None
-        self._queue.put(_Message(msg.mid, msg.qos, msg.topic, msg.payload, content_type))
+        message = _Message(msg.mid, msg.qos, msg.topic, msg.payload, content_type)
+        while self._accepting.is_set():
+            if self._queue.put(message, PUT_WAIT_S):
+                return
 
     def _write_loop(self) -> None:
-        while not (self._stop.is_set() and self._queue.empty()):
-            try:
-                first = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            messages = [first]
-            while len(messages) < MAX_BATCH:
-                try:
-                    messages.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            self._commit(messages)
+        while not self._stop.is_set() or len(self._queue):
+            messages = self._queue.take(MAX_BATCH, TRANSACTION_BYTES, 0.1)
+            if messages:
+                self._commit(messages)
 
     def _commit(self, messages: list[_Message]) -> None:
         received, statuses = self._decode(messages)

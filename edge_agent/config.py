@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
-from affectedge import settings
+from affectedge import codec, settings
 from affectedge.settings import Section
 from affectedge.topics import check_id
 
@@ -147,7 +147,9 @@ class SpoolSection(Section):
 
 class AgentConfig(Section):
     agent: AgentSection = AgentSection()
-    cameras: list[CameraSection] = Field(default_factory=lambda: [CameraSection()], min_length=1)
+    # at most codec.MAX_CAMERAS: a status names each camera and the contract bounds that list
+    cameras: list[CameraSection] = Field(default_factory=lambda: [CameraSection()], min_length=1,
+                                         max_length=codec.MAX_CAMERAS)
     detection: DetectionSection = DetectionSection()
     quality: QualitySection = QualitySection()
     model: ModelSection = ModelSection()

@@ -30,7 +30,6 @@ import time
 from collections.abc import Callable, Iterable
 
 import paho.mqtt.client as mqtt
-from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -203,9 +202,14 @@ class Publisher:
         props.PayloadFormatIndicator = 1 if self.config.format == "json" else 0
         return props
 
-    def _encode(self, message: Message) -> tuple[str, bytes]:
-        codec.validate(message)
-        return codec.content_type(message, self.config.format), codec.encode(message, self.config.format)
+    def _encode(self, status: pb.AgentStatus) -> tuple[str, bytes]:
+        """A status as it goes out; a ``detail`` longer than the contract allows is cut (it names the
+        cameras that deliver no frames, so it grows with their ids) rather than the status refused."""
+        limit = codec.TEXT_LIMITS["detail"]
+        if len(status.detail) > limit:
+            status.detail = status.detail[:limit - 1] + "…"
+        codec.validate(status)
+        return codec.content_type(status, self.config.format), codec.encode(status, self.config.format)
 
     # -- observations -----------------------------------------------------------------------------
 

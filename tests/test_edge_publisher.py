@@ -106,6 +106,27 @@ def test_status_is_retained_online_then_offline_on_clean_stop(mosquitto, tmp_pat
     assert codec.decode(message.payload, pb.AgentStatus).state == pb.AgentStatus.OFFLINE
 
 
+def test_a_status_detail_longer_than_the_contract_allows_is_cut_not_refused(mosquitto, tmp_path):
+    """The detail names every camera delivering no frames, so with long camera ids it can pass the contract's
+    limit: the agent sends it cut, instead of failing on its own status."""
+    publisher = Publisher(MqttSection(port=mosquitto.port), AGENT, Spool(tmp_path / "s.sqlite3", 10), "m1")
+    publisher.start(status)
+    assert publisher.connected.wait(10)
+    subscriber = Subscriber(mosquitto.port, topics.status("lab-a", "pc-1"))
+    try:
+        degraded = status()
+        degraded.state = pb.AgentStatus.DEGRADED
+        degraded.detail = "camera not delivering frames: " + ", ".join(f"{'c' * 60}{i}" for i in range(16))
+        publisher.publish_status(degraded).wait_for_publish(5)
+        messages = subscriber.wait_for(lambda m: any(codec.decode(x.payload, pb.AgentStatus).state ==
+                                                     pb.AgentStatus.DEGRADED for x in m))
+        detail = codec.decode(messages[-1].payload, pb.AgentStatus).detail
+        assert len(detail) == 256 and detail.startswith("camera not delivering frames: ccc") and detail[-1] == "…"
+    finally:
+        subscriber.close()
+        publisher.stop(status())
+
+
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 def test_json_on_request_over_either_protocol(mosquitto, tmp_path: Path, protocol):
     config = MqttSection(port=mosquitto.port, protocol=protocol, format="json")

@@ -3,7 +3,9 @@
 Validation lives here, once, for both ends: every distribution has exactly 7 finite values in
 [0, 1], ids match the topic rules, labels and states are known enum values, scores are finite in
 [0, 1], timestamps are within protobuf's range (year 1-9999), counts fit a signed 32-bit column, a
-batch's ``seq`` a signed 64-bit one, and version strings at most 64 characters. A payload that
+batch's ``seq`` a signed 64-bit one, and text at most :data:`TEXT_LIMITS` characters. Repeated fields
+are bounded by what one agent can send (:data:`MAX_CAMERAS`, :data:`MAX_OBSERVATIONS`), so a message's
+size on the coordinator, where it is stored and shown on every dashboard, is bounded too. A payload that
 fails is a :class:`WireError`, never a crash and never a row the coordinator's database refuses.
 """
 
@@ -23,7 +25,17 @@ JSON = "application/json"
 M = TypeVar("M", bound=Message)
 MAX_COUNT = 2**31 - 1  # counts and track ids are stored as signed 32-bit integers
 MAX_SEQ = 2**63 - 1  # a batch's seq (uint64 on the wire) is stored as a signed 64-bit integer
-TEXT_LIMITS = {"version": 64, "model_version": 64, "backend": 32}  # characters, as stored
+#: characters, as stored; ``detail`` is sent to every open dashboard with each state update, and the
+#: agent's own details ("camera not delivering frames: <ids>") are cut to it (edge_agent.publisher)
+TEXT_LIMITS = {"version": 64, "model_version": 64, "backend": 32, "detail": 256}
+#: cameras one agent reports (a status' ``cameras``, a batch's ``summaries``): each camera runs detection
+#: and the encoder on the agent PC itself, and a lab PC keeps up with a few webcams, not more than 16
+MAX_CAMERAS = 16
+#: the agent's ``detection.max_faces`` bound: the tracks one camera follows at once
+MAX_FACES = 256
+#: observations in one batch: an agent sends one per followed track per camera and batch (the tracks seen
+#: since the previous batch that are still followed), whatever its publishing interval
+MAX_OBSERVATIONS = MAX_CAMERAS * MAX_FACES
 _SECONDS = (-62_135_596_800, 253_402_300_799)  # 0001-01-01 .. 9999-12-31, as protobuf defines
 
 
@@ -84,6 +96,11 @@ def _text(message: Message, name: str) -> None:
         raise WireError(f"{name} has {len(value)} characters; it must have at most {limit}")
 
 
+def _repeated(values, what: str, limit: int) -> None:
+    if len(values) > limit:
+        raise WireError(f"{what} has {len(values)} entries; it must have at most {limit}")
+
+
 def _timestamp(ts, what: str) -> None:
     """An unset timestamp reads as 0 s, which passes."""
     if not (_SECONDS[0] <= ts.seconds <= _SECONDS[1] and 0 <= ts.nanos < 10**9):
@@ -112,6 +129,8 @@ def validate(message: Message) -> None:
         _text(message, "model_version")
         _count(message.seq, "seq", MAX_SEQ)
         _timestamp(message.sent_at, "sent_at")
+        _repeated(message.observations, "observations", MAX_OBSERVATIONS)
+        _repeated(message.summaries, "summaries", MAX_CAMERAS)
         for obs in message.observations:
             _observation(obs)
         for summary in message.summaries:
@@ -125,8 +144,9 @@ def validate(message: Message) -> None:
         _id(message.classroom_id, "classroom_id")
         if message.state not in pb.AgentStatus.State.values():
             raise WireError(f"agent state {message.state} is not a known state")
-        for name in ("version", "backend", "model_version"):
+        for name in ("version", "backend", "model_version", "detail"):
             _text(message, name)
+        _repeated(message.cameras, "cameras", MAX_CAMERAS)
         _count(message.spool_depth, "spool_depth")
         _timestamp(message.timestamp, "status timestamp")
 
