@@ -1,13 +1,16 @@
-"""What the webhook and xAPI tests share: a coordinator's real parts and a stored signal."""
+"""What the webhook, xAPI and gRPC tests share: a coordinator's real parts, a stored signal, its gRPC
+server on loopback."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
@@ -15,6 +18,7 @@ from affectedge.settings import parse
 from affectedge.v1 import affectedge_pb2 as pb
 from coordinator import db, health
 from coordinator.config import CoordinatorConfig
+from coordinator.grpc_api import GrpcServer
 from coordinator.hub import Hub
 from coordinator.ingest import Counters
 from coordinator.outbox import Outbox, record_signal
@@ -69,3 +73,16 @@ def wait_until(predicate: Callable[[], object], timeout: float = 15.0, what: str
             return result
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}: last saw {result!r}")
+
+
+@contextmanager
+def served(p: Parts) -> Iterator[tuple[GrpcServer, grpc.Channel]]:
+    """``p``'s gRPC server started (config ``[grpc]`` on loopback) and a channel to it, both closed after."""
+    server = GrpcServer(p)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        yield server, channel
+    finally:
+        channel.close()
+        server.stop(0)

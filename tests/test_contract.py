@@ -114,20 +114,26 @@ def test_agent_status_checks_state_lengths_and_counts() -> None:
             codec.decode(codec.encode(spoiled), pb.AgentStatus)
 
 
+def assert_refused_once_spoilt(message, spoils) -> None:
+    """``message`` passes the wire checks; each (spoil, error) makes a copy that fails with that error."""
+    kind = type(message)
+    codec.decode(codec.encode(message), kind)
+    for spoil, error in spoils:
+        spoilt = kind()
+        spoilt.CopyFrom(message)
+        spoil(spoilt)
+        with pytest.raises(codec.WireError, match=error):
+            codec.decode(codec.encode(spoilt), kind)
+
+
 def test_a_status_with_a_long_detail_or_too_many_cameras_is_a_wire_error() -> None:
     """The detail is stored and sent to every open dashboard with each state update: a megabyte there
     was a megabyte per dashboard tab four times a second."""
     status = pb.AgentStatus(agent_id="a1", classroom_id="room-1", state=pb.AgentStatus.DEGRADED,
                             detail="d" * 256)
     status.cameras.extend(pb.CameraHealth(camera_id=f"cam{i}") for i in range(16))
-    codec.decode(codec.encode(status), pb.AgentStatus)
-    for spoil, message in ((lambda s: setattr(s, "detail", "X" * 300), "detail has 300 characters"),
-                           (lambda s: s.cameras.add(camera_id="one-more"), "cameras has 17 entries")):
-        spoiled = pb.AgentStatus()
-        spoiled.CopyFrom(status)
-        spoil(spoiled)
-        with pytest.raises(codec.WireError, match=message):
-            codec.decode(codec.encode(spoiled), pb.AgentStatus)
+    assert_refused_once_spoilt(status, [(lambda s: setattr(s, "detail", "X" * 300), "detail has 300 characters"),
+                                        (lambda s: s.cameras.add(camera_id="one-more"), "cameras has 17 entries")])
 
 
 def test_a_batch_with_more_observations_or_summaries_than_an_agent_sends_is_a_wire_error() -> None:
@@ -137,15 +143,8 @@ def test_a_batch_with_more_observations_or_summaries_than_an_agent_sends_is_a_wi
                                 probabilities=[0, 0, 0, 1, 0, 0, 0])
     batch.observations.extend([obs] * 16 * 256)  # 16 cameras of 256 faces
     batch.summaries.extend(pb.CameraSummary(camera_id=f"cam{i}") for i in range(16))
-    codec.decode(codec.encode(batch), pb.ObservationBatch)
-    for spoil, message in (
-            (lambda b: b.observations.append(obs), "observations has 4097 entries"),
-            (lambda b: b.summaries.add(camera_id="one-more"), "summaries has 17 entries")):
-        spoiled = pb.ObservationBatch()
-        spoiled.CopyFrom(batch)
-        spoil(spoiled)
-        with pytest.raises(codec.WireError, match=message):
-            codec.decode(codec.encode(spoiled), pb.ObservationBatch)
+    assert_refused_once_spoilt(batch, [(lambda b: b.observations.append(obs), "observations has 4097 entries"),
+                                       (lambda b: b.summaries.add(camera_id="one-more"), "summaries has 17 entries")])
 
 
 def test_topics_round_trip_and_reject_wildcards() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from outlets import parts
+from outlets import parts, served
 from sqlalchemy import create_engine, func, insert, select
 
 from affectedge.loopback import free_port
@@ -24,7 +24,6 @@ from affectedge.v1 import affectedge_pb2 as pb
 from affectedge.v1 import affectedge_pb2_grpc as pb_grpc
 from coordinator import aggregate, db, retention
 from coordinator.bench import CONFUSED, make_batch, spawned_postgres
-from coordinator.grpc_api import GrpcServer
 from coordinator.policy import PolicyEngine, Rule
 from coordinator.store import Received, Store, Written, batch_key, utcnow
 
@@ -115,11 +114,8 @@ def stop_postgres(url: str) -> None:
 def test_unary_grpc_calls_answer_unavailable_while_postgres_is_down(postgres_url, tmp_path):
     """They answered UNKNOWN with psycopg's words: 'connection to server at "127.0.0.1", port … failed'."""
     p = parts(tmp_path, database={"url": postgres_url}, grpc={"host": "127.0.0.1", "port": free_port()})
-    server = GrpcServer(p)
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    stub = pb_grpc.CoordinatorStub(channel)
-    try:
+    with served(p) as (_, channel):
+        stub = pb_grpc.CoordinatorStub(channel)
         assert stub.ListClassrooms(pb.ListClassroomsRequest(), timeout=5).classrooms == []
         stop_postgres(postgres_url)
         for call, request in ((stub.ListClassrooms, pb.ListClassroomsRequest()),
@@ -128,9 +124,6 @@ def test_unary_grpc_calls_answer_unavailable_while_postgres_is_down(postgres_url
                 call(request, timeout=10)
             assert (failed.value.code(), failed.value.details()) == (grpc.StatusCode.UNAVAILABLE,
                                                                      "database unavailable; retry")
-    finally:
-        channel.close()
-        server.stop(0)
 
 
 @pytest.mark.slow

@@ -10,13 +10,12 @@ import shutil
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from outlets import parts, publish_signal, wait_until
+from outlets import parts, publish_signal, served, wait_until
 
 from affectedge.loopback import free_port
 from affectedge.v1 import affectedge_pb2 as pb
 from affectedge.v1 import affectedge_pb2_grpc as pb_grpc
 from coordinator import grpc_api, policy
-from coordinator.grpc_api import GrpcServer
 
 EVERYTHING = pb.StreamAdaptationsRequest()
 
@@ -25,15 +24,12 @@ def test_streams_past_the_cap_are_refused_and_a_closed_stream_frees_its_slot(tmp
     """72 open streams used to fill every worker: health checks got RESOURCE_EXHAUSTED instead."""
     monkeypatch.setattr(grpc_api, "MAX_STREAMS", 2)  # a pool of 2 + 8 workers
     p = parts(tmp_path, grpc={"host": "127.0.0.1", "port": free_port()})
-    server = GrpcServer(p)
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    stub = pb_grpc.CoordinatorStub(channel)
 
     def open_streams() -> int:
         return len(p.hub._subs)  # each open stream holds one hub subscription
 
-    try:
+    with served(p) as (_, channel):
+        stub = pb_grpc.CoordinatorStub(channel)
         held = stub.StreamAdaptations(EVERYTHING)
         expiring = stub.StreamAdaptations(EVERYTHING, timeout=2)
         wait_until(lambda: open_streams() == 2, 5, "two open streams")
@@ -58,19 +54,13 @@ def test_streams_past_the_cap_are_refused_and_a_closed_stream_frees_its_slot(tmp
         assert not after_deadline.done() and not after_cancel.done()
         after_deadline.cancel()
         after_cancel.cancel()
-    finally:
-        channel.close()
-        server.stop(0)
 
 
 def test_a_stream_ends_unavailable_when_the_coordinator_stops(tmp_path):
     """It used to end OK: an LMS's ``for signal in stream`` ended as if finished, and no retry policy
     retries OK, so it never reconnected to the restarted coordinator."""
     p = parts(tmp_path, grpc={"host": "127.0.0.1", "port": free_port()})
-    server = GrpcServer(p)
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    try:
+    with served(p) as (server, channel):
         stream = pb_grpc.CoordinatorStub(channel).StreamAdaptations(EVERYTHING)
         wait_until(lambda: len(p.hub._subs) == 1, 5, "the stream to open")
         signal = publish_signal(p)
@@ -81,9 +71,6 @@ def test_a_stream_ends_unavailable_when_the_coordinator_stops(tmp_path):
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
         assert ended.value.details() == "coordinator shutting down; reconnect"
         assert p.hub._subs == []
-    finally:
-        channel.close()
-        server.stop(0)
 
 
 def test_unary_calls_answer_unavailable_without_the_database_s_words_while_it_is_gone(tmp_path, caplog):
@@ -92,11 +79,8 @@ def test_unary_calls_answer_unavailable_without_the_database_s_words_while_it_is
     data.mkdir()
     p = parts(tmp_path, database={"url": f"sqlite:///{data / 'coordinator.db'}"},
               grpc={"host": "127.0.0.1", "port": free_port()})
-    server = GrpcServer(p)
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    stub = pb_grpc.CoordinatorStub(channel)
-    try:
+    with served(p) as (_, channel):
+        stub = pb_grpc.CoordinatorStub(channel)
         assert stub.ListClassrooms(pb.ListClassroomsRequest(), timeout=5).classrooms == []
         shutil.rmtree(data)
         p.sessions.kw["bind"].dispose()  # the open connections closed: each new one finds no database
@@ -110,9 +94,6 @@ def test_unary_calls_answer_unavailable_without_the_database_s_words_while_it_is
         logged = [message for r in caplog.records if "database is unavailable" in (message := r.getMessage())]
         assert logged == ["gRPC ListClassrooms: the database is unavailable: (sqlite3.OperationalError) unable "
                           "to open database file"]  # GetClassroomState's within the same 10 s: not repeated
-    finally:
-        channel.close()
-        server.stop(0)
 
 
 def test_state_windows_are_the_configured_ones_and_any_other_is_refused_naming_them(tmp_path):
@@ -121,10 +102,6 @@ def test_state_windows_are_the_configured_ones_and_any_other_is_refused_naming_t
     rules = tmp_path / "rules.toml"
     rules.write_text(policy.DEFAULT_RULES.read_text().replace("window_s = 60", "window_s = 120", 1))
     p = parts(tmp_path, grpc={"host": "127.0.0.1", "port": free_port()}, policy={"rules": str(rules)})
-    server = GrpcServer(p)
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    stub = pb_grpc.CoordinatorStub(channel)
 
     def code(window: int) -> tuple[grpc.StatusCode, str]:
         with pytest.raises(grpc.RpcError) as failed:
@@ -132,12 +109,10 @@ def test_state_windows_are_the_configured_ones_and_any_other_is_refused_naming_t
                                    timeout=5)
         return failed.value.code(), failed.value.details()
 
-    try:
+    with served(p) as (_, channel):
+        stub = pb_grpc.CoordinatorStub(channel)
         allowed = "window_seconds must be 0 (the default) or one of 10, 60, 120, 300"
         refused = (grpc.StatusCode.INVALID_ARGUMENT, allowed)
         assert code(7) == code(59) == code(86400) == refused
         for window in (0, 10, 120, 300):  # answered: the classroom is what is missing
             assert code(window) == (grpc.StatusCode.NOT_FOUND, "no classroom 'nowhere'")
-    finally:
-        channel.close()
-        server.stop(0)
