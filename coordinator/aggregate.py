@@ -130,11 +130,22 @@ def learners(distinct_tracks: int, peak_faces: int) -> int:
     return min(distinct_tracks, peak_faces)
 
 
+def whole_seconds(start: datetime, end: datetime) -> tuple[datetime, datetime]:
+    """The whole seconds within ``(start, end]``, as ``[first, last)``: a window is judged on whole
+    instants only. A second cut by a window's fractional start held only its rows after the cut, so
+    two windows ending together differed by the rows before it, one agent's lone learner perhaps;
+    the second still running at ``end`` is cut the same way by the next tick's window."""
+    first = start.replace(microsecond=0) + timedelta(seconds=1 if start.microsecond else 0)
+    return first, end.replace(microsecond=0)
+
+
 def _window_instants(db: Session, ids: Sequence[str], start: datetime, end: datetime) -> dict[str, Instants]:
-    """Each classroom's observations ending in ``(start, end]``, summed in SQL per instant, agent
-    and track list: a row per agent and second however many batches a second holds."""
+    """Each classroom's observations in the whole seconds of ``(start, end]`` (:func:`whole_seconds`),
+    summed in SQL per instant, agent and track list: a row per agent and second however many batches
+    a second holds."""
     R = ObservationRollup
     instant = instant_of(R.window_end)
+    first, last = whole_seconds(start, end)
     rows = db.execute(
         select(
             R.classroom_id,
@@ -145,7 +156,7 @@ def _window_instants(db: Session, ids: Sequence[str], start: datetime, end: date
             func.sum(R.confidence),
             *(func.sum(column) for column in _WEIGHTED),
         )
-        .where(R.classroom_id.in_(ids), R.window_end > start, R.window_end <= end)
+        .where(R.classroom_id.in_(ids), R.window_end >= first, R.window_end < last)
         .group_by(R.classroom_id, instant, R.agent_id, R.tracks)
     )
     windows = {classroom_id: Instants() for classroom_id in ids}
@@ -177,11 +188,13 @@ def agents_online_by_classroom(
 
 
 def _faces_present(db: Session, ids: Sequence[str], start: datetime, end: datetime) -> dict[str, int]:
-    """Per classroom, the sum over its cameras of each camera's latest head count in the window."""
+    """Per classroom, the sum over its cameras of each camera's latest head count in the window
+    (its whole seconds, as the labels': :func:`whole_seconds`)."""
     C = CameraSample
+    first, last = whole_seconds(start, end)
     latest = (
         select(C.classroom_id, C.agent_id, C.camera_id, func.max(C.ts).label("ts"))
-        .where(C.classroom_id.in_(ids), C.ts > start, C.ts <= end)
+        .where(C.classroom_id.in_(ids), C.ts >= first, C.ts < last)
         .group_by(C.classroom_id, C.agent_id, C.camera_id)
         .subquery()
     )
@@ -202,11 +215,13 @@ def _faces_present(db: Session, ids: Sequence[str], start: datetime, end: dateti
 
 
 def _peak_faces(db: Session, ids: Sequence[str], start: datetime, end: datetime) -> dict[str, int]:
-    """Per classroom, the sum over its cameras of each camera's largest head count in the window."""
+    """Per classroom, the sum over its cameras of each camera's largest head count in the window
+    (its whole seconds, as the labels')."""
     C = CameraSample
+    first, last = whole_seconds(start, end)
     peaks = (
         select(C.classroom_id, func.max(C.faces_present).label("peak"))
-        .where(C.classroom_id.in_(ids), C.ts > start, C.ts <= end)
+        .where(C.classroom_id.in_(ids), C.ts >= first, C.ts < last)
         .group_by(C.classroom_id, C.agent_id, C.camera_id)
         .subquery()
     )
@@ -327,6 +342,8 @@ def timeline(
     """
     if bucket_s < 1:
         raise ValueError("bucket_s must be at least 1 second")
+    start = start.replace(microsecond=0)  # bucket edges on whole seconds: each instant in one bucket, whole
+    end = end.replace(microsecond=0)
     raw = _raw_buckets(db, classroom_id, start, end, bucket_s, k)
     stored = _stored_buckets(db, classroom_id, start, end, bucket_s, k, skip=set(raw))
     points = []

@@ -98,8 +98,10 @@ class ModelSection(Section):
 
 
 class OutputSection(Section):
-    #: seconds between observation batches (one observation per visible learner per batch)
-    interval_s: float = Field(1.0, ge=0.1, le=3600)
+    #: seconds between observation batches (one observation per visible learner per batch). At most
+    #: 1 s: the coordinator judges k-anonymity per second across a classroom's agents, so agents that
+    #: publish less often rarely share a second and their class would be suppressed
+    interval_s: float = Field(1.0, ge=0.1, le=1.0)
     #: seconds between retained status updates (also sent at once when the state changes)
     status_interval_s: float = Field(30.0, ge=1, le=3600)
 

@@ -176,6 +176,25 @@ def test_one_learner_alone_in_most_of_a_window_is_not_revealed_by_it_nor_by_diff
     assert points[0]["observations"] == 24 and points[0]["distribution"][sad] == pytest.approx(together)
 
 
+def test_a_window_is_judged_on_whole_seconds_so_two_ending_together_differ_by_whole_instants(sessions):
+    """One agent sees a lone learner (sad) and publishes at .3 s, another three (happy) at .8 s. A
+    10 s window starting at .5 s held the second it cut only from .5 s on (the three), where the
+    60 s window held it whole (four): the two differed by exactly the lone learner's observation."""
+    rows = []
+    for second in range(10):  # NOW - 10 + second + 0.3 and + 0.8
+        rows.append(("ag-a", "cam0", 1, 9.7 - second, one_hot("sad"), 0.9))
+        rows += [("ag-b", "cam0", track, 9.2 - second, one_hot("happy"), 0.9) for track in (1, 2, 3)]
+    add_obs(sessions, "room-c", rows)
+    now = NOW + timedelta(seconds=0.5)
+    with sessions() as s:
+        short = aggregate.classroom_state(s, "room-c", 10, now, k=3)
+        long = aggregate.classroom_state(s, "room-c", 60, now, k=3)
+    assert (short.observations, long.observations) == (36, 40)  # seconds 1..9, and second 0 with them
+    sad = EMOTIONS.index("sad")
+    difference = (long.distribution[sad] * long.observations - short.distribution[sad] * short.observations) / 4
+    assert difference == pytest.approx(0.25, abs=1e-6)  # second 0's four learners, one of them sad
+
+
 def test_a_window_without_one_instant_of_k_learners_is_suppressed(sessions):
     """Three learners over the window, never more than two in view at once: no distribution."""
     add_obs(sessions, "room-b", [("ag1", "cam0", 1, 5, one_hot("sad"), 0.9), ("ag1", "cam0", 2, 5, one_hot("sad"), 0.9),
@@ -291,9 +310,10 @@ def _raw_rows(rng: random.Random, count: int) -> list[tuple]:
 
 
 def _by_brute_force(rows: list[tuple], window_s: float) -> tuple[int, int, list[float]]:
-    """(observations, learners, distribution) straight from the raw rows: the definition
-    (learners: distinct tracks, at most the sum of each camera's largest head count)."""
-    inside = [r for r in rows if 0 <= r[3] < window_s]
+    """(observations, learners, distribution) straight from the raw rows: the definition (a window
+    is its whole seconds, NOW being one: labels ending in [NOW - window_s, NOW); learners: distinct
+    tracks, at most the sum of each camera's largest head count)."""
+    inside = [r for r in rows if 0 < r[3] <= window_s]
     total = sum(r[5] for r in inside)
     dist = [sum(r[5] * r[4][i] for r in inside) / total for i in range(len(EMOTIONS))]
     peaks: dict[tuple[str, str], int] = {}

@@ -265,8 +265,8 @@ def test_a_signal_lost_to_a_failed_tick_is_stored_on_the_next_one(tmp_path, mosq
     instance = Coordinator(make_config(tmp_path, mosquitto.url, "coord-f", tmp_path / "f.db"))
     start = datetime(2026, 3, 2, 9, 0, 0)  # a whole minute: ticks either side of it cross every window
     batch = make_batch("room-f-ag0", "room-f", 4, CONFUSED, seq=1)
-    stamp(batch, (start - datetime(1970, 1, 1)).total_seconds() - 1)
-    instance.store.write([Received(batch, start - timedelta(seconds=1))], [])
+    stamp(batch, (start - datetime(1970, 1, 1)).total_seconds() - 2)  # a whole second before the first tick
+    instance.store.write([Received(batch, start - timedelta(seconds=2))], [])
 
     def rename(table: str, to: str) -> None:
         with instance.sessions.kw["bind"].begin() as conn:

@@ -227,6 +227,7 @@ def test_check_publishes_a_test_message_the_provisioned_acl_must_allow(tmp_path:
     ('[model]\nbackend = "tensorrt"\nint8 = true\n', "model_export build --int8"),
     (None, "no such config file"),
     ('[mqtt]\nhost = ""\n', "key `mqtt.host`"),
+    ("[output]\ninterval_s = 5\n", "key `output.interval_s`"),  # k is judged per second across agents
     ("".join(f'[[cameras]]\nid = "c{i}"\nsource = "{i}"\n' for i in range(17)), "key `cameras`"),  # > MAX_CAMERAS
     ('[mqtt]\npassword = "s3cret"\n', "key `mqtt`: Value error, `password` is set without `username`"),
     ("[[cameras]]\nwidth = 640\n", "key `cameras.0`: Value error, set both `width` and `height`"),

@@ -66,7 +66,8 @@ def test_event_stream_forwards_only_this_classroom(tmp_path):
     p, client = _teacher(tmp_path)
     add_classroom(p, "room-2", "alice")
     now = utcnow()
-    ingest(p, [batch("room-1", "agent-1", now, tracks=4), batch("room-2", "agent-2", now, tracks=4)], now)
+    labelled = now - timedelta(seconds=1)  # a second complete at `now` (a state takes whole seconds)
+    ingest(p, [batch("room-1", "agent-1", labelled, tracks=4), batch("room-2", "agent-2", labelled, tracks=4)], now)
     response = client.get("/classrooms/room-1/events", buffered=False)
     assert response.mimetype == "text/event-stream"
     chunks = response.response
@@ -243,11 +244,11 @@ def test_cannot_handle_a_signal_of_another_classroom(tmp_path):
 
 def _past_session(p, room: str = "room-1"):
     """Two minutes of class: 4 confused learners, then 2 (below k), ended by the store."""
-    start = utcnow()
+    start = utcnow().replace(microsecond=0)  # timeline buckets start on whole seconds
     batches = [batch(room, "agent-1", start + timedelta(seconds=s), tracks=4, seq=s) for s in range(0, 60, 2)]
     batches += [
         batch(room, "agent-1", start + timedelta(seconds=s), tracks=2, probabilities=HAPPY, seq=s)
-        for s in range(62, 122, 2)  # clear of the confused minute's last 10 s bucket
+        for s in range(62, 120, 2)  # clear of the confused minute's last 10 s bucket; in 12 buckets
     ]
     ingest(p, batches, start)
     Store(p.sessions).end_session(room, start + timedelta(seconds=123))
@@ -268,7 +269,7 @@ def test_session_history_csv_and_printable_summary(tmp_path):
 
     page = client.get(base).get_data(as_text=True)
     points = _page_data(page, "session-data")["history"]
-    assert len(points) == 12  # 10 s buckets from the session's start; data spans 0–120 s
+    assert len(points) == 12  # 10 s buckets from the session's start; data spans 0–118 s
     assert not points[0]["suppressed"] and points[-2]["suppressed"]
     assert signal.reason in page and "Timeline CSV" in page
 
