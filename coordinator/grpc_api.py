@@ -39,9 +39,8 @@ from affectedge.errors import first_line
 from affectedge.v1 import affectedge_pb2 as pb
 from affectedge.v1 import affectedge_pb2_grpc as pb_grpc
 from coordinator import aggregate
-from coordinator.config import CoordinatorConfig
 from coordinator.db import Classroom
-from coordinator.policy import load_rules
+from coordinator.policy import load_rules, state_windows
 from coordinator.ratelimit import RateLimitedLog
 from coordinator.store import utcnow
 
@@ -109,20 +108,12 @@ def _database_unavailable(method: Callable) -> Callable:
     return handler
 
 
-def state_windows(config: CoordinatorConfig) -> tuple[int, ...]:
-    """The window lengths a state may be asked for: the [aggregate] windows and the policy rules'.
-
-    The ones the coordinator computes anyway; any other length would let a caller pick windows
-    that end together and differ by a few seconds, and read those seconds by differencing.
-    """
-    return tuple(sorted(set(config.aggregate.windows) | {rule.window_s for rule in load_rules(config.policy.rules)}))
-
-
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, coordinator: Coordinator, stopping: threading.Event):
         self.coordinator = coordinator
         self.stopping = stopping
-        self.windows = state_windows(coordinator.config)
+        config = coordinator.config
+        self.windows = state_windows(config.aggregate.windows, load_rules(config.policy.rules))
         self._streams = threading.BoundedSemaphore(MAX_STREAMS)
         self._db_errors = RateLimitedLog(10.0, log)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -137,6 +137,14 @@ class RulesFile(settings.Section):
         if len(names) != len(set(names)):
             raise ValueError("rule names must be unique")
         return self
+
+
+def state_windows(aggregate_windows: Iterable[int], rules: Iterable[Rule]) -> tuple[int, ...]:
+    """The window lengths the coordinator computes classroom states over, shortest first: the
+    [aggregate] windows and the rules'. The only ones a client may ask for: any other length would let
+    a caller pick windows that end together and differ by a few seconds, and read those by differencing.
+    """
+    return tuple(sorted(set(aggregate_windows) | {rule.window_s for rule in rules}))
 
 
 def load_rules(path: str | Path = "") -> tuple[Rule, ...]:

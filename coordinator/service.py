@@ -47,7 +47,7 @@ from coordinator.grpc_api import GrpcServer
 from coordinator.hub import Hub
 from coordinator.ingest import Ingest
 from coordinator.outbox import record_signal
-from coordinator.policy import PolicyEngine, load_rules, threshold_key
+from coordinator.policy import PolicyEngine, load_rules, state_windows, threshold_key
 from coordinator.ratelimit import RateLimitedLog
 from coordinator.store import Store, utcnow
 from coordinator.web import create_app
@@ -227,9 +227,9 @@ class Coordinator:
         self._feed(now)
         lease_s = max(5.0, 5 * self.config.aggregate.tick_seconds)
         self._set_leader(self.store.lead(self.instance_id, now, lease_s))
-        windows = set(self.config.aggregate.windows) | self.policy.windows
+        longest = state_windows(self.config.aggregate.windows, self.policy.rules)[-1]
         with self.sessions() as session:
-            active = aggregate.active_classrooms(session, now - timedelta(seconds=max(windows)))
+            active = aggregate.active_classrooms(session, now - timedelta(seconds=longest))
             self._cache = {key: s for key, s in self._cache.items() if key[0] in active}
             for state in self._states(session, active, self.live_window, now).values():
                 self.hub.publish(state)
