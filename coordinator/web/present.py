@@ -59,20 +59,15 @@ def agent_json(agent: db.Agent, now: datetime, offline_after_s: float) -> dict:
     }
 
 
-def evidence_pieces(evidence: pb.Evidence) -> list[dict]:
-    """The evidence of a signal in plain words an instructor can check against the chart, as
-    ``{"text": ...}`` and ``{"time": ISO 8601 UTC}`` pieces: the dashboard shows the times in the
-    reader's zone, like every other time on its pages.
+def _evidence_parts(evidence: pb.Evidence) -> list[str | datetime]:
+    """The evidence of a signal in plain words an instructor can check against the chart: text, and
+    the window's bounds as naive UTC datetimes for each reader to show in its own way.
 
     Every rule tests a share of learners' states (0..1), so numbers are shown as percentages.
     """
-    lead = f"Measured {evidence.observed:.0%} against a threshold of {evidence.threshold:.0%}"
-    pieces = [{"text": lead}]
+    parts: list[str | datetime] = [f"Measured {evidence.observed:.0%} against a threshold of {evidence.threshold:.0%}"]
     if evidence.HasField("window_start") and evidence.HasField("window_end"):
-        pieces += [
-            {"text": " over "}, {"time": iso(evidence.window_start.ToDatetime())},
-            {"text": "–"}, {"time": iso(evidence.window_end.ToDatetime())},
-        ]
+        parts += [" over ", evidence.window_start.ToDatetime(), "–", evidence.window_end.ToDatetime()]
     rest = ""
     if evidence.learners:
         rest += f" with {evidence.learners} learner{'s' if evidence.learners != 1 else ''} in view"
@@ -81,15 +76,18 @@ def evidence_pieces(evidence: pb.Evidence) -> list[dict]:
     mix_words = [f"{name} {score:.0%}" for name, score in mix[:3] if score >= 0.005]
     if mix_words:
         rest += f" Class mix then: {', '.join(mix_words)}."
-    return [*pieces, {"text": rest}]
+    return [*parts, rest]
+
+
+def evidence_pieces(evidence: pb.Evidence) -> list[dict]:
+    """The evidence as ``{"text": ...}`` and ``{"time": ISO 8601 UTC}`` pieces: the dashboard shows the
+    times in the reader's zone, like every other time on its pages."""
+    return [{"time": iso(part)} if isinstance(part, datetime) else {"text": part} for part in _evidence_parts(evidence)]
 
 
 def evidence_text(evidence: pb.Evidence) -> str:
-    """:func:`evidence_pieces` as one sentence for CSV and API readers, its times in UTC and saying so."""
-    return "".join(
-        piece["text"] if "text" in piece else f"{datetime.fromisoformat(piece['time']):%H:%M:%S} UTC"
-        for piece in evidence_pieces(evidence)
-    )
+    """The evidence as one sentence for CSV and API readers, its times in UTC and saying so."""
+    return "".join(f"{part:%H:%M:%S} UTC" if isinstance(part, datetime) else part for part in _evidence_parts(evidence))
 
 
 def kind_label(kind: int) -> str:
