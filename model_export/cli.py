@@ -193,7 +193,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             how = "--resume continues" if args.resume else "--stage head trains a head on"
             raise UsageError(f"{how} the run's own encoder: leave out {', '.join(rest)} and {last} "
                              f"(its architecture is in {recorded})")
-        architecture = json.loads(recorded.read_text())["model"]
+        run_record = json.loads(recorded.read_text())
+        architecture = run_record["model"]
+        # the run's encoder started from that one: the settings recorded again keep saying so
+        init_from = init_from or run_record["train"].get("init_from")
     if args.distill_weight is not None and not args.teacher:
         raise UsageError("--distill-weight needs --teacher MODEL_DIR: the model whose probabilities to learn")
     for teacher in args.teacher or []:

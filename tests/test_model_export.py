@@ -292,9 +292,15 @@ def test_cli_trains_a_new_shape_and_resumes_it_in_that_shape(tiny_data: Path, tm
               "--augment", "light", "--label-smoothing", "0", "--xla", "off"]
     first = _train_cli(*common, *shape, "--epochs", "1", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
+    # as a run begun with --init-from records it: resuming without the flag must not forget the start
+    config = tmp_path / "run" / "config.json"
+    started = json.loads(config.read_text())
+    started["train"]["init_from"] = "models/members/start/encoder.onnx"
+    config.write_text(json.dumps(started))
     resumed = _train_cli(*common, "--epochs", "2", "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    recorded = json.loads(config.read_text())
+    assert recorded["train"]["init_from"] == "models/members/start/encoder.onnx"
     assert (recorded["model"]["stem_filters"], recorded["model"]["stem_depths"]) == ([8, 8, 24], [1, 1, 1])
     assert (recorded["model"]["embed_dim"], recorded["model"]["heads"]) == (24, 3)
     assert {k: recorded["train"][k] for k in ("epochs", "augment", "label_smoothing", "xla")} == {
@@ -317,7 +323,7 @@ def test_cli_trains_a_new_shape_and_resumes_it_in_that_shape(tiny_data: Path, tm
      "--heads sets the shape of a new encoder: leave it out with --init-from, which keeps the member's "
      "(only --depth and --mlp-dim can grow it)"),
     (["--init-from", str(MODELS), "--depth", "6"],
-     f"--init-from {MODELS} is an ensemble of 2 members; pass one of its members, e.g. models/members/g5t"),
+     f"--init-from {MODELS} is an ensemble of 2 members; pass one of its members, e.g. models/members/g8t"),
 ])
 def test_cli_names_what_is_wrong_with_an_encoder_shape(tmp_path: Path, extra: list[str], message: str) -> None:
     result = _train_cli("--data", str(tmp_path), *extra, cwd=tmp_path)
