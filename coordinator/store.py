@@ -189,9 +189,11 @@ class Store:
             if seen:
                 stmt = self._insert(Agent)
                 db.execute(
+                    # a batch's model version is the one it was spooled under, maybe a release ago: it
+                    # names a new agent's model, and from then on only the agent's status says what runs
                     stmt.on_conflict_do_update(
                         index_elements=[Agent.id],
-                        set_={c: stmt.excluded[c] for c in ("classroom_id", "last_seen", "model_version")},
+                        set_={c: stmt.excluded[c] for c in ("classroom_id", "last_seen")},
                     ),
                     list(seen.values()),
                 )

@@ -196,7 +196,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_record = json.loads(recorded.read_text())
         architecture = run_record["model"]
         # the run's encoder started from that one: the settings recorded again keep saying so
-        init_from = init_from or run_record["train"].get("init_from")
+        init_from = init_from or run_record.get("train", {}).get("init_from")
     if args.distill_weight is not None and not args.teacher:
         raise UsageError("--distill-weight needs --teacher MODEL_DIR: the model whose probabilities to learn")
     for teacher in args.teacher or []:

@@ -308,6 +308,24 @@ def test_labels_timed_in_the_future_keep_no_session_open(sessions):
         assert s.get(db.ClassSession, opened.id).ended_at == opened.started_at
 
 
+def test_the_agents_model_is_the_one_its_status_names_while_older_batches_drain(sessions):
+    """After a model upgrade the agent's spool still holds batches labelled by the release before; the
+    Agents page must show the model the agent now runs (its status), not the latest drained batch's."""
+    store, now = Store(sessions), utcnow()
+    old = make_batch("ag-up", "room-up", 2, seq=1)
+    old.model_version = "release-8"
+    store.write([Received(old, now)], [])
+    status = pb.AgentStatus(agent_id="ag-up", classroom_id="room-up", state=pb.AgentStatus.ONLINE,
+                            model_version="release-9")
+    store.write([], [(status, now)])
+    drained = make_batch("ag-up", "room-up", 2, seq=2)
+    drained.model_version = "release-8"
+    store.write([Received(drained, now + timedelta(seconds=1))], [])
+    with sessions() as s:
+        agent = s.get(db.Agent, "ag-up")
+        assert (agent.model_version, agent.last_seen) == ("release-9", now + timedelta(seconds=1))
+
+
 def test_a_held_database_keeps_the_backlog_within_its_bound_and_every_batch_is_stored_after(
         mosquitto, sessions, monkeypatch):
     """While the database will not take a write, arriving batches waited in memory without limit (300
