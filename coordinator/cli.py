@@ -15,7 +15,7 @@ import threading
 from sqlalchemy.exc import SQLAlchemyError
 
 from affectedge.settings import ConfigError
-from coordinator import bench, db, demo, provision, users
+from coordinator import bench, db, demo, outbox, provision, users
 
 log = logging.getLogger("coordinator")
 
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     users.add_parser(sub)
     provision.add_parser(sub)
     demo.add_parser(sub)
+    outbox.add_parser(sub)
     return parser
 
 

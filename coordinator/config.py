@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 import limits
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from affectedge.settings import ConfigError, Section, load
 from affectedge.topics import ID_PATTERN
@@ -24,9 +24,13 @@ Positive = Annotated[float, Field(gt=0)]
 
 MIN_TOKEN = 16  # characters: a bearer token shorter than this is guessable
 PLACEHOLDER = "change-me"  # deploy/coordinator.example.toml's secrets start so: never a real one
-#: deliveries to an LMS: 10 attempts 2 s apart and doubling (jittered) ride out about 20 minutes of
-#: the LMS being down or restarting; 5 gave up after 30-45 s, marking that minute's signals dead
-DEFAULT_ATTEMPTS = 10
+#: deliveries to an LMS: 32 attempts 2 s apart and doubling (jittered) up to the 5-minute cap of
+#: coordinator.outbox.MAX_BACKOFF_S give up 2 h 4 min to 2 h 6 min after the first, so they ride out a
+#: 2-hour LMS outage; 10 gave up after 17-26 minutes, marking most of an hour-long outage's signals dead
+DEFAULT_ATTEMPTS = 32
+HOME_PAGE_EXAMPLE = "https://affectedge.school.example"  # in [xapi] home_page's errors
+#: a query or fragment, or characters RFC 3987 excludes from IRIs (as it does spaces)
+NOT_IN_BASE_URL = '?#<>"{}|\\^`'
 
 
 def _existing_file(value: str) -> str:
@@ -40,6 +44,27 @@ def _http_url(value: str) -> str:
     if value and urlsplit(value).scheme not in ("http", "https"):
         raise ValueError("use an http:// or https:// URL")
     return value
+
+
+def _base_url(value: str) -> str:
+    """``value`` as a public base URL, without trailing "/" (so "https://x/" and "https://x" name the
+    same classrooms)."""
+    if not _is_base_url(value):
+        raise ValueError(f"use this coordinator's public base URL, e.g. {HOME_PAGE_EXAMPLE}: http:// or https://, "
+                         "a host, no user name, query or fragment")
+    return value.rstrip("/")
+
+
+def _is_base_url(value: str) -> bool:
+    """Whether ``value`` can root valid IRIs: http(s), a host and a usable port, no user name (it would be
+    published in every statement), and no query, fragment or character that IRIs exclude."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
+    except ValueError:  # also an unclosed "[" of an IPv6 host
+        return False
+    return (parts.scheme in ("http", "https") and bool(parts.hostname) and "@" not in parts.netloc
+            and not any(c.isspace() or c in NOT_IN_BASE_URL for c in value))
 
 
 def _tokens(values: tuple[str, ...]) -> tuple[str, ...]:
@@ -213,12 +238,29 @@ class WebhookConfig(Section):
 
 class XapiConfig(Section):
     endpoint: str = ""  # empty = off
+    # this coordinator's public base URL: the classroom accounts' homePage and the root of every activity
+    # IRI. Validated even when left at its default, because with an endpoint it is required
+    home_page: str = Field("", validate_default=True)
     username: str = ""
     password: str = ""
     max_attempts: Annotated[int, Field(ge=1)] = DEFAULT_ATTEMPTS
     backoff_s: Positive = 2.0
 
     _url = field_validator("endpoint")(_http_url)
+
+    @field_validator("home_page")
+    @classmethod
+    def _home_page(cls, value: str, info: ValidationInfo) -> str:
+        """Required with an endpoint: the identifiers used to be built from ``[web] host:port``, a
+        listening address (127.0.0.1:8080 behind a proxy) that two schools share and that changes with a
+        port or a failover, so one LRS merged schools' classrooms and split each across actors."""
+        if not value:
+            if info.data.get("endpoint"):
+                raise ValueError(f"set it to this coordinator's public base URL, e.g. {HOME_PAGE_EXAMPLE}, "
+                                 "whenever endpoint is set: classroom and course identifiers in the LRS are "
+                                 "built from it and must stay the same across hosts, ports and failovers")
+            return value
+        return _base_url(value)
 
 
 class BrokerConfig(Section):

@@ -272,6 +272,9 @@ class Delivery(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
+    # each sender's passes filter on these: without it, every pass scanned all delivered history
+    __table_args__ = (Index("ix_delivery_queue", "kind", "status", "target"),)
+
 
 class Setting(Base):
     """Admin-editable settings (policy thresholds, retention) that override the config file."""

@@ -11,7 +11,9 @@ logs as a warning at start.
 Calls the coordinator cannot answer now end UNAVAILABLE, the code clients retry: a unary call while
 the database is unreachable (:func:`_database_unavailable`; its words, which name hosts and paths,
 stay in this log), and StreamAdaptations when the coordinator shuts down, so an LMS reconnects to
-another instance or to this one restarted instead of taking the stream's end for a finish.
+another instance or to this one restarted instead of taking the stream's end for a finish. It
+reconnects with ``after_signal_id``, the last signal it got, and the new stream replays the stored
+signals it missed before going on live.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ import queue
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial, wraps
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +36,7 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -39,10 +44,10 @@ from affectedge.errors import first_line
 from affectedge.v1 import affectedge_pb2 as pb
 from affectedge.v1 import affectedge_pb2_grpc as pb_grpc
 from coordinator import aggregate
-from coordinator.db import Classroom
+from coordinator.db import Classroom, Signal
 from coordinator.policy import load_rules, state_windows
 from coordinator.ratelimit import RateLimitedLog
-from coordinator.store import utcnow
+from coordinator.store import signal_message, utcnow
 
 if TYPE_CHECKING:
     from coordinator.service import Coordinator
@@ -53,6 +58,13 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 #: open StreamAdaptations calls at most; each holds a worker thread for as long as it is open, so the
 #: pool has this many plus 8 threads, and the 8 stay free for unary calls and health checks
 MAX_STREAMS = 64
+#: how far back, and how many signals, a resumed StreamAdaptations replays (the proto comment says so):
+#: the replay is read whole before it is sent, and an LMS away longer back-fills over REST instead
+REPLAY_WINDOW = timedelta(hours=24)
+MAX_REPLAY = 10_000
+#: a stream's details when it cannot be resumed: how to get what it would have replayed
+BACK_FILL = ("back-fill with REST GET /api/v1/signals?since=<the last signal's created_at> and resume from "
+             "the newest signal it returns")
 
 
 class BearerAuth(grpc.ServerInterceptor):
@@ -86,26 +98,38 @@ class BearerAuth(grpc.ServerInterceptor):
 
 
 def _database_unavailable(method: Callable) -> Callable:
-    """A unary handler whose database errors answer UNAVAILABLE (down, locked, pool exhausted: retry)
-    or INTERNAL (anything else) with a generic message, the database's own words logged here
-    (at most every few seconds, by the servicer's ``_db_errors``).
-
-    gRPC would otherwise answer UNKNOWN with the exception text, database host and port included.
-    """
+    """A unary handler whose database errors are answered by ``_database_errors_answered``."""
 
     @wraps(method)
     def handler(self, request, context):
-        try:
+        with self._database_errors_answered(method.__name__, context):
             return method(self, request, context)
-        except (OperationalError, InterfaceError, PoolTimeout) as exc:
-            self._db_errors.warning("unavailable", "gRPC %s: the database is unavailable: %s", method.__name__,
-                                    first_line(exc))
-            context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable; retry")
-        except SQLAlchemyError as exc:
-            self._db_errors.warning("internal", "gRPC %s: the database failed: %s", method.__name__, first_line(exc))
-            context.abort(grpc.StatusCode.INTERNAL, "database error; the coordinator's log says which")
 
     return handler
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    """The signals a StreamAdaptations request asks for: one filter for both the replay's query and
+    the live part, so a resumed stream replays exactly what it would have sent live."""
+
+    classrooms: frozenset[str]
+    courses: frozenset[str]
+
+    @classmethod
+    def of(cls, request: pb.StreamAdaptationsRequest) -> _Wanted:
+        return cls(frozenset(request.classroom_ids), frozenset(request.course_ids))
+
+    def __call__(self, signal: pb.AdaptationSignal) -> bool:
+        return ((not self.classrooms or signal.classroom_id in self.classrooms)
+                and (not self.courses or signal.course_id in self.courses))
+
+    def where(self, query: Select) -> Select:
+        if self.classrooms:
+            query = query.where(Signal.classroom_id.in_(self.classrooms))
+        if self.courses:
+            query = query.where(Signal.course_id.in_(self.courses))
+        return query
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
@@ -117,9 +141,30 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self._streams = threading.BoundedSemaphore(MAX_STREAMS)
         self._db_errors = RateLimitedLog(10.0, log)
 
+    @contextmanager
+    def _database_errors_answered(self, call: str, context) -> Iterator[None]:
+        """Answer database errors UNAVAILABLE (down, locked, pool exhausted: retry) or INTERNAL
+        (anything else) with a generic message, the database's own words logged here (at most every
+        few seconds, by ``_db_errors``).
+
+        gRPC would otherwise answer UNKNOWN with the exception text, database host and port included.
+        """
+        try:
+            yield
+        except (OperationalError, InterfaceError, PoolTimeout) as exc:
+            self._db_errors.warning("unavailable", "gRPC %s: the database is unavailable: %s", call, first_line(exc))
+            context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable; retry")
+        except SQLAlchemyError as exc:
+            self._db_errors.warning("internal", "gRPC %s: the database failed: %s", call, first_line(exc))
+            context.abort(grpc.StatusCode.INTERNAL, "database error; the coordinator's log says which")
+
     def StreamAdaptations(self, request: pb.StreamAdaptationsRequest, context):
         """Every new signal matching the request's classrooms and courses, until the client leaves;
         UNAVAILABLE when the coordinator shuts down (never OK: the stream has no natural end).
+        With ``after_signal_id``, the stored signals after that one first (:meth:`_replay`).
+
+        The hub is subscribed to before the replay is read, so a signal fired meanwhile is in the
+        replay, the live queue or both, never neither; one in both is sent once, from the replay.
 
         Refused with RESOURCE_EXHAUSTED while MAX_STREAMS are open: waiting for a slot would hold a
         worker thread, and enough waiting streams would starve health checks and unary calls.
@@ -128,27 +173,53 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"{MAX_STREAMS} StreamAdaptations are open, the most this coordinator serves: "
                           "retry later, or share one stream among clients")
-        classrooms, courses = set(request.classroom_ids), set(request.course_ids)
+        wanted = _Wanted.of(request)
         hub = self.coordinator.hub
         subscription = hub.subscribe()
         try:
+            replay = self._replay(request.after_signal_id, wanted, context) if request.after_signal_id else []
+            yield from replay
+            replayed = {signal.id for signal in replay}
             while context.is_active() and not self.stopping.is_set():
                 try:
                     item = subscription.queue.get(timeout=0.5)
                 except queue.Empty:
                     continue
-                if not isinstance(item, pb.AdaptationSignal):
-                    continue
-                if classrooms and item.classroom_id not in classrooms:
-                    continue
-                if courses and item.course_id not in courses:
-                    continue
-                yield item
+                if isinstance(item, pb.AdaptationSignal) and wanted(item) and item.id not in replayed:
+                    yield item
             if self.stopping.is_set():
-                context.abort(grpc.StatusCode.UNAVAILABLE, "coordinator shutting down; reconnect")
+                context.abort(grpc.StatusCode.UNAVAILABLE,
+                              "coordinator shutting down; reconnect with after_signal_id = the last signal's id")
         finally:  # the client cancelled, its deadline passed, or the server stops
             self._streams.release()
             hub.unsubscribe(subscription)
+
+    def _replay(self, after_id: str, wanted: _Wanted, context) -> list[pb.AdaptationSignal]:
+        """The stored signals ``wanted`` stamped at or after signal ``after_id``, itself excepted,
+        oldest first (ties by id, as REST pages them).
+
+        Ids are random, so the order is created_at's. Those stamped in the same instant as
+        ``after_id`` (one tick's, in several classrooms) are all sent again: which of them the client
+        already had depends on the order they were fired in, which is not stored, and re-sending one
+        it has is better than losing one it has not. Refused, never cut short, past REPLAY_WINDOW
+        or MAX_REPLAY: a shortened replay would be the silent gap it exists to close.
+        """
+        with self._database_errors_answered("StreamAdaptations", context), self.coordinator.sessions() as db:
+            after = db.get(Signal, after_id)
+            if after is None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"after_signal_id {after_id!r} is no stored signal: {BACK_FILL}")
+            if after.created_at < utcnow() - REPLAY_WINDOW:
+                context.abort(grpc.StatusCode.OUT_OF_RANGE,
+                              f"after_signal_id {after_id!r} is older than {REPLAY_WINDOW.total_seconds() / 3600:g} h, "
+                              f"the furthest a stream replays: {BACK_FILL}")
+            query = wanted.where(select(Signal).where(Signal.created_at >= after.created_at, Signal.id != after.id))
+            rows = db.scalars(query.order_by(Signal.created_at, Signal.id).limit(MAX_REPLAY + 1)).all()
+            if len(rows) > MAX_REPLAY:
+                context.abort(grpc.StatusCode.OUT_OF_RANGE,
+                              f"more than {MAX_REPLAY} signals follow after_signal_id {after_id!r}, the most a "
+                              f"stream replays: {BACK_FILL}")
+            return [signal_message(row) for row in rows]
 
     @_database_unavailable
     def GetClassroomState(self, request: pb.GetClassroomStateRequest, context) -> pb.ClassroomState:

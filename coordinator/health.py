@@ -11,9 +11,13 @@ query and a load balancer may poll every second:
   states and signals have stopped (each failure is in the log).
 * **Is the broker connected?** If not, no new labels arrive; the API still serves what the
   database holds.
+* **Did an LMS miss signals?** Dead webhook or xAPI deliveries (retries ran out, or the receiver
+  refused them) of the last day, counted by the policy leader's senders
+  (:meth:`coordinator.outbox.Outbox.dead_deliveries`, at most a minute old; other instances send
+  nothing and report none) until ``coordinator requeue-deliveries`` sends them again.
 
 *down* (the first two; HTTP 503, gRPC ``NOT_SERVING``) tells a load balancer to send clients
-elsewhere; *degraded* (the broker) is served as usual (HTTP 200) with the problem named.
+elsewhere; *degraded* (the broker, dead deliveries) is served as usual (HTTP 200) with the problem named.
 ``/healthz`` shows the status and the problems only; the counters, the backlog and the
 database's own error are on the admin's page, behind a login.
 
@@ -26,6 +30,7 @@ measures how far behind it can fall.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 OK, DEGRADED, DOWN = "ok", "degraded", "down"
@@ -64,9 +69,11 @@ class Health:
 
 
 def assess(*, stalled_for_s: float | None, db_error: str | None, last_tick_age_s: float, tick_seconds: float,
-           broker_connected: bool, backlog: int, leader: bool, counters: dict[str, int]) -> Health:
+           broker_connected: bool, backlog: int, leader: bool, counters: dict[str, int],
+           dead_deliveries: Sequence[tuple[str, int]] = ()) -> Health:
     """The status and the problems, each one line saying what is wrong and where to look (``db_error``:
-    the database's words while ingest is stalled, else None)."""
+    the database's words while ingest is stalled, else None; ``dead_deliveries``: the outlets'
+    ``(kind, count)`` of the last day)."""
     down, degraded = [], []
     if stalled_for_s is not None and stalled_for_s >= STALL_S:
         down.append(f"the database has refused writes for {stalled_for_s:.0f} s (down or locked): labels wait "
@@ -76,6 +83,10 @@ def assess(*, stalled_for_s: float | None, db_error: str | None, last_tick_age_s
                     "have stopped; see the coordinator log")
     if not broker_connected:
         degraded.append("the MQTT broker is unreachable: no new labels arrive; check [mqtt] url and the broker")
+    for kind, count in dead_deliveries:
+        degraded.append(f"{count} {kind} deliveries of the last day are dead (retries ran out, or the receiver "
+                        "refused them): an LMS missed those signals; the coordinator log names the receiver; "
+                        "once it answers, run `coordinator requeue-deliveries`")
     status = DOWN if down else DEGRADED if degraded else OK
     return Health(status, tuple(down + degraded), broker_connected, backlog, leader, last_tick_age_s, counters,
                   db_error)

@@ -4,19 +4,30 @@ The one retry implementation both outlets share. Every signal an outlet wants to
 :class:`coordinator.db.Delivery` row per target, stored in the same transaction as the signal
 (:func:`record_signal`), so the table, not memory, is the queue: a coordinator restarted
 mid-retry, or a new policy leader, resumes every ``pending`` row, and rows whose attempts ran out
-stay behind as ``dead`` with the last error (the dead-letter table an admin inspects, or re-queues
-by setting ``status='pending', attempts=0``; a running coordinator picks such rows up within a
+stay behind as ``dead`` with the last error: the dead-letter table. The count of the last day is on the
+health report (``/healthz``, the admin's page), and ``coordinator requeue-deliveries`` puts the
+rows back to ``pending`` with their attempts reset (a running coordinator picks them up within a
 minute).
+
+A classroom's signals reach each target in the order they were stored: a delivery waits while an
+earlier one (lower ``Delivery.id``, which follows the signal's creation because a signal and its
+rows are stored together) for the same target and classroom is still ``pending``, so an LMS that
+comes back after an outage gets them in order, not in the order of their jittered retry times. A
+``dead`` delivery holds nothing back. While a receiver is down only the earliest delivery of each
+classroom is retried; the later ones wait without spending attempts.
 
 Each target gets its own sender thread and HTTP session, so one slow or unreachable LMS never
 delays another. The payload is rebuilt from the stored :class:`coordinator.db.Signal` row on every
 attempt, which makes retries byte-identical (the xAPI statement id is derived from the signal id,
-so an LRS that already stored a statement whose response was lost drops the duplicate).
+so an LRS that already stored a statement whose response was lost drops the duplicate; so is a
+webhook's dedup key, see :func:`coordinator.webhooks.delivery_key`).
 
 Retry schedule after attempt *n* (1-based): ``backoff_s * 2**(n-1)``, stretched by a random
 factor in [1, 1.5) so that many deliveries failing together do not retry in lock-step, capped at
-one hour. An HTTP 4xx answer other than 408/425/429 means the receiver rejects this payload for
-good; retrying cannot help, so the delivery goes ``dead`` at once.
+five minutes: the earliest delivery of a classroom holds its later ones back, so the cap is also
+how late a classroom's signals can be after its LMS comes back. An HTTP 4xx answer other than
+408/425/429 means the receiver rejects this payload for good; retrying cannot help, so the delivery
+goes ``dead`` at once.
 
 Redirects are never followed, and no 3xx counts as delivered: ``requests`` would turn a 301/302/303
 into a GET without the body (and report the page it lands on as a success), and re-send a 307/308,
@@ -34,20 +45,25 @@ deliveries and gives connect and read timeouts and clear exceptions, which ``url
 
 from __future__ import annotations
 
+import argparse
 import logging
 import random
+import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import urljoin, urlsplit
 
 import requests
-from sqlalchemy import func, or_, select
+from sqlalchemy import Select, func, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
 from affectedge.errors import first_line
+from affectedge.settings import ConfigError
 from affectedge.v1 import affectedge_pb2 as pb
 from coordinator import db
 from coordinator.ratelimit import RateLimitedLog
@@ -58,7 +74,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_BACKOFF_S = 3600.0
+MAX_BACKOFF_S = 300.0
+#: how long a dead delivery counts on the health report (from its signal's creation)
+DEAD_REPORTED_S = 86400.0
 #: 4xx answers that mean "not now" rather than "never"
 RETRYABLE_CLIENT_ERRORS = frozenset({408, 425, 429})
 #: redirects that say the configured URL is outdated for good, so every retry would get the same answer
@@ -82,9 +100,10 @@ class Target:
 class DeliveryError(Exception):
     """One attempt failed; ``permanent`` when retrying the same payload cannot succeed."""
 
-    def __init__(self, message: str, permanent: bool = False):
+    def __init__(self, message: str, permanent: bool = False, status: int | None = None):
         super().__init__(message)
         self.permanent = permanent
+        self.status = status  # the receiver's HTTP status, if it answered
 
 
 def retry_delay(attempts: int, backoff_s: float) -> float:
@@ -153,10 +172,11 @@ def post(http: requests.Session, url: str, body: bytes, headers: dict, timeout_s
         return
     if 300 <= status < 400:
         raise DeliveryError(f"HTTP {status} redirect to {redirect_target(url, response)}, not followed: "
-                            "configure the URL that answers itself", permanent=status in PERMANENT_REDIRECTS)
+                            "configure the URL that answers itself", permanent=status in PERMANENT_REDIRECTS,
+                            status=status)
     text = redact(response.text[:300].strip(), url)  # an error page may quote the request URL
     permanent = 400 <= status < 500 and status not in RETRYABLE_CLIENT_ERRORS
-    raise DeliveryError(f"HTTP {status}: {text}", permanent=permanent)
+    raise DeliveryError(f"HTTP {status}: {text}", permanent=permanent, status=status)
 
 
 def record_signal(store: Store, signal: pb.AdaptationSignal, outlets: Sequence[Outbox]) -> None:
@@ -185,6 +205,9 @@ class Outbox(ABC):
         self._wake = {url: threading.Event() for url in self.targets}
         self._threads: list[threading.Thread] = []
         self._errors = RateLimitedLog(60.0, log)
+        # target url -> its dead deliveries, as its sender last counted them (every key made here, so
+        # the health monitor's thread never iterates over a dict that grows)
+        self._dead = dict.fromkeys(self.targets, 0)
 
     # -- what subclasses provide ------------------------------------------------------------
 
@@ -193,8 +216,7 @@ class Outbox(ABC):
         return list(self.targets.values())
 
     @abstractmethod
-    def send(self, http: requests.Session, target: Target, delivery_id: int,
-             signal: pb.AdaptationSignal) -> None:
+    def send(self, http: requests.Session, target: Target, signal: pb.AdaptationSignal) -> None:
         """Deliver ``signal`` to ``target`` once; raise :class:`DeliveryError` on failure."""
 
     def http_session(self, target: Target) -> requests.Session:
@@ -271,6 +293,7 @@ class Outbox(ABC):
                             return
                         self._attempt(http, target, delivery_id)
                     idle = self._idle_seconds(target)
+                    self._dead[target.url] = self._count_dead(target)
                 except Exception as exc:  # a locked or lost database: the rows wait in it, retry soon
                     self._errors.warning(target.url, "%s sender for %s: %s; retrying in %.0f s", self.kind,
                                          safe_url(target.url), first_line(exc), DB_RETRY_S)
@@ -279,28 +302,56 @@ class Outbox(ABC):
         finally:
             http.close()
 
+    def _heads(self, target: Target) -> Select:
+        """The ids of the earliest pending delivery of each classroom to ``target``: the only ones
+        that may be sent, so that a classroom's signals arrive in the order they were stored."""
+        return (
+            select(func.min(db.Delivery.id))
+            .join(db.Signal, db.Signal.id == db.Delivery.signal_id, isouter=True)
+            .where(db.Delivery.kind == self.kind, db.Delivery.target == target.url, db.Delivery.status == "pending")
+            .group_by(db.Signal.classroom_id)
+        )
+
     def _due(self, target: Target) -> list[int]:
         with self.sessions() as s:
             return list(s.scalars(
                 select(db.Delivery.id)
-                .where(db.Delivery.kind == self.kind, db.Delivery.target == target.url,
-                       db.Delivery.status == "pending",
+                .where(db.Delivery.id.in_(self._heads(target)),
                        or_(db.Delivery.next_attempt_at.is_(None), db.Delivery.next_attempt_at <= utcnow()))
                 .order_by(db.Delivery.next_attempt_at, db.Delivery.id)
                 .limit(BATCH)
             ))
 
     def _idle_seconds(self, target: Target) -> float:
-        """Sleep until the earliest pending retry is due (at most a minute; new rows wake us)."""
+        """Sleep until the earliest retry of a classroom's first pending delivery is due (at most a
+        minute; new rows wake us). The later rows it holds back are due too, but waking for them would
+        spin: they go once it has."""
         with self.sessions() as s:
             earliest = s.scalar(
-                select(func.min(db.Delivery.next_attempt_at))
-                .where(db.Delivery.kind == self.kind, db.Delivery.target == target.url,
-                       db.Delivery.status == "pending")
+                select(func.min(db.Delivery.next_attempt_at)).where(db.Delivery.id.in_(self._heads(target)))
             )
         if earliest is None:
             return 60.0
         return min(max((earliest - utcnow()).total_seconds(), 0.0), 60.0)
+
+    def _count_dead(self, target: Target) -> int:
+        """Dead deliveries of the last :data:`DEAD_REPORTED_S`: one a receiver refused for good stays
+        dead when requeued, and must not keep the health report degraded for ever."""
+        with self.sessions() as s:
+            return s.scalar(
+                select(func.count())
+                .select_from(db.Delivery)
+                .join(db.Signal, db.Signal.id == db.Delivery.signal_id)
+                .where(db.Delivery.kind == self.kind, db.Delivery.target == target.url, db.Delivery.status == "dead",
+                       db.Signal.created_at >= utcnow() - timedelta(seconds=DEAD_REPORTED_S))
+            )
+
+    def dead_deliveries(self) -> list[tuple[str, int]]:
+        """``(kind, count)`` of recent dead deliveries over all targets, as of each sender's last pass (at
+        most a minute old): for the health report, which must not query the database. It names no
+        receiver: ``/healthz`` is public, and the log names each one."""
+        count = sum(self._dead.values())
+        return [(self.kind, count)] if count else []
 
     def _attempt(self, http: requests.Session, target: Target, delivery_id: int) -> None:
         with self.sessions() as s:
@@ -310,7 +361,7 @@ class Outbox(ABC):
             try:
                 if row is None:
                     raise DeliveryError(f"signal {delivery.signal_id} is not in the database (yet)")
-                self.send(http, target, delivery.id, signal_message(row))
+                self.send(http, target, signal_message(row))
             except DeliveryError as exc:
                 self._failed(delivery, target, exc)
             else:
@@ -331,3 +382,84 @@ class Outbox(ABC):
         delivery.next_attempt_at = utcnow() + timedelta(seconds=delay)
         log.info("%s delivery %d to %s failed (attempt %d/%d, retry in %.1f s): %s", self.kind,
                  delivery.id, safe_url(target.url), delivery.attempts, target.max_attempts, delay, exc)
+
+
+# -- the dead-letter table: `coordinator requeue-deliveries` ---------------------------------------
+
+
+class RequeueError(Exception):
+    """A requeue request that names its deliveries ambiguously."""
+
+
+def requeue(sessions: sessionmaker, target: str | None = None, since: datetime | None = None) -> int:
+    """Put dead deliveries back to ``pending`` with their attempts reset, and say how many.
+
+    ``target`` is a receiver's URL, or its form in logs and the health report (:func:`safe_url`);
+    ``since`` (naive UTC) keeps to signals created then or later. Idempotent: what it requeued is no
+    longer dead, so a second run finds nothing to requeue.
+    """
+    with sessions.begin() as s:
+        where = [db.Delivery.status == "dead"]
+        if target is not None:
+            where.append(db.Delivery.target.in_(_dead_targets_named(s, target)))
+        if since is not None:
+            where.append(db.Delivery.signal_id.in_(select(db.Signal.id).where(db.Signal.created_at >= since)))
+        result = s.execute(update(db.Delivery).where(*where)
+                           .values(status="pending", attempts=0, next_attempt_at=utcnow())
+                           .execution_options(synchronize_session=False))
+        return result.rowcount
+
+
+def _dead_targets_named(s: Session, name: str) -> list[str]:
+    """The URLs of dead deliveries that ``name`` stands for: the URL itself, or the one URL whose
+    logged form it is (two URLs logged alike are refused: requeueing both may not be meant)."""
+    urls = s.scalars(select(db.Delivery.target).where(db.Delivery.status == "dead").distinct()).all()
+    if name in urls:
+        return [name]
+    shown = [url for url in urls if safe_url(url) == name]
+    if len(shown) > 1:
+        raise RequeueError(f"--target {name} stands for {len(shown)} receivers: give the full URL from the config")
+    return shown
+
+
+def _utc(text: str) -> datetime:
+    """``--since``: an ISO date or time, UTC unless it names its offset (stored times are naive UTC)."""
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO date or time; write e.g. 2026-01-31T09:00 "
+                                         "(UTC) or 2026-01-31T10:00+01:00") from None
+    return at.astimezone(UTC).replace(tzinfo=None) if at.tzinfo else at
+
+
+def _run_requeue(args: argparse.Namespace) -> int:
+    from coordinator.config import load_config
+
+    try:
+        config = load_config(args.config)
+        count = requeue(db.connect(config.database.url), args.target, args.since)
+    except (ConfigError, RequeueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as exc:
+        print(f"error: {db.describe_error(exc, config.database.url)}", file=sys.stderr)
+        return 2
+    print(f"requeued {count} dead deliveries" + ("; a running coordinator sends them within a minute" if count else ""))
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `requeue-deliveries [--target NAME] [--since ISO]`."""
+    parser = subparsers.add_parser(
+        "requeue-deliveries",
+        help="send dead (given-up) webhook and xAPI deliveries again",
+        description="Put dead webhook and xAPI deliveries back to pending with their attempts reset; the "
+        "running coordinator sends them within a minute, each classroom's in order. Running it again "
+        "requeues only what died since.",
+    )
+    parser.add_argument("--config", help="coordinator TOML config (for the database URL)")
+    parser.add_argument("--target", metavar="NAME",
+                        help="only this receiver: its URL, or its name as the health report shows it")
+    parser.add_argument("--since", metavar="ISO", type=_utc,
+                        help="only signals created at or after this time (UTC unless an offset is given)")
+    parser.set_defaults(func=_run_requeue)

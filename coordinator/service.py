@@ -66,6 +66,7 @@ SIGNAL_FEED_MARGIN = timedelta(seconds=10)  # re-read signals this far back (com
 class Outlet(Protocol):
     def start(self) -> None: ...
     def stop(self) -> None: ...
+    def dead_deliveries(self) -> list[tuple[str, int]]: ...
 
 
 class Coordinator:
@@ -178,6 +179,7 @@ class Coordinator:
             backlog=self.ingest.backlog,
             leader=self.is_leader,
             counters=self.ingest.counters.snapshot(),
+            dead_deliveries=[dead for outlet in self._outlets for dead in outlet.dead_deliveries()],
         )
 
     def _ticker_progress(self) -> None:

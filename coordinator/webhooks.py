@@ -4,15 +4,21 @@ What a receiver gets, per signal and per matching webhook (``classrooms = []`` m
 
     POST <url>
     Content-Type: application/json; proto=affectedge.v1.AdaptationSignal
-    X-AffectEdge-Delivery: 42                  (same id on every retry of this delivery: dedup key)
+    X-AffectEdge-Delivery: <signal id>:<hex>   (this signal to this webhook: dedup key, see below)
     X-AffectEdge-Timestamp: 1767225600         (Unix seconds when this attempt was signed)
     X-AffectEdge-Signature: sha256=<hex>       (absent only if the webhook has no secret)
 
     {"id": "...", "classroomId": "room-1", "kind": "SLOW_DOWN", "strength": 0.8, ...}
 
 The body is the protobuf JSON mapping of ``affectedge.v1.AdaptationSignal`` (camelCase names,
-enums as names). The signature is ``HMAC-SHA256(secret, "<timestamp>.<body>")`` in hex: signing
-the timestamp with the body lets a receiver reject replays of an old, captured request.
+enums as names). ``X-AffectEdge-Delivery`` is the same on every retry and requeue of a delivery
+and never reused: the signal's id (a UUID, also the body's ``id``), a colon and 16 hex digits that
+stand for the webhook's URL (a hash: the URL may hold its secret), so a receiver can drop a
+repeat by it even after the coordinator's database is restored or moved. A classroom's signals
+arrive in the order they fired, also after the receiver was down (see :mod:`coordinator.outbox`).
+
+The signature is ``HMAC-SHA256(secret, "<timestamp>.<body>")`` in hex: signing the timestamp with
+the body lets a receiver reject replays of an old, captured request.
 
 Verifying in an LMS (Python; the same four steps port to any language)::
 
@@ -77,6 +83,15 @@ def verify_signature(secret: str, timestamp: str, body: bytes, header: str,
     return hmac.compare_digest(sign(secret, timestamp, body), header or "")
 
 
+def delivery_key(signal_id: str, url: str) -> str:
+    """The ``X-AffectEdge-Delivery`` value of ``signal_id`` sent to ``url``.
+
+    Built from the signal and the target, not from a database row id: row ids start again in a
+    restored or new database, and a receiver deduplicating on them would drop new signals.
+    """
+    return f"{signal_id}:{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+
+
 class WebhookDispatcher(Outbox):
     """Delivers signals to every configured webhook whose classroom filter matches."""
 
@@ -97,12 +112,11 @@ class WebhookDispatcher(Outbox):
         return [self.targets[url] for url, hook in self.hooks.items()
                 if not hook.classrooms or signal.classroom_id in hook.classrooms]
 
-    def send(self, http: requests.Session, target: Target, delivery_id: int,
-             signal: pb.AdaptationSignal) -> None:
+    def send(self, http: requests.Session, target: Target, signal: pb.AdaptationSignal) -> None:
         body = encode(signal, "json")
         timestamp = str(int(time.time()))
         headers = {"Content-Type": content_type(signal, "json"), TIMESTAMP_HEADER: timestamp,
-                   DELIVERY_HEADER: str(delivery_id)}
+                   DELIVERY_HEADER: delivery_key(signal.id, target.url)}
         secret = self.hooks[target.url].secret
         if secret:
             headers[SIGNATURE_HEADER] = sign(secret, timestamp, body)

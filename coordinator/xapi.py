@@ -20,16 +20,22 @@ One statement per signal, with the same retry and dead-letter behaviour as webho
     id      UUIDv5 of the signal id, so a retry after a lost response is a duplicate the LRS
             drops instead of a second statement
 
-``<installation>`` is the coordinator's web address (``[web] host``/``port``; a wildcard host is
-replaced by this machine's fully qualified name): the system on which the classroom "account" and
-the activities live. Extension keys are fixed IRIs under :data:`VOCAB` so LRS queries keep working
-when an installation moves.
+``<installation>`` is ``[xapi] home_page``, this coordinator's public base URL: the system on which
+the classroom "account" and the activities live. It is configured, not derived from ``[web]
+host``/``port`` (a listening address such as 127.0.0.1:8080 behind the HTTPS proxy): that address
+is the same at every school, so a shared LRS merged their "room-101"s, and it changed with a port or
+a policy leader on another host, splitting one classroom across actors. Extension keys are fixed
+IRIs under :data:`VOCAB` so LRS queries keep working when an installation moves.
+
+A statement id the LRS already holds with other content (HTTP 409 Conflict) is one this
+coordinator sent before, in an earlier version (say before ``home_page`` changed): retrying cannot
+change what the LRS keeps, so the delivery counts as done and a warning names the statement.
 """
 
 from __future__ import annotations
 
 import json
-import socket
+import logging
 import uuid
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -38,11 +44,10 @@ import requests
 from google.protobuf import json_format
 
 from affectedge.v1 import affectedge_pb2 as pb
-from coordinator.outbox import Outbox, Target, post
+from coordinator.outbox import DeliveryError, Outbox, Target, post, safe_url
 from coordinator.store import iso
 
 if TYPE_CHECKING:
-    from coordinator.config import CoordinatorConfig
     from coordinator.service import Coordinator
 
 XAPI_VERSION = "1.0.3"
@@ -54,6 +59,10 @@ COURSE = "http://adlnet.gov/expapi/activities/course"
 #: UUIDv5 namespace for statement ids (uuid5(NAMESPACE_URL, VOCAB + "/statements"))
 STATEMENT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, f"{VOCAB}/statements")
 TIMEOUT_S = 10.0
+#: the LRS holds a different statement with this id (xAPI 1.0.3, Communication 2.1.2)
+CONFLICT = 409
+
+log = logging.getLogger(__name__)
 
 
 def ext(name: str) -> str:
@@ -67,16 +76,6 @@ def activity_id(home: str, collection: str, ident: str) -> str:
     are; course ids are free text and need it.
     """
     return f"{home}/{collection}/{quote(ident, safe='')}"
-
-
-def homepage(config: CoordinatorConfig) -> str:
-    """This installation's web address, the ``homePage`` of classroom accounts."""
-    host = config.web.host
-    if host in ("", "0.0.0.0", "::"):
-        host = socket.getfqdn()
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{config.web.port}"
 
 
 def statement(signal: pb.AdaptationSignal, home: str) -> dict:
@@ -121,7 +120,7 @@ class XapiForwarder(Outbox):
             targets.append(Target(self.statements_url(cfg.endpoint), cfg.max_attempts, cfg.backoff_s,
                                   TIMEOUT_S))
         super().__init__(coordinator, targets)
-        self.home = homepage(coordinator.config)
+        self.home = cfg.home_page  # required with an endpoint: checked when the configuration is loaded
 
     @staticmethod
     def statements_url(endpoint: str) -> str:
@@ -136,7 +135,15 @@ class XapiForwarder(Outbox):
         http.headers["X-Experience-API-Version"] = XAPI_VERSION
         return http
 
-    def send(self, http: requests.Session, target: Target, delivery_id: int,
-             signal: pb.AdaptationSignal) -> None:
-        body = json.dumps(statement(signal, self.home)).encode()
-        post(http, target.url, body, {"Content-Type": "application/json"}, target.timeout_s)
+    def send(self, http: requests.Session, target: Target, signal: pb.AdaptationSignal) -> None:
+        """POST the signal's statement; a 409 Conflict counts as delivered (see the module docstring)."""
+        st = statement(signal, self.home)
+        try:
+            post(http, target.url, json.dumps(st).encode(), {"Content-Type": "application/json"}, target.timeout_s)
+        except DeliveryError as exc:
+            if exc.status != CONFLICT:
+                raise
+            log.warning("the LRS at %s already holds statement %s (signal %s) in a different version, e.g. one "
+                        "sent before [xapi] home_page changed: counted as delivered, the LRS keeps its version",
+                        safe_url(target.url), st["id"], signal.id)
+

@@ -387,12 +387,17 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    """Its inputs are checked before TensorRT, so a wrong folder is one line on any machine."""
     from model_export import trt_build
 
+    _existing(args.models / "manifest.json", "model manifest",
+              "run `model_export build` in the folder holding models/ (cd /opt/affectedge on a lab PC) "
+              "or pass --models DIR")
+    faces = trt_build.build_faces(args)
     why = trt_build.unavailable_reason()
     if why:
         raise UsageError(f"cannot build TensorRT engines: {why}. The CPU path (ONNX Runtime) needs no engine.")
-    trt_build.run(args)
+    trt_build.run(args, faces)
     return 0
 
 
@@ -571,12 +576,24 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--data", type=Path, default=DEFAULT_DATA / "val", help="faces for the accuracy comparison")
     q.set_defaults(func=cmd_quantize)
 
-    b = sub.add_parser("build", help="TensorRT engines for this GPU (NVIDIA only)")
-    b.add_argument("--models", type=Path, default=DEFAULT_MODELS,
-                   help="models folder to build engines for (default: models/)")
+    b = sub.add_parser(
+        "build",
+        help="TensorRT engines for this GPU (NVIDIA only)",
+        description="Build a TensorRT engine for this PC's GPU next to each ONNX file in --models, where the "
+                    "edge agent's backend \"auto\" uses it, and check each against ONNX Runtime. Run it where "
+                    "the agent runs, in its install folder (on a lab PC: cd /opt/affectedge && sudo "
+                    "venv/bin/model_export build --fp16), and again after each model upgrade: install.sh "
+                    "removes the engines of the model it replaces.",
+    )
+    # relative to the current folder, not to this package: installed, that is site-packages
+    b.add_argument("--models", type=Path, default=Path("models"),
+                   help="models folder to build engines for (default: models/ in the current folder)")
     b.add_argument("--fp16", action="store_true", help="allow FP16 kernels")
-    b.add_argument("--int8", action="store_true", help="INT8 with entropy calibration (needs --calib)")
-    b.add_argument("--calib", type=Path, default=DEFAULT_DATA / "val", help="real faces for INT8 calibration")
+    b.add_argument("--int8", action="store_true", help="INT8 with entropy calibration on the faces of --calib")
+    b.add_argument("--calib", type=Path, default=Path("data") / "val",
+                   help="class folders of real faces: INT8 calibrates on them (needed with --int8), and each "
+                        "engine is checked against ONNX Runtime on them if the folder exists, else on seeded "
+                        "noise faces (default: data/val in the current folder)")
     b.add_argument("--max-batch", type=positive_int, default=32,
                    help="largest encoder batch the engine accepts (default 32)")
     b.add_argument("--workspace", type=positive_int, default=1024, help="builder workspace in MB")

@@ -4,25 +4,77 @@ Engines are specific to a GPU model and TensorRT version, so each file is named
 ``<model>.<gpu-tag>.engine`` next to its ONNX source (the edge's ``auto`` backend looks for exactly
 that name) and ``engines.<gpu-tag>.json`` records TensorRT version, GPU, compute capability,
 precision, optimisation profiles and the sha256 of each source ONNX. After building, every
-engine is checked against ONNX Runtime on real faces and a table is printed.
+engine is checked against ONNX Runtime and a table is printed: on the real faces of ``--calib``
+when that folder exists, else on seeded noise faces (a lab PC holds no FER data, and only
+``--int8``, which calibrates on them, needs real ones).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
+from edge_agent import tensorrt_runtime
 from edge_agent.emotion_model import face_tensor, sha256
-from edge_agent.tensorrt_runtime import TrtSession, gpu_tag, unavailable_reason
-from model_export.datasets import load_class_folders
+from edge_agent.faces.align import SIZE
+from edge_agent.tensorrt_runtime import TrtSession, gpu_tag
+from model_export.datasets import DatasetError, load_class_folders
 
-__all__ = ["run", "unavailable_reason"]
+__all__ = ["build_faces", "run", "unavailable_reason"]
 
 #: Smallest / typical / largest spatial size for P-Net's dynamic H and W (an image-pyramid level).
 PNET_HW = (12, 240, 1280)
+#: faces per INT8 calibration batch: a --calib folder with fewer calibrates nothing
+CALIB_BATCH = 32
+#: faces read per class of --calib
+PER_CLASS = 64
+#: noise faces made without a --calib folder: 8 windows of the shipped model
+NOISE_FACES = 64
+CALIB_HINT = "pass --calib a folder with one sub-folder of real faces per class, e.g. FER2013's val split"
+
+
+class BuildFaces(NamedTuple):
+    images: np.ndarray  # (N, 48, 48) uint8
+    described: str      # what they are, for the printed table and engines.<tag>.json
+
+
+def unavailable_reason() -> str | None:
+    """None when engines can be built here, else one line saying what is missing: what the agent's
+    TensorRT runtime needs, and the ``onnx`` package the build reads each graph with."""
+    if why := tensorrt_runtime.unavailable_reason():
+        return why
+    if importlib.util.find_spec("onnx") is None:
+        return "the `onnx` Python package is not installed (pip install 'affectedge[tensorrt]')"
+    return None
+
+
+def build_faces(args: argparse.Namespace) -> BuildFaces:
+    """The faces INT8 calibrates on and each engine is checked against ONNX Runtime with.
+
+    Only ``--int8`` needs real ones, and a lab PC holds none: without it and without a ``--calib``
+    folder the check runs on seeded noise faces (it compares the engine's numbers with ONNX
+    Runtime's, not accuracy). Cheap, so the CLI calls it before TensorRT: a bad ``--calib`` is one
+    line on any machine, not an error after minutes of building.
+    """
+    if not (args.int8 or args.calib.exists()):
+        noise = np.random.default_rng(0).integers(0, 256, (NOISE_FACES, SIZE, SIZE), dtype=np.uint8)
+        return BuildFaces(noise, "seeded noise faces (no --calib folder)")
+    if not args.calib.is_dir():
+        why = "--int8 calibrates on real faces, and " if args.int8 else ""
+        raise DatasetError(f"{why}--calib {args.calib} is not a folder: {CALIB_HINT}")
+    try:
+        faces = load_class_folders(args.calib, limit_per_class=PER_CLASS).images
+    except DatasetError as exc:
+        raise DatasetError(f"--calib {args.calib}: {exc}") from exc
+    if args.int8 and len(faces) < CALIB_BATCH:
+        raise DatasetError(f"--calib {args.calib} holds {len(faces)} faces, fewer than one INT8 calibration "
+                           f"batch ({CALIB_BATCH}): {CALIB_HINT}")
+    return BuildFaces(faces, f"{len(faces)} real faces from {args.calib}")
 
 
 def _profile_shapes(shape: list, max_batch: int) -> tuple[tuple, tuple, tuple]:
@@ -52,11 +104,11 @@ def _calibrator(faces: np.ndarray, cache_file: Path):
     class FaceCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self):
             super().__init__()
-            self.batches = [faces[i:i + 32] for i in range(0, len(faces) - 31, 32)]
-            self.device = cuda.mem_alloc(32 * 48 * 48 * 4)
+            self.batches = [faces[i:i + CALIB_BATCH] for i in range(0, len(faces) - CALIB_BATCH + 1, CALIB_BATCH)]
+            self.device = cuda.mem_alloc(CALIB_BATCH * SIZE * SIZE * 4)
 
         def get_batch_size(self):
-            return 32
+            return CALIB_BATCH
 
         def get_batch(self, names):
             if not self.batches:
@@ -94,7 +146,7 @@ def build_engine(onnx_path: Path, out: Path, args: argparse.Namespace, calib_fac
     if args.fp16:
         config.set_flag(trt.BuilderFlag.FP16)
         precision = "fp16"
-    if args.int8 and calib_faces is not None:
+    if calib_faces is not None:
         config.set_flag(trt.BuilderFlag.INT8)
         config.int8_calibrator = _calibrator(calib_faces, calibration_cache(onnx_path, out))
         precision = "int8+fp16" if args.fp16 else "int8"
@@ -129,14 +181,14 @@ def validate(onnx_path: Path, engine: Path, inputs: dict[str, np.ndarray]) -> di
     return {"max_abs_diff": float(np.abs(ref - got).max()), "top1_agreement": agreement}
 
 
-def _real_inputs(onnx_path: Path, faces: np.ndarray, window: int, models: Path) -> dict[str, np.ndarray]:
-    """Inputs built from real faces for any of the shipped graphs, in that graph's own layout."""
+def _check_inputs(onnx_path: Path, faces: np.ndarray, window: int, models: Path) -> dict[str, np.ndarray]:
+    """Inputs built from ``faces`` for any of the shipped graphs, in that graph's own layout."""
     import cv2
     import onnx
 
     from edge_agent.inference import OrtSession
 
-    faces = faces[: 8 * window]
+    faces = np.resize(faces, (8 * window, *faces.shape[1:]))  # 8 windows: a small --calib folder's faces repeat
     if onnx_path.stem == "head":
         emb = OrtSession(models / "encoder.onnx").run({"face": face_tensor(faces)})[0]
         return {"embeddings": emb.reshape(8, window, -1)}
@@ -152,32 +204,37 @@ def _real_inputs(onnx_path: Path, faces: np.ndarray, window: int, models: Path) 
     return {graph_input.name: x if channels_last else x.transpose(0, 3, 1, 2).copy()}
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, faces: BuildFaces | None = None) -> dict:
+    """Build, check and record the engines; ``faces`` as :func:`build_faces` returns them for ``args``
+    (read here when not given)."""
     import pycuda.driver as cuda
     import tensorrt as trt
 
+    if faces is None:
+        faces = build_faces(args)
     tag = gpu_tag()
     models: Path = args.models
     manifest = json.loads((models / "manifest.json").read_text())
-    faces = load_class_folders(args.calib, limit_per_class=64).images
     window = int(manifest["window"])
     sources = {"encoder": models / "encoder.onnx", "head": models / "head.onnx"}
     sources.update({n: models / "mtcnn" / f"{n}.onnx" for n in ("pnet", "rnet", "onet")})
     device = cuda.Device(0)
     record = {"tensorrt": trt.__version__, "gpu": device.name(), "compute_capability": ".".join(
-        map(str, device.compute_capability())), "engines": {}}
+        map(str, device.compute_capability())), "engines": {}, "checked_on": faces.described}
     table = []
     for name, onnx_path in sources.items():
         if not onnx_path.exists():
             continue
         engine = onnx_path.with_name(f"{onnx_path.stem}.{tag}.engine")
         print(f"building {engine.name} ...", flush=True)
-        entry = build_engine(onnx_path, engine, args, faces if name == "encoder" else None)
-        entry["validation"] = validate(onnx_path, engine, _real_inputs(onnx_path, faces, window, models))
+        calib = faces.images if args.int8 and name == "encoder" else None
+        entry = build_engine(onnx_path, engine, args, calib)
+        entry["validation"] = validate(onnx_path, engine, _check_inputs(onnx_path, faces.images, window, models))
         record["engines"][name] = entry
         table.append((name, entry["precision"], entry["validation"]["max_abs_diff"],
                       entry["validation"]["top1_agreement"]))
     (models / f"engines.{tag}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"engines against ONNX Runtime on {faces.described}:")
     print(f"{'model':<10}{'precision':<12}{'max |Δ|':>12}{'top-1 agree':>14}")
     for name, precision, diff, agree in table:
         print(f"{name:<10}{precision:<12}{diff:>12.2e}{agree:>14.2%}")

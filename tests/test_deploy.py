@@ -59,11 +59,9 @@ def test_broker_reload_path_unit_watches_the_acl_the_broker_reads(tmp_path: Path
     assert "affectedge-broker-reload" not in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize(("running", "restarted"), [(True, True), (False, False)])
-def test_reinstalling_restarts_a_running_agent_and_a_first_install_says_how_to_start(tmp_path: Path, running: bool,
-                                                                                   restarted: bool):
-    """An upgrade told the admin to `systemctl start` the unit, which does nothing while it runs: the agent
-    kept the old code and model until a reboot. install.sh's last step, run alone against a stub systemctl."""
+def _install_steps(tmp_path: Path, steps: str, running: bool) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """``steps`` (shell) after sourcing install.sh, which defines its step functions and runs none, against a
+    stub systemctl whose unit is ``running`` or not; the result and the systemctl calls."""
     calls, stubs = tmp_path / "systemctl-calls", tmp_path / "bin"
     stubs.mkdir()
     (stubs / "systemctl").write_text(f'#!/bin/sh\necho "$*" >> {calls}\n'
@@ -72,11 +70,46 @@ def test_reinstalling_restarts_a_running_agent_and_a_first_install_says_how_to_s
     for stub in stubs.iterdir():
         stub.chmod(0o755)
     script = ROOT / "deploy" / "systemd" / "install.sh"
-    result = subprocess.run(["bash", "-c", f'source "{script}" && finish'], capture_output=True, text=True,
+    result = subprocess.run(["bash", "-c", f'source "{script}" && {steps}'], capture_output=True, text=True,
                             timeout=30, env={**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"})
     assert result.returncode == 0, result.stderr
-    called = calls.read_text().splitlines()
+    return result, calls.read_text().splitlines()
+
+
+@pytest.mark.parametrize(("running", "restarted"), [(True, True), (False, False)])
+def test_reinstalling_restarts_a_running_agent_and_a_first_install_says_how_to_start(tmp_path: Path, running: bool,
+                                                                                   restarted: bool):
+    """An upgrade told the admin to `systemctl start` the unit, which does nothing while it runs: the agent
+    kept the old code and model until a reboot. install.sh's last step, run alone against a stub systemctl."""
+    result, called = _install_steps(tmp_path, "finish", running)
     assert called[0] == "is-active --quiet affectedge-agent.service"
     assert ("try-restart affectedge-agent.service" in called) is restarted
     assert ("has been restarted" in result.stdout) is restarted
     assert ("sudo systemctl start affectedge-agent.service" in result.stdout) is not restarted
+    assert "TensorRT" not in result.stdout  # no engines were removed
+
+
+@pytest.mark.parametrize("shipped_again", [False, True])
+def test_an_upgrade_that_removes_engines_says_how_to_rebuild_them(tmp_path: Path, shipped_again: bool):
+    """Step 4 removes the engines of the model it replaces; the agent's backend "auto" then ran on the CPU,
+    saying so only in its journal, while the upgrade said it was restarted "on the new code and model".
+    Unless the checkout brought engines of the same names, the last step now says how to rebuild them."""
+    prefix = tmp_path / "opt"
+    engines = [prefix / "models" / "encoder.nvidia-rtx-a2000-sm86.engine",
+               prefix / "models" / "mtcnn" / "pnet.nvidia-rtx-a2000-sm86.engine"]
+    for engine in engines:
+        engine.parent.mkdir(parents=True, exist_ok=True)
+        engine.write_bytes(b"old engine")
+    (prefix / "models" / "encoder.onnx").write_bytes(b"onnx")
+    ship = " && ".join(f'touch "{engine}"' for engine in engines) if shipped_again else "true"
+    result, _ = _install_steps(tmp_path, f'PREFIX="{prefix}" && remove_engines && {ship} && finish', running=True)
+    assert all(engine.exists() for engine in engines) is shipped_again
+    assert (prefix / "models" / "encoder.onnx").exists()
+    notices = [line for line in result.stdout.splitlines() if "TensorRT" in line]
+    if shipped_again:
+        assert notices == []
+        return
+    assert len(notices) == 1 and notices[0] == result.stdout.splitlines()[-1]
+    assert notices[0].startswith("TensorRT engines removed: they were built for the previous model")
+    assert notices[0].endswith(f": cd {prefix} && sudo {prefix}/venv/bin/model_export build --fp16 "
+                               "&& sudo systemctl try-restart affectedge-agent.service")

@@ -1,13 +1,17 @@
 """The gRPC API over real gRPC on 127.0.0.1: StreamAdaptations is capped at MAX_STREAMS, so that open
 streams cannot take the worker threads that health checks and unary calls need; calls the coordinator
-cannot answer (shutting down, the database gone) end UNAVAILABLE, which clients retry."""
+cannot answer (shutting down, the database gone) end UNAVAILABLE, which clients retry; a stream
+resumed with after_signal_id replays the signals its client missed."""
 
 from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
+from datetime import timedelta
 
 import grpc
+import outlets
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from outlets import parts, publish_signal, served, wait_until
@@ -69,7 +73,8 @@ def test_a_stream_ends_unavailable_when_the_coordinator_stops(tmp_path):
         with pytest.raises(grpc.RpcError) as ended:
             next(stream)
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert ended.value.details() == "coordinator shutting down; reconnect"
+        assert ended.value.details() == ("coordinator shutting down; reconnect with after_signal_id = the last "
+                                         "signal's id")
         assert p.hub._subs == []
 
 
@@ -116,3 +121,112 @@ def test_state_windows_are_the_configured_ones_and_any_other_is_refused_naming_t
         assert code(7) == code(59) == code(86400) == refused
         for window in (0, 10, 120, 300):  # answered: the classroom is what is missing
             assert code(window) == (grpc.StatusCode.NOT_FOUND, "no classroom 'nowhere'")
+
+
+def _stamps(monkeypatch, *offsets_s: float) -> None:
+    """The next signals ``publish_signal`` fires are stamped these seconds after a whole second of now:
+    it stamps to the second, so signals fired together would otherwise share an instant or not by chance."""
+    start = outlets.utcnow().replace(microsecond=0)
+    times = iter(start + timedelta(seconds=offset) for offset in offsets_s)
+    monkeypatch.setattr(outlets, "utcnow", lambda: next(times))
+
+
+def _firing_once_after(monkeypatch, owner: object, name: str, fire: Callable[[], object]) -> None:
+    """``fire`` runs right after the first call of ``owner.name``: a signal fired at that step of a
+    stream's start."""
+    original, fired = getattr(owner, name), []
+
+    def call_then_fire(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if not fired:
+            fired.append(fire())
+        return result
+
+    monkeypatch.setattr(owner, name, call_then_fire)
+
+
+def _received(stream, count: int) -> list[str]:
+    return [next(stream).classroom_id for _ in range(count)]
+
+
+def test_a_resumed_stream_replays_the_signals_missed_then_goes_on_live_each_once(tmp_path, monkeypatch):
+    """A stream started at its subscription: reconnecting after a drop got room-A, then room-C, and
+    never room-B, which had fired while the client was away."""
+    p = parts(tmp_path, grpc={"host": "127.0.0.1", "port": free_port()})
+    _stamps(monkeypatch, 0, 1, 2, 3, 4, 5, 6, 7)
+    wanted = pb.StreamAdaptationsRequest(classroom_ids=[f"room-{c}" for c in "ABCDEF"])
+    with served(p) as (_, channel):
+        stub = pb_grpc.CoordinatorStub(channel)
+        first = stub.StreamAdaptations(wanted, timeout=30)
+        wait_until(lambda: len(p.hub._subs) == 1, 5, "the stream to open")
+        last = publish_signal(p, "room-A")
+        assert next(first).id == last.id
+        first.cancel()  # the network drops
+        wait_until(lambda: p.hub._subs == [], 5, "the dropped stream to close")
+
+        publish_signal(p, "room-B")
+        publish_signal(p, "room-X")  # not a classroom the stream asks for
+        publish_signal(p, "room-C")
+        # the resumed stream's start: subscribed to live signals (room-D then reaches it stored and
+        # live), then its replay read from the database (room-E then reaches it live only)
+        _firing_once_after(monkeypatch, p.hub, "subscribe", lambda: publish_signal(p, "room-D"))
+        _firing_once_after(monkeypatch, grpc_api, "signal_message", lambda: publish_signal(p, "room-E"))
+        wanted.after_signal_id = last.id
+        resumed = stub.StreamAdaptations(wanted, timeout=30)
+        assert _received(resumed, 4) == ["room-B", "room-C", "room-D", "room-E"]
+        publish_signal(p, "room-F")  # room-D came once if room-F comes next
+        assert _received(resumed, 1) == ["room-F"]
+        resumed.cancel()
+
+
+def test_signals_stamped_in_the_resumed_one_s_instant_are_sent_again_rather_than_lost(tmp_path, monkeypatch):
+    """One tick stamps its signals alike and fires them in an order that is not stored: the stream
+    cannot tell which of them its client had, so it re-sends them all, as the proto comment says."""
+    p = parts(tmp_path, grpc={"host": "127.0.0.1", "port": free_port()})
+    _stamps(monkeypatch, 0, 0, 1)
+    with served(p) as (_, channel):
+        stub = pb_grpc.CoordinatorStub(channel)
+        first = stub.StreamAdaptations(EVERYTHING, timeout=30)
+        wait_until(lambda: len(p.hub._subs) == 1, 5, "the stream to open")
+        tick = [publish_signal(p, "room-A"), publish_signal(p, "room-B")]
+        assert [next(first).id for _ in tick] == [signal.id for signal in tick]
+        first.cancel()
+        wait_until(lambda: p.hub._subs == [], 5, "the dropped stream to close")
+        later = publish_signal(p, "room-C")
+
+        # resumed after the tick-mate with the greater id: ordered (created_at, id), the other one
+        # sorts before it, and would be lost if the client had not had it
+        before, after = sorted(signal.id for signal in tick)
+        resumed = stub.StreamAdaptations(pb.StreamAdaptationsRequest(after_signal_id=after), timeout=30)
+        assert [next(resumed).id for _ in range(2)] == [before, later.id]
+        resumed.cancel()
+
+
+def test_a_resume_the_coordinator_cannot_replay_is_refused_saying_how_to_back_fill(tmp_path, monkeypatch):
+    """An unknown id, one older than REPLAY_WINDOW or with more than MAX_REPLAY signals after it is
+    refused, never answered with a partial replay: that would be a silent gap."""
+    monkeypatch.setattr(grpc_api, "MAX_REPLAY", 1)
+    p = parts(tmp_path, grpc={"host": "127.0.0.1", "port": free_port()})
+    _stamps(monkeypatch, -25 * 3600, 0, 1, 2)
+    stale, busy, *_ = [publish_signal(p) for _ in range(4)]
+    back_fill = ("back-fill with REST GET /api/v1/signals?since=<the last signal's created_at> and resume from "
+                 "the newest signal it returns")
+
+    with served(p) as (_, channel):
+        stub = pb_grpc.CoordinatorStub(channel)
+
+        def refusal(after_id: str) -> tuple[grpc.StatusCode, str]:
+            stream = stub.StreamAdaptations(pb.StreamAdaptationsRequest(after_signal_id=after_id), timeout=10)
+            with pytest.raises(grpc.RpcError) as refused:
+                next(stream)
+            return refused.value.code(), refused.value.details()
+
+        assert refusal("no-such-signal") == (
+            grpc.StatusCode.INVALID_ARGUMENT, f"after_signal_id 'no-such-signal' is no stored signal: {back_fill}")
+        assert refusal(stale.id) == (
+            grpc.StatusCode.OUT_OF_RANGE,
+            f"after_signal_id {stale.id!r} is older than 24 h, the furthest a stream replays: {back_fill}")
+        assert refusal(busy.id) == (
+            grpc.StatusCode.OUT_OF_RANGE,
+            f"more than 1 signals follow after_signal_id {busy.id!r}, the most a stream replays: {back_fill}")
+        wait_until(lambda: p.hub._subs == [], 5, "the refused streams to let go of the hub")

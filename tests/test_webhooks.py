@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -19,13 +20,15 @@ from sqlalchemy.exc import IntegrityError
 from affectedge.codec import decode
 from affectedge.settings import ConfigError
 from affectedge.v1 import affectedge_pb2 as pb
-from coordinator import db
+from coordinator import cli, db, health, outbox
+from coordinator.config import WebhookConfig, XapiConfig
 from coordinator.outbox import MAX_BACKOFF_S, redact, retry_delay, safe_url
 from coordinator.webhooks import (
     DELIVERY_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     WebhookDispatcher,
+    delivery_key,
     sign,
     verify_signature,
 )
@@ -38,6 +41,11 @@ class Received:
     headers: dict
     body: bytes
     method: str = "POST"
+    status: int = 200  # what the receiver answered
+
+    @property
+    def signal_id(self) -> str:
+        return decode(self.body, pb.AdaptationSignal).id
 
 
 @dataclass
@@ -64,8 +72,8 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.requests.append(Received(dict(self.headers), body))
                 status = receiver.always or (receiver.statuses.pop(0) if receiver.statuses else 200)
+                receiver.requests.append(Received(dict(self.headers), body, status=status))
                 self.send_response(status)
                 if receiver.location:
                     self.send_header("Location", receiver.location)
@@ -147,7 +155,7 @@ def test_signed_json_reaches_matching_webhooks_only(tmp_path):
     rows = deliveries(p, "webhook")
     assert [(r.status, r.attempts) for r in rows] == [("delivered", 1)] * 3
     assert {r.headers[DELIVERY_HEADER] for r in everything.requests} == {
-        str(r.id) for r in rows if r.target == everything.url}
+        delivery_key(first.id, everything.url), delivery_key(second.id, everything.url)}
 
 
 def test_two_webhooks_with_one_url_are_refused(tmp_path):
@@ -176,8 +184,8 @@ def test_failures_are_retried_until_the_receiver_accepts(tmp_path, receiver):
     p = parts(tmp_path, webhooks=[hook(receiver.url, max_attempts=5)])
     signal, row = publish_until(p, "delivered")
     assert (row.attempts, row.last_error, len(receiver.requests)) == (3, "", 3)
-    # every retry carries the same delivery id and byte-identical body
-    assert {r.headers[DELIVERY_HEADER] for r in receiver.requests} == {str(row.id)}
+    # every retry carries the same delivery key and byte-identical body
+    assert {r.headers[DELIVERY_HEADER] for r in receiver.requests} == {delivery_key(signal.id, receiver.url)}
     assert {r.body for r in receiver.requests} == {receiver.requests[0].body}
     assert decode(receiver.requests[0].body, pb.AdaptationSignal) == signal
 
@@ -269,7 +277,7 @@ def test_pending_deliveries_survive_a_restart(tmp_path):
         dispatcher.stop()
         receiver.close()
     assert len(deliveries(restarted, "webhook")) == 1
-    assert [r.headers[DELIVERY_HEADER] for r in receiver.requests] == [str(before.id)]
+    assert [r.headers[DELIVERY_HEADER] for r in receiver.requests] == [delivery_key(before.signal_id, url)]
 
 
 def test_a_database_error_pauses_the_sender_and_it_delivers_afterwards(tmp_path, receiver):
@@ -325,3 +333,167 @@ def test_an_error_text_keeps_no_secret_of_the_url(url: str, text: str, shown: st
     """The path alone (an error page quoting it) and a one-segment path (the whole secret) leaked."""
     assert redact(text, url) == shown
     assert "SECRET" not in safe_url(url) and "secret" not in safe_url(url) and "pw" not in safe_url(url)
+
+
+def test_the_default_retries_ride_out_a_two_hour_outage(monkeypatch):
+    """10 attempts 2 s apart and doubling gave up 17-26 minutes after the first, so an LMS down for
+    an hour lost most of that hour's signals; and a 1-hour cap left it unvisited for up to an hour."""
+    monkeypatch.setattr(outbox.random, "uniform", lambda low, _high: low)  # the shortest jitter
+    for target in (WebhookConfig(url="https://lms.example/hook"), XapiConfig()):
+        delays = [retry_delay(n, target.backoff_s) for n in range(1, target.max_attempts)]
+        assert sum(delays) >= 2 * 3600  # the last attempt comes two hours or more after the first
+        assert max(delays) <= 5 * 60  # and the receiver is tried again within 5 minutes of coming back
+
+
+def test_a_classrooms_signals_arrive_in_order_after_an_outage(tmp_path, receiver):
+    """Each delivery retried on its own jittered schedule, so an LMS back from an outage got a
+    classroom's signals shuffled (a reviewer saw [5, 1, 0, 2, 4, 3])."""
+    receiver.always = 503
+    p = parts(tmp_path, webhooks=[hook(receiver.url, max_attempts=1000, backoff_s=0.01)])
+    dispatcher = dispatcher_for(p)
+    try:
+        room1 = [publish_signal(p, classroom="room-1").id for _ in range(6)]
+        room2 = [publish_signal(p, classroom="room-2").id for _ in range(3)]
+        wait_until(lambda: len(receiver.requests) >= 8, what="attempts while the receiver is down")
+        receiver.always = None
+        wait_until(lambda: {r.status for r in deliveries(p, "webhook")} == {"delivered"}, what="deliveries")
+    finally:
+        dispatcher.stop()
+    sent = [r.signal_id for r in receiver.requests if r.status == 200]
+    assert [i for i in sent if i in room1] == room1
+    assert [i for i in sent if i in room2] == room2
+    # while it was down only each classroom's first signal was tried; the others spent no attempts
+    assert {r.signal_id for r in receiver.requests if r.status == 503} == {room1[0], room2[0]}
+
+
+def test_a_dead_delivery_does_not_hold_back_the_later_ones(tmp_path, receiver):
+    receiver.statuses = [400]  # the first signal is refused for good
+    p = parts(tmp_path, webhooks=[hook(receiver.url, max_attempts=5)])
+    dispatcher = dispatcher_for(p)
+    try:
+        signals = [publish_signal(p).id for _ in range(3)]
+        wait_until(lambda: [r.status for r in deliveries(p, "webhook")] == ["dead", "delivered", "delivered"],
+                   what="the later deliveries")
+    finally:
+        dispatcher.stop()
+    assert [(r.signal_id, r.status) for r in receiver.requests] == [
+        (signals[0], 400), (signals[1], 200), (signals[2], 200)]
+
+
+def delivered(p: Parts) -> pb.AdaptationSignal:
+    """Publish one signal with a running dispatcher and return it once every delivery of it is delivered."""
+    dispatcher = dispatcher_for(p)
+    try:
+        signal = publish_signal(p)
+        wait_until(lambda: {r.status for r in deliveries(p, "webhook")} == {"delivered"}, what="deliveries")
+    finally:
+        dispatcher.stop()
+    return signal
+
+
+def test_the_delivery_key_is_unique_across_databases_and_targets(tmp_path, receiver):
+    """The key was the delivery's row id: a restored or new database numbered from 1 again, and a
+    receiver deduplicating on it dropped the new signals as repeats."""
+    second_url = receiver.url.replace("/affectedge", "/second")
+    keys = []
+    for database in ("restored.db", "moved.db"):
+        signal = delivered(parts(tmp_path, database={"url": f"sqlite:///{tmp_path / database}"},
+                                 webhooks=[hook(receiver.url), hook(second_url)]))
+        keys += [r.headers[DELIVERY_HEADER] for r in receiver.requests[-2:]]
+        assert all(key.startswith(f"{signal.id}:") for key in keys[-2:])
+    assert len(set(keys)) == 4  # two signals, each to two webhooks: four deliveries, four keys
+
+
+def requeue_cli(tmp_path, capsys, *args: str) -> tuple[int, str, str]:
+    """`coordinator requeue-deliveries ARGS` against the test database: exit status, stdout, stderr."""
+    config = tmp_path / "coordinator.toml"
+    config.write_text(f'[database]\nurl = "sqlite:///{tmp_path / "coordinator.db"}"\n')
+    status = cli.main(["requeue-deliveries", "--config", str(config), *args])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_dead_deliveries_are_on_the_health_report_until_requeued(tmp_path, receiver, capsys):
+    """Dead deliveries showed in one log line only, and sending them again took hand-written SQL."""
+    healthy = Receiver().serve()
+    receiver.always = 400  # refused for good: dead at the first attempt
+    p = parts(tmp_path, webhooks=[hook(receiver.url), hook(healthy.url)])
+    shown = safe_url(receiver.url)
+    dispatcher = dispatcher_for(p)
+
+    def report() -> health.Health:
+        return health.assess(stalled_for_s=None, db_error=None, last_tick_age_s=0.0, tick_seconds=1.0,
+                             broker_connected=True, backlog=0, leader=True, counters={},
+                             dead_deliveries=dispatcher.dead_deliveries())
+
+    try:
+        publish_signal(p)
+        publish_signal(p, classroom="room-2")
+        wait_until(lambda: dispatcher.dead_deliveries() == [("webhook", 2)], what="the dead count")
+        assert report().public() == {"status": "degraded", "problems": [
+            "2 webhook deliveries of the last day are dead (retries ran out, or the receiver refused them): an "
+            "LMS missed those signals; the coordinator log names the receiver; once it answers, run "
+            "`coordinator requeue-deliveries`"]}
+
+        receiver.always = None  # the LMS is fixed
+        assert requeue_cli(tmp_path, capsys, "--target", shown) == (
+            0, "requeued 2 dead deliveries; a running coordinator sends them within a minute\n", "")
+        dispatcher.wake()  # as the sender's next look within a minute would
+        wait_until(lambda: dispatcher.dead_deliveries() == [], what="the dead count back to none")
+    finally:
+        dispatcher.stop()
+        healthy.close()
+    assert report().public() == {"status": "ok", "problems": []}
+    assert [(r.status, r.attempts) for r in deliveries(p, "webhook")] == [("delivered", 1)] * 4
+    assert requeue_cli(tmp_path, capsys, "--target", shown) == (0, "requeued 0 dead deliveries\n", "")
+
+
+def test_a_dead_delivery_leaves_the_health_report_after_a_day(tmp_path, receiver):
+    """A receiver that refuses a payload for good refuses it again when requeued: that dead row must not
+    keep /healthz degraded for ever."""
+    receiver.always = 400
+    p = parts(tmp_path, webhooks=[hook(receiver.url)])
+    dispatcher = dispatcher_for(p)
+    try:
+        old, recent = publish_signal(p), publish_signal(p, classroom="room-2")
+        wait_until(lambda: dispatcher.dead_deliveries() == [("webhook", 2)], what="both dead")
+        with p.sessions.begin() as s:
+            s.get(db.Signal, old.id).created_at -= timedelta(days=1, minutes=1)
+        dispatcher.wake()
+        wait_until(lambda: dispatcher.dead_deliveries() == [("webhook", 1)], what="the day-old one left out")
+    finally:
+        dispatcher.stop()
+    assert recent.id in {r.signal_id for r in deliveries(p, "webhook") if r.status == "dead"}
+
+
+def test_requeue_deliveries_by_target_and_time(tmp_path, receiver, capsys):
+    receiver.always = 400
+    second_url = receiver.url.replace("/affectedge", "/second")  # logged as the same http://127.0.0.1:port/hooks/…
+    p = parts(tmp_path, webhooks=[hook(receiver.url), hook(second_url)])
+    dispatcher = dispatcher_for(p)
+    try:
+        old, new = publish_signal(p), publish_signal(p)
+        wait_until(lambda: {r.status for r in deliveries(p, "webhook")} == {"dead"}, what="dead deliveries")
+    finally:
+        dispatcher.stop()
+    with p.sessions.begin() as s:
+        s.get(db.Signal, old.id).created_at = datetime(2000, 1, 1, 9, 30)  # UTC, as stored
+
+    status, out, err = requeue_cli(tmp_path, capsys, "--target", safe_url(receiver.url))
+    assert (status, out) == (2, "")
+    assert err == (f"error: --target {safe_url(receiver.url)} stands for 2 receivers: give the full URL from the "
+                   "config\n")
+
+    # 10:00 at UTC+1 is 09:00 UTC: both of this target's signals are since then
+    assert requeue_cli(tmp_path, capsys, "--target", receiver.url, "--since", "2000-01-01T10:00+01:00")[:2] == (
+        0, "requeued 2 dead deliveries; a running coordinator sends them within a minute\n")
+    assert {(r.target, r.status, r.attempts) for r in deliveries(p, "webhook")} == {
+        (receiver.url, "pending", 0), (second_url, "dead", 1)}
+    assert requeue_cli(tmp_path, capsys, "--since", "2000-01-01T09:45")[:2] == (  # the new signal's only
+        0, "requeued 1 dead deliveries; a running coordinator sends them within a minute\n")
+    assert [(r.signal_id, r.status) for r in deliveries(p, "webhook") if r.target == second_url] == [
+        (old.id, "dead"), (new.id, "pending")]
+    assert requeue_cli(tmp_path, capsys)[:2] == (
+        0, "requeued 1 dead deliveries; a running coordinator sends them within a minute\n")
+    assert requeue_cli(tmp_path, capsys)[:2] == (0, "requeued 0 dead deliveries\n")
+    assert {(r.status, r.attempts) for r in deliveries(p, "webhook")} == {("pending", 0)}

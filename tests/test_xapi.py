@@ -9,6 +9,7 @@ MongoDB, Elasticsearch or ClickHouse servers, which are not available here.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -22,13 +23,14 @@ from conftest import free_port, wait_for_port
 from outlets import Parts, deliveries, parts, publish_signal, wait_until
 
 from coordinator import db
-from coordinator.xapi import STATEMENT_NAMESPACE, VERB_EXPERIENCED, XapiForwarder, ext, homepage
+from coordinator.xapi import STATEMENT_NAMESPACE, VERB_EXPERIENCED, XapiForwarder, ext
 
 bcrypt = pytest.importorskip("bcrypt", reason="the dev extra (ralph-malph[lrs]) is not installed")
 pytest.importorskip("ralph", reason="the dev extra (ralph-malph[lrs]) is not installed")
 rfc3987 = pytest.importorskip("rfc3987", reason="the dev extra (ralph-malph[lrs]) is not installed")
 
 USER, PASSWORD = "coordinator", "lrs-password-for-tests"
+HOME = "https://affectedge.school.example"  # [xapi] home_page
 
 
 @dataclass
@@ -88,12 +90,16 @@ def delivered(p: Parts, count: int = 1) -> list[db.Delivery]:
 
 
 def xapi(lrs: Lrs, **extra) -> dict:
-    return {"endpoint": lrs.url + "/", "username": USER, "password": PASSWORD, "backoff_s": 0.05, **extra}
+    return {"endpoint": lrs.url + "/", "home_page": HOME, "username": USER, "password": PASSWORD, "backoff_s": 0.05,
+            **extra}
 
 
 def test_each_signal_is_stored_in_the_lrs_as_a_classroom_statement(tmp_path, lrs):
+    """Identifiers come from [xapi] home_page: they were built from [web] host:port, the listening address
+    (this machine's name for 0.0.0.0, or 127.0.0.1:8080 at every school), which split a classroom across
+    policy leaders on different hosts and merged the classrooms of schools sharing an LRS."""
     room = "room-1"
-    p = parts(tmp_path, xapi=xapi(lrs), web={"host": "127.0.0.1", "port": 8080})
+    p = parts(tmp_path, xapi=xapi(lrs), web={"host": "0.0.0.0", "port": 8080})
     forwarder = forwarder_for(p)
     try:
         signal = publish_signal(p, classroom=room, course="course-7")
@@ -102,8 +108,8 @@ def test_each_signal_is_stored_in_the_lrs_as_a_classroom_statement(tmp_path, lrs
         forwarder.stop()
     assert [(r.status, r.attempts) for r in rows] == [("delivered", 1)]
 
-    home = homepage(p.config)
-    assert home == "http://127.0.0.1:8080"
+    home = HOME
+    assert [s["object"]["id"] for s in lrs.get(limit=1000)["statements"]] == [f"{home}/classrooms/{room}"]
     found = lrs.about(f"{home}/classrooms/{room}")
     assert len(found) == 1
     st = found[0]
@@ -140,8 +146,35 @@ def test_a_redelivered_signal_does_not_duplicate_the_statement(tmp_path, lrs):
     finally:
         forwarder.stop()
     assert again.last_error == ""
-    found = lrs.about(f"{homepage(p.config)}/classrooms/{room}")
+    found = lrs.about(f"{HOME}/classrooms/{room}")
     assert [s["id"] for s in found] == [str(uuid.uuid5(STATEMENT_NAMESPACE, signal.id))]
+
+
+def test_a_statement_the_lrs_holds_in_another_version_counts_as_delivered(tmp_path, lrs, caplog):
+    """Redelivering after [xapi] home_page changed sends the same statement id with other content: the LRS
+    answers 409 Conflict, which made the delivery dead although the LRS holds the statement."""
+    p = parts(tmp_path, xapi=xapi(lrs, home_page="https://old-name.school.example"))
+    forwarder = forwarder_for(p)
+    signal = publish_signal(p, classroom="room-1")
+    first = delivered(p)[0]
+    forwarder.stop()
+    with p.sessions.begin() as s:  # an admin re-queues it after moving the installation to its new name
+        s.get(db.Delivery, first.id).status = "pending"
+    moved = parts(tmp_path, xapi=xapi(lrs))
+    forwarder = forwarder_for(moved)
+    try:
+        with caplog.at_level(logging.WARNING, logger="coordinator.xapi"):
+            again = wait_until(lambda: (r := deliveries(moved, "xapi")[0]).status != "pending" and r.attempts == 2
+                               and r, what="redelivery")
+    finally:
+        forwarder.stop()
+    statement_id = str(uuid.uuid5(STATEMENT_NAMESPACE, signal.id))
+    assert (again.status, again.last_error) == ("delivered", "")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "coordinator.xapi"]
+    assert len(warnings) == 1 and statement_id in warnings[0] and "different version" in warnings[0], warnings
+    kept = lrs.get(limit=1000)["statements"]  # the LRS keeps the version it had
+    assert [(s["id"], s["actor"]["account"]["homePage"]) for s in kept] == [
+        (statement_id, "https://old-name.school.example")]
 
 
 def test_wrong_lrs_credentials_go_to_the_dead_letter_table_at_once(tmp_path, lrs):
@@ -156,11 +189,10 @@ def test_wrong_lrs_credentials_go_to_the_dead_letter_table_at_once(tmp_path, lrs
     assert row.last_error.startswith("HTTP 401")
 
 
-
 def test_a_course_id_with_spaces_and_a_hash_still_makes_a_valid_statement(tmp_path, lrs):
     """The course IRI carried the admin's free text as is: no IRI, which a validating LRS refuses for good
     (400; Ralph does not check grouping ids, so the IRI is checked here)."""
-    p = parts(tmp_path, xapi=xapi(lrs), web={"host": "127.0.0.1", "port": 8080})
+    p = parts(tmp_path, xapi=xapi(lrs))
     forwarder = forwarder_for(p)
     try:
         publish_signal(p, classroom="room-1", course="MATH 101 #2")
@@ -168,7 +200,7 @@ def test_a_course_id_with_spaces_and_a_hash_still_makes_a_valid_statement(tmp_pa
     finally:
         forwarder.stop()
     assert [(r.status, r.last_error) for r in rows] == [("delivered", "")]
-    st = lrs.about("http://127.0.0.1:8080/classrooms/room-1")[0]
+    st = lrs.about(f"{HOME}/classrooms/room-1")[0]
     course = st["context"]["contextActivities"]["grouping"][0]["id"]
     assert rfc3987.match(course, rule="absolute_IRI"), course
-    assert course == "http://127.0.0.1:8080/courses/MATH%20101%20%232"
+    assert course == f"{HOME}/courses/MATH%20101%20%232"

@@ -11,7 +11,8 @@
 #              offline PCs: PIP_ARGS="--no-index --find-links /path/to/wheels"
 #   4. models  models/manifest.json and every file it lists (encoder, head, encoder.int8, ...), mtcnn/*.onnx,
 #              TensorRT *.engine files and their engines.*.json records, at the same relative paths;
-#              engines already installed are removed first (stale ones would run an older model)
+#              engines already installed are removed first (stale ones would run an older model); the last
+#              step then says how to rebuild them, as the agent runs on the CPU until then
 #   5. config  /etc/affectedge/agent.toml from deploy/agent.example.toml, only if absent (never overwritten)
 #   6. enable  the unit affectedge-agent.service (a first install does not start it: edit the config, check
 #              it, then start; an upgrade restarts it if it runs, or it would keep the old code and model)
@@ -25,23 +26,38 @@ UNIT=affectedge-agent.service
 PYTHON=${PYTHON:-$(command -v /usr/bin/python3 || command -v python3 || true)}
 PIP_ARGS=${PIP_ARGS:-}
 
+# step 4 starts here: engines built for the model being replaced would run it, so they go, and
+# REMOVED_ENGINES lists them for the last step
+remove_engines() {
+    REMOVED_ENGINES=$(find "$PREFIX/models" -name '*.engine' -print -delete)
+}
+
 # the last step: restart a running agent (an upgrade: `systemctl start` does nothing on a running unit,
 # which keeps the old code and model until a reboot), else say how to start it. `is-active` fails where
-# systemd does not run (an image build, a chroot). A function, so the tests run it alone: sourcing this
-# script defines it and returns before any step.
+# systemd does not run (an image build, a chroot). Then, if engines were removed and the checkout did not
+# bring them back, how to rebuild them: without them `backend = "auto"` runs on the CPU, and says so only
+# in the journal. Built as root: $PREFIX/models is root's, and the engines must be readable by the agent.
+# Functions, so the tests run them alone: sourcing this script defines them and returns before any step.
 finish() {
     if systemctl is-active --quiet "$UNIT" 2>/dev/null; then
         systemctl try-restart "$UNIT"
         echo "Upgraded: $UNIT was running and has been restarted on the new code and model (journalctl -u $UNIT -f)."
-        return
-    fi
-    cat <<DONE
+    else
+        cat <<DONE
 Installed. Next:
   1. edit $CONF/agent.toml (agent id, classroom, cameras, broker)
   2. cd $PREFIX && sudo -u affectedge $PREFIX/venv/bin/edge-agent check --config $CONF/agent.toml
      (as the unit runs it: user affectedge in $PREFIX, where the relative model.dir "models" points)
   3. sudo systemctl start $UNIT && journalctl -u $UNIT -f
 DONE
+    fi
+    local engine
+    while IFS= read -r engine; do
+        if [ -n "$engine" ] && [ ! -f "$engine" ]; then
+            echo "TensorRT engines removed: they were built for the previous model, and until they are rebuilt, [model] backend = \"auto\" runs on the CPU. Rebuild them, then restart the agent: cd $PREFIX && sudo $PREFIX/venv/bin/model_export build --fp16 && sudo systemctl try-restart $UNIT"
+            return
+        fi
+    done <<< "${REMOVED_ENGINES:-}"
 }
 [[ "${BASH_SOURCE[0]}" == "$0" ]] || return 0
 
@@ -83,7 +99,7 @@ print("\n".join(entry["file"] for entry in json.load(open(sys.argv[1]))["files"]
 while IFS= read -r file; do  # all present before anything installed is touched
     [ -f "$SRC/models/$file" ] || die "$SRC/models/$file (listed in manifest.json) is missing: re-export the model (model_export export)"
 done <<< "$MODEL_FILES"
-find "$PREFIX/models" -name '*.engine' -delete
+remove_engines
 while IFS= read -r file; do
     install -D -m 0644 "$SRC/models/$file" "$PREFIX/models/$file"
 done <<< "$MODEL_FILES"

@@ -285,12 +285,14 @@ class Classroom(_message.Message):
     def __init__(self, classroom_id: _Optional[str] = ..., name: _Optional[str] = ..., course_id: _Optional[str] = ..., session_id: _Optional[str] = ..., agents_online: _Optional[int] = ...) -> None: ...
 
 class StreamAdaptationsRequest(_message.Message):
-    __slots__ = ("classroom_ids", "course_ids")
+    __slots__ = ("classroom_ids", "course_ids", "after_signal_id")
     CLASSROOM_IDS_FIELD_NUMBER: _ClassVar[int]
     COURSE_IDS_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SIGNAL_ID_FIELD_NUMBER: _ClassVar[int]
     classroom_ids: _containers.RepeatedScalarFieldContainer[str]
     course_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, classroom_ids: _Optional[_Iterable[str]] = ..., course_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    after_signal_id: str
+    def __init__(self, classroom_ids: _Optional[_Iterable[str]] = ..., course_ids: _Optional[_Iterable[str]] = ..., after_signal_id: _Optional[str] = ...) -> None: ...
 
 class GetClassroomStateRequest(_message.Message):
     __slots__ = ("classroom_id", "window_seconds")

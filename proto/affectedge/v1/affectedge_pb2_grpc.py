@@ -29,8 +29,10 @@ class CoordinatorStub:
     """The coordinator's API for LMSs and dashboards. Bearer token in `authorization` metadata.
     A call the coordinator cannot answer now ends UNAVAILABLE: retry it (the database unreachable:
     "database unavailable; retry"). StreamAdaptations has no natural end: it runs until the client
-    cancels and ends UNAVAILABLE ("coordinator shutting down; reconnect") when the coordinator
-    stops, never OK; reconnect then.
+    cancels and ends UNAVAILABLE ("coordinator shutting down; reconnect with after_signal_id = the
+    last signal's id") when the coordinator stops, never OK. Reconnect then, and after any other
+    error a retry policy retries, with after_signal_id set to the last signal received: the signals
+    fired while the client was away are replayed first.
     """
 
     def __init__(self, channel):
@@ -60,8 +62,10 @@ class CoordinatorServicer:
     """The coordinator's API for LMSs and dashboards. Bearer token in `authorization` metadata.
     A call the coordinator cannot answer now ends UNAVAILABLE: retry it (the database unreachable:
     "database unavailable; retry"). StreamAdaptations has no natural end: it runs until the client
-    cancels and ends UNAVAILABLE ("coordinator shutting down; reconnect") when the coordinator
-    stops, never OK; reconnect then.
+    cancels and ends UNAVAILABLE ("coordinator shutting down; reconnect with after_signal_id = the
+    last signal's id") when the coordinator stops, never OK. Reconnect then, and after any other
+    error a retry policy retries, with after_signal_id set to the last signal received: the signals
+    fired while the client was away are replayed first.
     """
 
     def StreamAdaptations(self, request, context):
@@ -112,8 +116,10 @@ class Coordinator:
     """The coordinator's API for LMSs and dashboards. Bearer token in `authorization` metadata.
     A call the coordinator cannot answer now ends UNAVAILABLE: retry it (the database unreachable:
     "database unavailable; retry"). StreamAdaptations has no natural end: it runs until the client
-    cancels and ends UNAVAILABLE ("coordinator shutting down; reconnect") when the coordinator
-    stops, never OK; reconnect then.
+    cancels and ends UNAVAILABLE ("coordinator shutting down; reconnect with after_signal_id = the
+    last signal's id") when the coordinator stops, never OK. Reconnect then, and after any other
+    error a retry policy retries, with after_signal_id set to the last signal received: the signals
+    fired while the client was away are replayed first.
     """
 
     @staticmethod
