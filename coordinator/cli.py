@@ -12,16 +12,14 @@ import signal
 import sys
 import threading
 
-from sqlalchemy.exc import SQLAlchemyError
-
-from affectedge.settings import ConfigError
-from coordinator import bench, db, demo, outbox, provision, users
+from coordinator import bench, demo, outbox, provision, users
+from coordinator.commands import CommandFailed, with_config
+from coordinator.config import CoordinatorConfig
 
 log = logging.getLogger("coordinator")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from coordinator.config import load_config
     from coordinator.service import Coordinator
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -34,16 +32,12 @@ def _serve(args: argparse.Namespace) -> int:
     # installed before start-up, so a SIGTERM while starting still ends in a clean stop
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    try:
-        config = load_config(args.config)
+    def started(config: CoordinatorConfig) -> Coordinator:
         coordinator = Coordinator(config)
         coordinator.start()
-    except (ConfigError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except SQLAlchemyError as exc:
-        print(f"error: {db.describe_error(exc, config.database.url)}", file=sys.stderr)
-        return 2
+        return coordinator
+
+    coordinator = with_config(args.config, started, OSError)
     stopping.wait()
     coordinator.stop()
     return 0
@@ -68,4 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except CommandFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -59,11 +58,9 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 from sqlalchemy import Select, func, or_, select, update
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from affectedge.errors import first_line
-from affectedge.settings import ConfigError
 from affectedge.v1 import affectedge_pb2 as pb
 from coordinator import db
 from coordinator.ratelimit import RateLimitedLog
@@ -433,17 +430,10 @@ def _utc(text: str) -> datetime:
 
 
 def _run_requeue(args: argparse.Namespace) -> int:
-    from coordinator.config import load_config
+    from coordinator.commands import with_config
 
-    try:
-        config = load_config(args.config)
-        count = requeue(db.connect(config.database.url), args.target, args.since)
-    except (ConfigError, RequeueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except SQLAlchemyError as exc:
-        print(f"error: {db.describe_error(exc, config.database.url)}", file=sys.stderr)
-        return 2
+    count = with_config(args.config, lambda config: requeue(db.connect(config.database.url), args.target,
+                                                            args.since), RequeueError)
     print(f"requeued {count} dead deliveries" + ("; a running coordinator sends them within a minute" if count else ""))
     return 0
 

@@ -40,12 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
 
 from affectedge import topics
 from affectedge.settings import ConfigError
 from coordinator import db
-from coordinator.config import CoordinatorConfig, load_config
+from coordinator.commands import with_config
+from coordinator.config import CoordinatorConfig
 from coordinator.store import utcnow
 
 #: what mosquitto_passwd 2.0 writes; the password is 32 random URL-safe characters (~190 bits),
@@ -230,15 +230,8 @@ def provision_agent(config: CoordinatorConfig, name: str, classroom: str) -> Pro
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-        result = provision_agent(config, args.name, args.classroom)
-    except (ConfigError, OSError, subprocess.SubprocessError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except SQLAlchemyError as exc:
-        print(f"error: {db.describe_error(exc, config.database.url)}", file=sys.stderr)
-        return 2
+    result = with_config(args.config, lambda config: provision_agent(config, args.name, args.classroom),
+                         OSError, subprocess.SubprocessError)
     print(result.config_snippet, end="")
     print(f"agent {result.username!r} may now publish under {topics.PREFIX}/{args.classroom}/{result.username}/#; "
           "reload the broker so it rereads its password and ACL files (affectedge-broker-reload.path does that "

@@ -11,15 +11,18 @@ import getpass
 import logging
 import secrets
 import sys
+from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from affectedge.settings import ConfigError
 from affectedge.topics import ID_PATTERN
 from coordinator import db
+
+if TYPE_CHECKING:
+    from coordinator.config import CoordinatorConfig
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +108,11 @@ def _read_password(prompt_twice: bool) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from coordinator.config import load_config
+    from coordinator.commands import with_config
 
-    try:
-        config = load_config(args.config)
+    def save(config: CoordinatorConfig) -> None:
         password = _read_password(prompt_twice=True)
-        sessions = db.connect(config.database.url)
-        with sessions() as session:
+        with db.connect(config.database.url)() as session:
             if args.update:
                 user = session.scalar(select(db.User).where(db.User.username == args.name))
                 if user is None:
@@ -122,12 +123,8 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 create_user(session, args.name, password, args.role)
             session.commit()
-    except (ConfigError, UserError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except SQLAlchemyError as exc:
-        print(f"error: {db.describe_error(exc, config.database.url)}", file=sys.stderr)
-        return 2
+
+    with_config(args.config, save, UserError)
     print(f"{'updated' if args.update else 'created'} {args.role} {args.name!r}")
     return 0
 
