@@ -270,6 +270,7 @@ class Delivery(Base):
     status: Mapped[str] = mapped_column(String(16), default="pending")  # pending / delivered / dead
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str] = mapped_column(Text, default="")
+    # pending: when the next attempt is due; dead: when it died (the health report counts the last day's)
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
 
     # each sender's passes filter on these: without it, every pass scanned all delivered history

@@ -165,6 +165,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
         The hub is subscribed to before the replay is read, so a signal fired meanwhile is in the
         replay, the live queue or both, never neither; one in both is sent once, from the replay.
+        The live queue keeps the newest ``hub.maxsize`` messages: a stream that falls further behind
+        (a long replay to a slow client) ends UNAVAILABLE, and its resume replays what it lost.
 
         Refused with RESOURCE_EXHAUSTED while MAX_STREAMS are open: waiting for a slot would hold a
         worker thread, and enough waiting streams would starve health checks and unary calls.
@@ -181,6 +183,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             yield from replay
             replayed = {signal.id for signal in replay}
             while context.is_active() and not self.stopping.is_set():
+                if subscription.dropped:  # the hub made room by dropping the oldest: maybe a signal
+                    context.abort(grpc.StatusCode.UNAVAILABLE,
+                                  f"this stream fell {hub.maxsize} messages behind and lost some; reconnect with "
+                                  "after_signal_id = the last signal's id")
                 try:
                     item = subscription.queue.get(timeout=0.5)
                 except queue.Empty:

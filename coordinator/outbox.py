@@ -72,7 +72,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 300.0
-#: how long a dead delivery counts on the health report (from its signal's creation)
+#: how long a dead delivery counts on the health report (from when it died)
 DEAD_REPORTED_S = 86400.0
 #: 4xx answers that mean "not now" rather than "never"
 RETRYABLE_CLIENT_ERRORS = frozenset({408, 425, 429})
@@ -105,7 +105,8 @@ class DeliveryError(Exception):
 
 def retry_delay(attempts: int, backoff_s: float) -> float:
     """Seconds to wait after ``attempts`` failed attempts (exponential, jittered, capped)."""
-    delay = backoff_s * 2 ** (attempts - 1) * random.uniform(1.0, 1.5)
+    # the exponent capped: 2**1024 does not fit a float, and 2**30 s is past any cap
+    delay = backoff_s * 2 ** min(attempts - 1, 30) * random.uniform(1.0, 1.5)
     return min(delay, MAX_BACKOFF_S)
 
 
@@ -332,15 +333,14 @@ class Outbox(ABC):
         return min(max((earliest - utcnow()).total_seconds(), 0.0), 60.0)
 
     def _count_dead(self, target: Target) -> int:
-        """Dead deliveries of the last :data:`DEAD_REPORTED_S`: one a receiver refused for good stays
-        dead when requeued, and must not keep the health report degraded for ever."""
+        """Deliveries that died in the last :data:`DEAD_REPORTED_S`, whatever their signal's age (one
+        requeued into an LMS still down dies again): one a receiver refused for good stays dead when
+        requeued, and must not keep the health report degraded for ever."""
         with self.sessions() as s:
             return s.scalar(
                 select(func.count())
-                .select_from(db.Delivery)
-                .join(db.Signal, db.Signal.id == db.Delivery.signal_id)
                 .where(db.Delivery.kind == self.kind, db.Delivery.target == target.url, db.Delivery.status == "dead",
-                       db.Signal.created_at >= utcnow() - timedelta(seconds=DEAD_REPORTED_S))
+                       db.Delivery.next_attempt_at >= utcnow() - timedelta(seconds=DEAD_REPORTED_S))
             )
 
     def dead_deliveries(self) -> list[tuple[str, int]]:
@@ -371,7 +371,7 @@ class Outbox(ABC):
     def _failed(self, delivery: db.Delivery, target: Target, exc: DeliveryError) -> None:
         delivery.last_error = str(exc)[:1000]
         if exc.permanent or delivery.attempts >= target.max_attempts:
-            delivery.status, delivery.next_attempt_at = "dead", None
+            delivery.status, delivery.next_attempt_at = "dead", utcnow()  # when it died, for the health report
             log.warning("%s delivery %d of signal %s to %s is dead after %d attempt(s): %s", self.kind,
                         delivery.id, delivery.signal_id, safe_url(target.url), delivery.attempts, exc)
             return

@@ -179,6 +179,40 @@ def test_a_resumed_stream_replays_the_signals_missed_then_goes_on_live_each_once
         resumed.cancel()
 
 
+def test_a_stream_that_falls_behind_ends_unavailable_and_its_resume_loses_nothing(tmp_path, monkeypatch):
+    """The live queue keeps the newest messages only: a stream that fell further behind (a long replay
+    to a slow client) lost the signals the hub dropped without a word, and waited on for them."""
+    p = parts(tmp_path, grpc={"host": "127.0.0.1", "port": free_port()})
+    _stamps(monkeypatch, 0, 1, 2, 3, 4, 5, 6)
+    p.hub.maxsize = 3
+    wanted = pb.StreamAdaptationsRequest(classroom_ids=[f"room-{c}" for c in "ABCDEF"])
+    with served(p) as (_, channel):
+        stub = pb_grpc.CoordinatorStub(channel)
+        first = stub.StreamAdaptations(wanted, timeout=30)
+        wait_until(lambda: len(p.hub._subs) == 1, 5, "the stream to open")
+        last = publish_signal(p, "room-A")
+        assert next(first).id == last.id
+        first.cancel()
+        wait_until(lambda: p.hub._subs == [], 5, "the dropped stream to close")
+
+        missed = publish_signal(p, "room-B")
+        # while the resumed stream reads its replay, four signals fire into its live queue of three
+        _firing_once_after(monkeypatch, grpc_api, "signal_message",
+                           lambda: [publish_signal(p, f"room-{c}") for c in "CDEF"])
+        wanted.after_signal_id = last.id
+        resumed = stub.StreamAdaptations(wanted, timeout=30)
+        assert _received(resumed, 1) == ["room-B"]
+        with pytest.raises(grpc.RpcError) as ended:
+            next(resumed)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert ended.value.details() == ("this stream fell 3 messages behind and lost some; reconnect with "
+                                         "after_signal_id = the last signal's id")
+        wanted.after_signal_id = missed.id
+        again = stub.StreamAdaptations(wanted, timeout=30)
+        assert _received(again, 4) == ["room-C", "room-D", "room-E", "room-F"]
+        again.cancel()
+
+
 def test_signals_stamped_in_the_resumed_one_s_instant_are_sent_again_rather_than_lost(tmp_path, monkeypatch):
     """One tick stamps its signals alike and fires them in an order that is not stored: the stream
     cannot tell which of them its client had, so it re-sends them all, as the proto comment says."""
