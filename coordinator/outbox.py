@@ -52,7 +52,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import urljoin, urlsplit
 
@@ -64,7 +64,7 @@ from affectedge.errors import first_line
 from affectedge.v1 import affectedge_pb2 as pb
 from coordinator import db
 from coordinator.ratelimit import RateLimitedLog
-from coordinator.store import Store, signal_message, utcnow
+from coordinator.store import Store, naive_utc, signal_message, utcnow
 
 if TYPE_CHECKING:
     from coordinator.service import Coordinator
@@ -422,11 +422,10 @@ def _dead_targets_named(s: Session, name: str) -> list[str]:
 def _utc(text: str) -> datetime:
     """``--since``: an ISO date or time, UTC unless it names its offset (stored times are naive UTC)."""
     try:
-        at = datetime.fromisoformat(text)
-    except ValueError:
+        return naive_utc(datetime.fromisoformat(text))
+    except (ValueError, OverflowError):  # OverflowError: an offset that moves it out of years 1-9999
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO date or time; write e.g. 2026-01-31T09:00 "
                                          "(UTC) or 2026-01-31T10:00+01:00") from None
-    return at.astimezone(UTC).replace(tzinfo=None) if at.tzinfo else at
 
 
 def _run_requeue(args: argparse.Namespace) -> int:

@@ -149,6 +149,18 @@ def _received(stream, count: int) -> list[str]:
     return [next(stream).classroom_id for _ in range(count)]
 
 
+def _received_then_dropped(p, stub, request: pb.StreamAdaptationsRequest, *rooms: str) -> list[pb.AdaptationSignal]:
+    """A stream that got a signal of each of ``rooms``, fired after it opened, then dropped (the network
+    went): the signals, for the client to resume after."""
+    stream = stub.StreamAdaptations(request, timeout=30)
+    wait_until(lambda: len(p.hub._subs) == 1, 5, "the stream to open")
+    fired = [publish_signal(p, room) for room in rooms]
+    assert [next(stream).id for _ in fired] == [signal.id for signal in fired]
+    stream.cancel()
+    wait_until(lambda: p.hub._subs == [], 5, "the dropped stream to close")
+    return fired
+
+
 def test_a_resumed_stream_replays_the_signals_missed_then_goes_on_live_each_once(tmp_path, monkeypatch):
     """A stream started at its subscription: reconnecting after a drop got room-A, then room-C, and
     never room-B, which had fired while the client was away."""
@@ -157,12 +169,7 @@ def test_a_resumed_stream_replays_the_signals_missed_then_goes_on_live_each_once
     wanted = pb.StreamAdaptationsRequest(classroom_ids=[f"room-{c}" for c in "ABCDEF"])
     with served(p) as (_, channel):
         stub = pb_grpc.CoordinatorStub(channel)
-        first = stub.StreamAdaptations(wanted, timeout=30)
-        wait_until(lambda: len(p.hub._subs) == 1, 5, "the stream to open")
-        last = publish_signal(p, "room-A")
-        assert next(first).id == last.id
-        first.cancel()  # the network drops
-        wait_until(lambda: p.hub._subs == [], 5, "the dropped stream to close")
+        [last] = _received_then_dropped(p, stub, wanted, "room-A")
 
         publish_signal(p, "room-B")
         publish_signal(p, "room-X")  # not a classroom the stream asks for
@@ -188,12 +195,7 @@ def test_a_stream_that_falls_behind_ends_unavailable_and_its_resume_loses_nothin
     wanted = pb.StreamAdaptationsRequest(classroom_ids=[f"room-{c}" for c in "ABCDEF"])
     with served(p) as (_, channel):
         stub = pb_grpc.CoordinatorStub(channel)
-        first = stub.StreamAdaptations(wanted, timeout=30)
-        wait_until(lambda: len(p.hub._subs) == 1, 5, "the stream to open")
-        last = publish_signal(p, "room-A")
-        assert next(first).id == last.id
-        first.cancel()
-        wait_until(lambda: p.hub._subs == [], 5, "the dropped stream to close")
+        [last] = _received_then_dropped(p, stub, wanted, "room-A")
 
         missed = publish_signal(p, "room-B")
         # while the resumed stream reads its replay, four signals fire into its live queue of three
@@ -220,12 +222,7 @@ def test_signals_stamped_in_the_resumed_one_s_instant_are_sent_again_rather_than
     _stamps(monkeypatch, 0, 0, 1)
     with served(p) as (_, channel):
         stub = pb_grpc.CoordinatorStub(channel)
-        first = stub.StreamAdaptations(EVERYTHING, timeout=30)
-        wait_until(lambda: len(p.hub._subs) == 1, 5, "the stream to open")
-        tick = [publish_signal(p, "room-A"), publish_signal(p, "room-B")]
-        assert [next(first).id for _ in tick] == [signal.id for signal in tick]
-        first.cancel()
-        wait_until(lambda: p.hub._subs == [], 5, "the dropped stream to close")
+        tick = _received_then_dropped(p, stub, EVERYTHING, "room-A", "room-B")
         later = publish_signal(p, "room-C")
 
         # resumed after the tick-mate with the greater id: ordered (created_at, id), the other one
